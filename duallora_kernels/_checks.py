@@ -1,0 +1,96 @@
+"""Argument checks shared by the public API. Every message names the argument and what was expected."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, value: Any, *, ndim: int | tuple[int, ...] | None = None, floating: bool = True) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {value.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if value.dim() not in allowed:
+            want = " or ".join(f"{k}-D" for k in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(value.shape)}")
+    return value
+
+
+def shape(name: str, value: Tensor, expected: tuple[int | None, ...], meaning: str) -> None:
+    ok = value.dim() == len(expected) and all(e is None or s == e for s, e in zip(value.shape, expected))
+    if not ok:
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{name} must have shape {want} {meaning}, got {tuple(value.shape)}")
+
+
+def same_device(name: str, value: Tensor, ref: Tensor, ref_name: str) -> None:
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; put them on one device")
+
+
+def same_dtype(name: str, value: Tensor, ref: Tensor, ref_name: str) -> None:
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def rank(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def nonneg_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def positive(name: str, value: Any) -> float:
+    v = finite(name, value)
+    if v <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return v
+
+
+def threshold(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def choice(name: str, value: Any, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
+    return value
+
+
+def orthonormal_tol(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-8, torch.float32: 1e-4}.get(dtype, 3e-2)
+
+
+def orthonormal(name: str, basis: Tensor) -> None:
+    """``basis`` (d, k) must have orthonormal columns (M^T M = I)."""
+    if basis.shape[-1] == 0:
+        return
+    b = basis.detach().to(torch.promote_types(basis.dtype, torch.float32))
+    err = (b.T @ b - torch.eye(b.shape[1], dtype=b.dtype, device=b.device)).abs().max().item()
+    if not err <= orthonormal_tol(basis.dtype):
+        raise ValueError(
+            f"{name} must have orthonormal columns (M^T M = I); max |M^T M - I| = {err:.3g} "
+            f"(tolerance {orthonormal_tol(basis.dtype):.0e} for {basis.dtype})"
+        )

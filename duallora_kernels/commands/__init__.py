@@ -1,0 +1,1 @@
+"""Subcommands of the ``duallora`` CLI, one module each."""

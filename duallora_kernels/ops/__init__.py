@@ -1,0 +1,242 @@
+"""Public functional ops: validate, pick a backend, run.
+
+Backends: ``"torch"`` (the reference in :mod:`.reference`, also the CPU path), ``"triton"``
+(fused kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"cuda"`` (the optional
+extension built from csrc/) and ``"auto"`` (Triton for CUDA tensors, torch otherwise).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import _checks as check
+from .reference import dual_lora_linear_reference, gram_reference, task_scores_reference
+
+__all__ = ["BACKENDS", "resolve_backend", "dual_lora_linear", "gram", "task_scores"]
+
+BACKENDS = ("auto", "triton", "torch", "cuda")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend (``"torch"``, ``"triton"`` or ``"cuda"``) for tensors on ``device``."""
+    check.choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"backend='triton' got tensors on {device}: Triton runs on CUDA tensors, or on the CPU "
+                "when TRITON_INTERPRET=1 is set before triton is first imported"
+            )
+    if backend == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    return backend
+
+
+# Orthonormality is checked once per basis tensor version: a check is a host sync, and a
+# layer passes the same basis on every forward.
+_checked_bases: dict[tuple, None] = {}
+
+
+def _check_basis(basis: Tensor, d: int, ref: Tensor) -> Tensor | None:
+    check.tensor("basis", basis, ndim=2)
+    check.shape("basis", basis, (d, None), "(d, k): k orthonormal columns in the input space")
+    check.same_device("basis", basis, ref, "x")
+    if basis.shape[1] == 0:
+        return None
+    if basis.shape[1] > d:
+        raise ValueError(f"basis has {basis.shape[1]} columns but can span at most d={d} dimensions")
+    key = (basis.data_ptr(), basis._version, tuple(basis.shape), basis.dtype, basis.device)
+    if key not in _checked_bases:
+        check.orthonormal("basis", basis)
+        if len(_checked_bases) > 4096:
+            _checked_bases.clear()
+        _checked_bases[key] = None
+    return basis
+
+
+def _check_pair(prefix: str, a: Tensor | None, b: Tensor | None, x: Tensor, n: int, d: int) -> int:
+    """Check an (A, B) adapter pair; returns its rank (0 when absent)."""
+    if (a is None) != (b is None):
+        raise ValueError(f"{prefix}_a and {prefix}_b must be given together (got only one of them)")
+    if a is None:
+        return 0
+    check.tensor(f"{prefix}_a", a, ndim=2)
+    check.tensor(f"{prefix}_b", b, ndim=2)
+    for name, t in ((f"{prefix}_a", a), (f"{prefix}_b", b)):
+        check.same_device(name, t, x, "x")
+        check.same_dtype(name, t, x, "x")
+    r = a.shape[0]
+    if r < 1 and prefix != "frozen":
+        raise ValueError(f"{prefix}_a must have at least one row (rank >= 1), got shape {tuple(a.shape)}")
+    check.shape(f"{prefix}_a", a, (r, d), f"(rank, d) with d={d} the input features")
+    check.shape(f"{prefix}_b", b, (n, r), f"(n, rank) with n={n} the output features and rank={r} from {prefix}_a")
+    return r
+
+
+def dual_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    orth_a: Tensor | None = None,
+    orth_b: Tensor | None = None,
+    res_a: Tensor | None = None,
+    res_b: Tensor | None = None,
+    frozen_a: Tensor | None = None,
+    frozen_b: Tensor | None = None,
+    gate: Tensor | None = None,
+    basis: Tensor | None = None,
+    orth_scale: float = 1.0,
+    res_scale: float = 1.0,
+    backend: str = "auto",
+) -> Tensor:
+    """One DualLoRA linear layer (DESIGN §1)::
+
+        Y = x W0^T + b + s_o (x A_o^T) B_o^T + s_r ((x A_R^T) .* G) B_R^T
+
+    Args:
+        x: input (..., d); any float dtype; need not be contiguous.
+        weight: the frozen pre-trained weight W0 (n, d), same dtype and device as x.
+        bias: (n,) or None.
+        orth_a: C_o (r_o, d), the trainable tensor of the orthogonal adapter. The op uses
+            A_o = C_o (I - M M^T), so its gradient is projected out of span(M).
+        orth_b: B_o (n, r_o).
+        res_a: C_r (r_r, d), the residual block being trained. The op uses A_r = C_r M M^T,
+            so its gradient is projected onto span(M). Needs a non-empty ``basis``.
+        res_b: B_r (n, r_r).
+        frozen_a: earlier tasks' residual blocks stacked (F * r_r, d), used as stored. They
+            must not require grad: frozen blocks get no gradient and cost nothing in backward.
+        frozen_b: (n, F * r_r).
+        gate: per-row task gates, shape broadcastable to x.shape[:-1] + (G,) with G the number
+            of residual blocks (frozen blocks in order, then the training block). Block j's
+            r_r columns are scaled by ``res_scale * gate[..., j]``. None means all ones. Gates
+            are not differentiated.
+        basis: the memory M (d, k) with orthonormal columns; None or k = 0 means empty
+            (task 1). Any float dtype; projections are formed in at least float32.
+        orth_scale: s_o. res_scale: s_r.
+        backend: "auto" | "triton" | "torch" | "cuda" (see :func:`resolve_backend`).
+
+    Returns:
+        Y (..., n) in x's dtype.
+    """
+    check.tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., d)")
+    check.tensor("weight", weight, ndim=2)
+    check.same_device("weight", weight, x, "x")
+    check.same_dtype("weight", weight, x, "x")
+    n, d = weight.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"x's last dimension must equal weight's in_features {d}, got x of shape {tuple(x.shape)}")
+    if bias is not None:
+        check.tensor("bias", bias, ndim=1)
+        check.shape("bias", bias, (n,), f"(n,) with n={n} the output features")
+        check.same_device("bias", bias, x, "x")
+        check.same_dtype("bias", bias, x, "x")
+    orth_scale = check.finite("orth_scale", orth_scale)
+    res_scale = check.finite("res_scale", res_scale)
+    _check_pair("orth", orth_a, orth_b, x, n, d)
+    r_train = _check_pair("res", res_a, res_b, x, n, d)
+    r_frozen = _check_pair("frozen", frozen_a, frozen_b, x, n, d)
+    if frozen_a is not None and (frozen_a.requires_grad or frozen_b.requires_grad):
+        raise ValueError("frozen_a / frozen_b must not require grad: pass the training block as res_a / res_b")
+    if basis is not None:
+        basis = _check_basis(basis, d, x)
+    if res_a is not None and basis is None:
+        raise ValueError("res_a (a training residual block) needs a non-empty basis: it lives in span(M)")
+    rows = x.numel() // d if d else 0
+    gate2 = None
+    r_resid = r_train + r_frozen
+    if gate is not None:
+        check.tensor("gate", gate)
+        check.same_device("gate", gate, x, "x")
+        if gate.dim() < 1:
+            raise ValueError("gate must have a last dimension G (one column per residual block)")
+        blocks = gate.shape[-1]
+        if r_resid == 0 and blocks == 0:
+            gate = None
+        else:
+            if blocks < 1 or r_resid % blocks or (r_train and r_train != r_resid // blocks):
+                raise ValueError(
+                    f"gate has {blocks} columns but the residual blocks have {r_frozen} frozen + {r_train} training "
+                    f"rows: gate needs one column per block of equal rank"
+                )
+            try:
+                gate2 = gate.detach().expand(*x.shape[:-1], blocks).reshape(rows, blocks)
+            except RuntimeError:
+                raise ValueError(
+                    f"gate of shape {tuple(gate.shape)} does not broadcast to x's rows {tuple(x.shape[:-1])} + ({blocks},)"
+                ) from None
+    impl = _dual_lora_impl(resolve_backend(backend, x.device))
+    return impl(
+        x, weight, bias,
+        orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a, frozen_b=frozen_b,
+        gate=gate2, basis=basis, orth_scale=orth_scale, res_scale=res_scale,
+    )
+
+
+def _dual_lora_impl(backend: str) -> Callable[..., Tensor]:
+    if backend == "torch":
+        return dual_lora_linear_reference
+    if backend == "triton":
+        from .fused_linear import dual_lora_linear_triton
+
+        return dual_lora_linear_triton
+    from .cuda import dual_lora_linear_cuda
+
+    return dual_lora_linear_cuda
+
+
+def gram(x: Tensor, *, backend: str = "auto") -> Tensor:
+    """``x^T x`` (d, d) over all rows of x (..., d): one streaming pass, float32 accumulation
+    (float64 for float64 input). Used to collect a layer's input statistics for its bases."""
+    check.tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., d)")
+    b = resolve_backend(backend, x.device)
+    if b == "torch":
+        return gram_reference(x)
+    if b == "triton":
+        from .gram import gram_triton
+
+        return gram_triton(x)
+    from .cuda import gram_cuda
+
+    return gram_cuda(x)
+
+
+def task_scores(z: Tensor, task_bases: Tensor, *, backend: str = "auto") -> Tensor:
+    """Normalised projection energies ``||U_t^T z||^2 / ||z||^2`` of summaries z (b, d) against
+    every task's orthonormal basis U_t, stacked as ``task_bases`` (T, d, u). Returns (b, T)
+    in [0, 1], float32 (float64 for float64 input); all tasks in one launch."""
+    check.tensor("z", z, ndim=2)
+    check.tensor("task_bases", task_bases, ndim=3)
+    check.same_device("task_bases", task_bases, z, "z")
+    if task_bases.shape[1] != z.shape[1]:
+        raise ValueError(
+            f"task_bases must have shape (T, d, u) with d={z.shape[1]} matching z, got {tuple(task_bases.shape)}"
+        )
+    b = resolve_backend(backend, z.device)
+    if b == "torch":
+        return task_scores_reference(z, task_bases)
+    if b == "triton":
+        from .task_scores import task_scores_triton
+
+        return task_scores_triton(z, task_bases)
+    from .cuda import task_scores_cuda
+
+    return task_scores_cuda(z, task_bases)
