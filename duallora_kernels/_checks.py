@@ -26,7 +26,7 @@ def tensor(name: str, value: Any, *, ndim: int | tuple[int, ...] | None = None, 
 def shape(name: str, value: Tensor, expected: tuple[int | None, ...], meaning: str) -> None:
     ok = value.dim() == len(expected) and all(e is None or s == e for s, e in zip(value.shape, expected))
     if not ok:
-        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
         raise ValueError(f"{name} must have shape {want} {meaning}, got {tuple(value.shape)}")
 
 

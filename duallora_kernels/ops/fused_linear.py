@@ -1,0 +1,400 @@
+"""Fused Triton forward and backward of the DualLoRA linear layer (DESIGN §2).
+
+The op is ``Y = X W0^T + b + ((X A^T) .* S) B^T`` with ``A = [A_o; A_frozen; A_r]`` (r, d),
+``B`` (n, r) and the per-row, per-column scale ``S`` (orth_scale on the orthogonal columns,
+``res_scale * gate[row, block]`` on the residual ones). ``A`` and ``B`` are stacked in torch
+(:func:`.reference.adapter_matrices`: r*d*k flops, negligible) and the gate is read inside the
+kernels, so ``S`` never exists in memory.
+
+Forward, one kernel: each program owns a (BLOCK_M, BLOCK_N) tile of Y. Its K-loop streams the
+X and W0 tiles and, from the same X tile, also accumulates ``T = X A^T`` for its rows; after the
+loop it scales T by S, adds ``(T .* S) B^T`` and the bias, and stores Y. T (m, r, float32,
+unscaled) is stored by the n-tile-0 programs only, and only when dB will be needed.
+
+Backward, one kernel: each program owns a (BLOCK_M, BLOCK_D) tile of dX. Its N-loop streams the
+dY tiles and accumulates ``dY W0`` and ``dY B`` together; then ``U = (dY B) .* S`` and
+``dX = dY W0 + U A``. From the data it already holds it also accumulates, with float32 atomics:
+``dA += U^T X_tile`` (the program loads the X tile at the same (rows, d-cols) as its dX tile),
+and, in the programs of d-tile 0 only (so each dY tile is counted once), ``dB += dY^T (T .* S)``
+and ``dbias += colsum(dY)``. Only the rows/columns of trainable blocks are accumulated: frozen
+blocks take part in dX (they must) but get no gradient, and cost no extra read of X or dY.
+The memory projection is applied to dA in torch before the gradient leaves the op:
+``d orth_a = dA_o (I - M M^T)`` and ``d res_a = dA_r M M^T`` -- the chain rule through the maps
+``A_o = C_o (I - M M^T)`` and ``A_r = C_r M M^T`` that the forward uses.
+
+Passes over the large tensors (m x d, m x n, n x d). "Read once" means one streaming pass, as
+in any tiled GEMM: a tile of X is loaded by each of the n/BLOCK_N programs of its row block (the
+grouped launch order keeps those loads in L2), exactly as cuBLAS's ``X W0^T`` loads it; the
+low-rank path adds no load of its own.
+
+    =========  =============================  =====================================================
+    tensor     forward                        backward
+    =========  =============================  =====================================================
+    X          read 1                         read 1 if orth_a/res_a need grad, else 0
+                                              (+1 read in torch if W0 requires grad: dW0 = dY^T X)
+    W0         read 1                         read 1 if x needs grad, else 0
+    Y          written 1 (never read)         --
+    dY         --                             read 1 (dX, dA, dB, dbias all from that pass)
+                                              (+1 read in torch if W0 requires grad)
+    dX         --                             written 1 if x needs grad, else 0
+    T (m x r)  written 1 if B needs grad      read 1 (d-tile-0 programs) if B needs grad
+    =========  =============================  =====================================================
+
+Why T is stored, not recomputed: recomputing ``X A^T`` in backward would need a pass over X,
+which the backward only makes when dA is wanted; storing T costs m*r*4 bytes (r << n, i.e. a few
+percent of Y) and saves that pass whenever only the B factors train.
+
+Design decisions:
+
+* Float64: ``tl.dot`` has no float64 path that we can rely on across GPUs, so float64 inputs run
+  the PyTorch reference (same function, same gradients). float64 exists for checking; the
+  kernels cover float32, bfloat16 and float16, always accumulating in float32.
+* float32 operands use TF32 in ``tl.dot`` only when torch's matmuls may
+  (``torch.get_float32_matmul_precision() != "highest"``).
+* The rank r is padded to a power of two >= 16 inside the kernels with masks (``tl.dot`` needs
+  K >= 16); nothing is padded in memory.
+* The atomics make dA/dB/dbias's float32 summation order run-dependent (differences at float32
+  rounding); X, dX, Y and T are deterministic.
+* The op is once-differentiable (no double backward); the gate and the basis get no gradient.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._kernel_utils import dot_precision, interpreting, new_output, pow2_at_least, rows_view, size_bucket
+from .reference import adapter_matrices, dual_lora_linear_reference, project_onto, project_out
+
+__all__ = ["dual_lora_linear_triton"]
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _configs(tile_n: str) -> list[triton.Config]:
+    """Hopper-sized tiles (BLOCK_M x tile_n x BLOCK_K); one small tile under the interpreter, where
+    benchmarking configs would only burn CPU time."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, tile_n: 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    shapes = [  # (BLOCK_M, tile_n, BLOCK_K, num_warps, num_stages)
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 5),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, tile_n: bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+@triton.jit
+def _tile_ids(pid, m, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Row blocks are visited GROUP_M at a time, column tiles inner: the programs that share an
+    # X (or dY) row block then run close together and find it in L2.
+    tiles_n = tl.cdiv(n, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tl.cdiv(m, BLOCK_M) - first_m, GROUP_M)
+    in_group = pid % per_group
+    return first_m + in_group % group_rows, in_group // group_rows
+
+
+@triton.jit
+def _row_offsets(rows, rows_per_batch, stride_batch, stride_row):
+    # int64: m * d can pass 2**31 for real batches of tokens.
+    rows = rows.to(tl.int64)
+    return (rows // rows_per_batch) * stride_batch + (rows % rows_per_batch) * stride_row
+
+
+@triton.jit
+def _scales(gate_ptr, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk, orth_scale, res_scale,
+            HAS_GATE: tl.constexpr):
+    # S for (rows x padded ranks), float32. Padding columns get 0 so they contribute nothing
+    # even if a padded operand were not masked.
+    is_orth = ranks < r_orth
+    is_res = (ranks >= r_orth) & (ranks < r)
+    if HAS_GATE:
+        block = tl.maximum(ranks - r_orth, 0) // r_blk
+        g_ptrs = gate_ptr + rows.to(tl.int64)[:, None] * stride_gm + block[None, :] * stride_gg
+        res = res_scale * tl.load(g_ptrs, mask=(rows < m)[:, None] & is_res[None, :], other=0.0).to(tl.float32)
+    else:
+        res = tl.zeros((rows.shape[0], ranks.shape[0]), tl.float32) + res_scale
+    return tl.where(is_orth[None, :], orth_scale, tl.where(is_res[None, :], res, 0.0))
+
+
+@triton.autotune(configs=_configs("BLOCK_N"), key=["m_bucket", "n", "d", "R_PAD"])
+@triton.jit
+def _fused_forward_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, gate_ptr, y_ptr, t_ptr,
+    m, n, d, r, r_orth, r_blk, orth_scale, res_scale,
+    x_rows_per_batch, stride_xb, stride_xm, stride_xk,
+    stride_wn, stride_wk, stride_gm, stride_gg, m_bucket,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_GATE: tl.constexpr, STORE_T: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(tl.program_id(0), m, n, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, R_PAD)
+    row_ok = rows < m
+    col_ok = cols < n
+    x_rows = x_ptr + _row_offsets(rows, x_rows_per_batch, stride_xb, stride_xm)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    t = tl.zeros((BLOCK_M, R_PAD), tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < d
+        x = tl.load(x_rows[:, None] + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                      mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
+        if HAS_LORA:
+            # The same X tile feeds the low-rank path: this is what saves a second pass over X.
+            a_t = tl.load(a_ptr + ranks[None, :] * d + ks[:, None], mask=(ranks < r)[None, :] & k_ok[:, None], other=0.0)
+            t = tl.dot(x, a_t, t, input_precision=DOT_PRECISION)
+
+    if HAS_LORA:
+        if STORE_T:
+            if pid_n == 0:
+                t_ptrs = t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :]
+                tl.store(t_ptrs, t, mask=row_ok[:, None] & (ranks < r)[None, :])
+        ts = t * _scales(gate_ptr, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk, orth_scale, res_scale,
+                         HAS_GATE)
+        b_t = tl.load(b_ptr + cols[None, :] * r + ranks[:, None], mask=(ranks < r)[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(ts.to(b_t.dtype), b_t, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * n + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.autotune(configs=_configs("BLOCK_D"), key=["m_bucket", "n", "d", "R_PAD"],
+                 reset_to_zero=["da_ptr", "db_ptr", "dbias_ptr"])
+@triton.jit
+def _fused_backward_kernel(
+    dy_ptr, w_ptr, a_ptr, b_ptr, gate_ptr, t_ptr, x_ptr,
+    dx_ptr, da_ptr, db_ptr, dbias_ptr,
+    m, n, d, r, r_orth, r_blk, orth_scale, res_scale,
+    da_orth_end, da_res_start, db_orth_end, db_res_start,
+    dy_rows_per_batch, stride_dyb, stride_dym, stride_dyn,
+    x_rows_per_batch, stride_xb, stride_xm, stride_xk,
+    stride_wn, stride_wk, stride_gm, stride_gg, m_bucket,
+    HAS_LORA: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
+    NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # BLOCK_K is the N-loop's step (the reduction dimension of dY W0 and dY B).
+    pid_m, pid_d = _tile_ids(tl.program_id(0), m, d, BLOCK_M, BLOCK_D, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    ranks = tl.arange(0, R_PAD)
+    row_ok = rows < m
+    col_ok = cols < d
+    rank_ok = ranks < r
+    dy_rows = dy_ptr + _row_offsets(rows, dy_rows_per_batch, stride_dyb, stride_dym)
+    # Only d-tile 0 adds into dB and dbias, so every dY tile is counted exactly once.
+    owns_db = pid_d == 0
+
+    if HAS_LORA:
+        s = _scales(gate_ptr, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk, orth_scale, res_scale, HAS_GATE)
+    if NEED_DB:
+        db_cols = (ranks < db_orth_end) | ((ranks >= db_res_start) & rank_ok)
+        ts = tl.load(t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                     other=0.0) * s
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    u = tl.zeros((BLOCK_M, R_PAD), tl.float32)
+    for n0 in range(0, n, BLOCK_K):
+        ns = n0 + tl.arange(0, BLOCK_K)
+        n_ok = ns < n
+        dy = tl.load(dy_rows[:, None] + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        if NEED_DX:
+            w = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
+                        mask=n_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        if HAS_LORA:
+            b = tl.load(b_ptr + ns[:, None] * r + ranks[None, :], mask=n_ok[:, None] & rank_ok[None, :], other=0.0)
+            u = tl.dot(dy, b, u, input_precision=DOT_PRECISION)
+        if owns_db:
+            if NEED_DB:
+                db = tl.dot(tl.trans(dy), ts.to(dy.dtype), input_precision=DOT_PRECISION)
+                tl.atomic_add(db_ptr + ns[:, None] * r + ranks[None, :], db, mask=n_ok[:, None] & db_cols[None, :])
+            if NEED_DBIAS:
+                tl.atomic_add(dbias_ptr + ns, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok)
+
+    if HAS_LORA:
+        u = u * s
+        if NEED_DX:
+            a = tl.load(a_ptr + ranks[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(u.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
+        if NEED_DA:
+            # The X tile at this program's (rows, cols) gives U^T X for these d-columns: dA comes
+            # out of the backward pass without a pass of its own over dY.
+            x_rows = x_ptr + _row_offsets(rows, x_rows_per_batch, stride_xb, stride_xm)
+            x = tl.load(x_rows[:, None] + cols[None, :] * stride_xk, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            da = tl.dot(tl.trans(u.to(x.dtype)), x, input_precision=DOT_PRECISION)
+            da_rows = (ranks < da_orth_end) | ((ranks >= da_res_start) & rank_ok)
+            tl.atomic_add(da_ptr + ranks[:, None] * d + cols[None, :], da, mask=da_rows[:, None] & col_ok[None, :])
+    if NEED_DX:
+        dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :]
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+class _Layout:
+    """Sizes of one call: the stacked adapter and which of its rows train."""
+
+    def __init__(self, a: Tensor | None, r_orth: int, r_train: int, gate: Tensor | None):
+        self.r = 0 if a is None else a.shape[0]
+        self.r_orth = r_orth
+        self.r_train = r_train
+        r_resid = self.r - r_orth
+        self.has_gate = gate is not None and r_resid > 0
+        self.r_blk = r_resid // gate.shape[1] if self.has_gate else 1
+        self.r_pad = pow2_at_least(self.r)
+
+    def gate_args(self, gate: Tensor | None, like: Tensor) -> tuple[Tensor, int, int]:
+        if self.has_gate:
+            return gate, gate.stride(0), gate.stride(1)
+        return like, 0, 0  # never read: HAS_GATE is off
+
+
+def _forward(x, weight, bias, a, b, gate, lay: _Layout, orth_scale, res_scale, store_t: bool):
+    n, d = weight.shape
+    xv, x_rpb, sxb, sxm, sxk = rows_view(x)
+    m = xv.shape[0] if xv.dim() == 2 else xv.shape[0] * xv.shape[1]
+    y = new_output((m, n), x.dtype, x.device)
+    has_lora = a is not None
+    t = new_output((m, lay.r), torch.float32, x.device) if has_lora and store_t else None
+    if m and n:
+        g, sgm, sgg = lay.gate_args(gate, x)
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _fused_forward_kernel[grid](
+            xv, weight, bias if bias is not None else x, a if has_lora else x, b if has_lora else x, g, y,
+            t if t is not None else y,
+            m, n, d, lay.r, lay.r_orth, lay.r_blk, orth_scale, res_scale,
+            x_rpb, sxb, sxm, sxk, weight.stride(0), weight.stride(1), sgm, sgg, size_bucket(m),
+            HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_GATE=lay.has_gate, STORE_T=t is not None,
+            R_PAD=lay.r_pad, DOT_PRECISION=dot_precision(x.dtype),
+        )
+    return y, t
+
+
+class _DualLoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
+                orth_scale, res_scale):
+        with torch.no_grad():
+            a, b, r_orth, r_train = adapter_matrices(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, basis)
+            if a is not None:
+                a, b = a.contiguous(), b.contiguous()
+        lay = _Layout(a, r_orth, r_train, gate)
+        need = ctx.needs_input_grad
+        need_b = a is not None and (need[4] or need[6])
+        need_a = a is not None and (need[3] or need[5])
+        y, t = _forward(x, weight, bias, a, b, gate, lay, orth_scale, res_scale, store_t=need_b)
+        ctx.lay, ctx.scales, ctx.x_shape = lay, (orth_scale, res_scale), x.shape
+        ctx.has_bias = bias is not None
+        keep_x = need_a or need[1]
+        ctx.save_for_backward(x if keep_x else None, weight, a, b, t, gate, basis)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, a, b, t, gate, basis = ctx.saved_tensors
+        lay: _Layout = ctx.lay
+        need = ctx.needs_input_grad
+        n, d = weight.shape
+        has_lora = a is not None
+        need_dx = need[0]
+        # Which rows of dA / columns of dB train: orth block first, training residual block last.
+        da_orth_end = lay.r_orth if has_lora and need[3] else 0
+        da_res_start = lay.r - lay.r_train if has_lora and need[5] else lay.r
+        db_orth_end = lay.r_orth if has_lora and need[4] else 0
+        db_res_start = lay.r - lay.r_train if has_lora and need[6] else lay.r
+        need_da = da_orth_end > 0 or da_res_start < lay.r
+        need_db = db_orth_end > 0 or db_res_start < lay.r
+        need_dbias = ctx.has_bias and need[2]
+
+        dyv, dy_rpb, sdb, sdm, sdn = rows_view(dy)
+        m = dyv.shape[0] if dyv.dim() == 2 else dyv.shape[0] * dyv.shape[1]
+        dev = dy.device
+        dx = new_output((m, d), dy.dtype, dev) if need_dx else None
+        da = torch.zeros((lay.r, d), dtype=torch.float32, device=dev) if need_da else None
+        db = torch.zeros((n, lay.r), dtype=torch.float32, device=dev) if need_db else None
+        dbias = torch.zeros((n,), dtype=torch.float32, device=dev) if need_dbias else None
+
+        if (need_dx or need_da or need_db) and m:
+            xv, x_rpb, sxb, sxm, sxk = rows_view(x) if need_da else (dy, 1, 0, 0, 0)
+            g, sgm, sgg = lay.gate_args(gate, dy)
+            unused = torch.zeros(1, dtype=torch.float32, device=dev)  # stands in for buffers a flag turns off
+            # Without dX or dA there is nothing per d-tile: one column of programs does dB/dbias.
+            d_span = d if (need_dx or need_da) else 1
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d_span, meta["BLOCK_D"]),)  # noqa: E731
+            _fused_backward_kernel[grid](
+                dyv, weight, a if has_lora else unused, b if has_lora else unused, g, t if need_db else unused, xv,
+                dx if need_dx else unused, da if need_da else unused, db if need_db else unused,
+                dbias if need_dbias else unused,
+                m, n, d, lay.r, lay.r_orth, lay.r_blk, ctx.scales[0], ctx.scales[1],
+                da_orth_end, da_res_start, db_orth_end, db_res_start,
+                dy_rpb, sdb, sdm, sdn, x_rpb, sxb, sxm, sxk,
+                weight.stride(0), weight.stride(1), sgm, sgg, size_bucket(m),
+                HAS_LORA=has_lora, HAS_GATE=lay.has_gate, NEED_DX=need_dx, NEED_DA=need_da,
+                NEED_DB=need_db, NEED_DBIAS=need_dbias, R_PAD=lay.r_pad, DOT_PRECISION=dot_precision(dy.dtype),
+            )
+        elif need_dbias and m:
+            dbias = dyv.reshape(-1, n).sum(0, dtype=torch.float32)
+
+        dtype = dy.dtype
+        g_x = dx.view(ctx.x_shape) if need_dx else None
+        g_w = None
+        if need[1]:
+            g_w = (dy.reshape(-1, n).T @ x.reshape(-1, d)).to(dtype)
+        g_bias = dbias.to(dtype) if need_dbias else None
+        g_oa = project_out(da[: lay.r_orth], basis).to(dtype) if need[3] and has_lora else None
+        g_ra = project_onto(da[lay.r - lay.r_train:], basis).to(dtype) if need[5] and has_lora else None
+        g_ob = db[:, : lay.r_orth].to(dtype) if need[4] and has_lora else None
+        g_rb = db[:, lay.r - lay.r_train:].to(dtype) if need[6] and has_lora else None
+        return g_x, g_w, g_bias, g_oa, g_ob, g_ra, g_rb, None, None, None, None, None, None
+
+
+def dual_lora_linear_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    orth_a: Tensor | None = None,
+    orth_b: Tensor | None = None,
+    res_a: Tensor | None = None,
+    res_b: Tensor | None = None,
+    frozen_a: Tensor | None = None,
+    frozen_b: Tensor | None = None,
+    gate: Tensor | None = None,
+    basis: Tensor | None = None,
+    orth_scale: float = 1.0,
+    res_scale: float = 1.0,
+) -> Tensor:
+    """The fused Triton implementation of :func:`.reference.dual_lora_linear_reference`.
+
+    Same arguments and result (validated by :func:`duallora_kernels.ops.dual_lora_linear`;
+    ``gate`` is (m, G) or None). float64 inputs run the reference (see the module docstring).
+    """
+    if x.dtype not in KERNEL_DTYPES:
+        return dual_lora_linear_reference(
+            x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a,
+            frozen_b=frozen_b, gate=gate, basis=basis, orth_scale=orth_scale, res_scale=res_scale,
+        )
+    return _DualLoRALinear.apply(
+        x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
+        float(orth_scale), float(res_scale),
+    )
