@@ -1,0 +1,390 @@
+"""The class-incremental task loop of DESIGN §1, its methods, checkpoints and results.
+
+For each task t:
+  1. a head block for t's classes is added;
+  2. one pass over t's training data collects every adapted layer's inputs, and the adapters
+     start from them (``begin_task``);
+  3. the adapters and head t train on t's data only (gates one-hot on t);
+  4. a second pass collects the trained model's inputs: the orthogonal adapter is folded, the
+     residual block frozen, the memory bases extended (``end_task``);
+  5. every task seen so far is evaluated with dynamic-memory gates and task-identity
+     calibration; a checkpoint is written atomically.
+
+Each task reseeds every random source from (seed, task), so a run resumed after task t
+reaches the same results as one that never stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import __version__
+from .._io import atomic_write, atomic_write_json
+from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task
+from . import metrics
+from .calibration import calibrate_logits, clear_gates, model_task_gate
+from .data import Task, fashion_mnist_tasks, make_loader
+
+__all__ = ["METHODS", "TrainConfig", "Trainer", "method_settings"]
+
+METHODS = ("duallora", "orth-only", "res-only", "no-calibration", "seq-lora", "joint")
+CHECKPOINT_FORMAT = 1
+
+
+def method_settings(method: str) -> tuple[dict[str, Any], bool]:
+    """The DualLoRALinear switches and whether calibration is on, for each method."""
+    table = {
+        "duallora": (dict(), True),
+        "orth-only": (dict(use_res=False), True),
+        "res-only": (dict(use_orth=False), True),
+        "no-calibration": (dict(), False),
+        "seq-lora": (dict(use_res=False, memory=False), False),
+        "joint": (dict(use_res=False, memory=False), False),
+    }
+    if method not in table:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return table[method]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; stored in its checkpoints and results."""
+
+    method: str = "duallora"
+    seed: int = 0
+    # data: Split Fashion-MNIST, class order shuffled by `seed`
+    data_root: str | None = None
+    num_tasks: int = 5
+    classes_per_task: int = 2
+    train_per_class: int | None = 500
+    test_per_class: int | None = 300
+    # backbone: None = the self-pretrained ViT (duallora pretrain); else a timm ViT name
+    model: str | None = None
+    checkpoint: str | None = None
+    img_size: int = 28
+    patch_size: int | None = None
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
+    cache_dir: str | None = None
+    # adapters (DualLoRALinear arguments)
+    targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+    rank_orth: int = 8
+    rank_res: int = 4
+    orth_scale: float = 1.0
+    res_scale: float = 1.0
+    threshold_start: float = 0.95
+    threshold_end: float = 0.99
+    score_rank: int = 8
+    temperature: float = 0.05
+    gate_mode: str = "soft"
+    summary: str = "cls"
+    beta: float = 1.0
+    backend: str = "auto"
+    # optimisation
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 2e-3
+    head_lr: float = 1e-2
+    weight_decay: float = 1e-2
+    # output
+    out_dir: str = "runs"
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        method_settings(self.method)
+        self.targets = tuple(self.targets)
+        for name in ("num_tasks", "classes_per_task", "epochs", "batch_size", "rank_orth", "rank_res", "score_rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("train_per_class", "test_per_class"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None (all data), got {v!r}")
+        for name in ("threshold_start", "threshold_end"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+        for name in ("lr", "head_lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.beta < 0 or self.weight_decay < 0:
+            raise ValueError("beta and weight_decay must be >= 0")
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.method}-seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        from ..memory import threshold_schedule
+
+        switches, _ = method_settings(self.method)
+        return dict(
+            rank_orth=self.rank_orth, rank_res=self.rank_res, orth_scale=self.orth_scale, res_scale=self.res_scale,
+            thresholds=threshold_schedule(self.num_tasks, self.threshold_start, self.threshold_end),
+            score_rank=self.score_rank, temperature=self.temperature, gate_mode=self.gate_mode,
+            summary=self.summary, backend=self.backend, **switches,
+        )
+
+    @property
+    def calibrated(self) -> bool:
+        return method_settings(self.method)[1] and self.beta > 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Fields that may differ between a run and its resumption without changing its results.
+_RESUME_FREE = ("out_dir", "run_name", "data_root", "cache_dir", "backend")
+
+
+@dataclass
+class _History:
+    accuracy: list[list[float]] = field(default_factory=list)  # R[t][j]
+    task_id: list[float | None] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    basis_sizes: list[dict[str, int]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs one method of the class-incremental benchmark from a :class:`TrainConfig`.
+
+    ``Trainer(config).run(resume=False)`` returns the results dict (also written as
+    ``results.json`` and ``results.png`` in ``config.run_dir``).
+    """
+
+    def __init__(self, config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.progress = progress
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self.backbone_label = ""
+
+    # ------------------------------------------------------------------ set-up (no file written)
+    def _tasks(self) -> list[Task]:
+        c = self.config
+        tasks = fashion_mnist_tasks(
+            c.data_root, num_tasks=c.num_tasks, classes_per_task=c.classes_per_task, seed=c.seed,
+            train_per_class=c.train_per_class, test_per_class=c.test_per_class,
+        )
+        if c.method == "joint":  # one task holding every class: the upper bound
+            tasks = [_merge_tasks(tasks)]
+        return tasks
+
+    def _backbone(self) -> nn.Module:
+        from ..vit import create_vit
+
+        c = self.config
+        if c.model is None:
+            from .pretrain import LABEL, ensure_pretrained, load_pretrained_backbone
+
+            weights = ensure_pretrained(c.cache_dir, progress=self.progress)
+            self.backbone_label = f"{LABEL} [{weights.name}]"
+            return load_pretrained_backbone(weights)
+        sizes = dict(img_size=c.img_size, patch_size=c.patch_size, depth=c.depth, embed_dim=c.embed_dim,
+                     num_heads=c.num_heads, in_chans=1)
+        model = create_vit(c.model, checkpoint=c.checkpoint, **{k: v for k, v in sizes.items() if v is not None})
+        self.backbone_label = f"timm {c.model}" + (f" from {c.checkpoint}" if c.checkpoint else " (random init: NOT pretrained)")
+        return model
+
+    def build_model(self) -> nn.Module:
+        from ..vit import ContinualViT
+
+        return ContinualViT(self._backbone(), adapter=self.config.layer_kwargs(), targets=self.config.targets)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        c = self.config
+        torch.manual_seed(c.seed)
+        tasks = self._tasks()  # data problems surface here, before anything is written
+        model = self.build_model()
+        history, start = _History(), 0
+        if resume:
+            start = self._restore(model, history, tasks)
+        run_dir = c.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.log(f"[{c.name}] backbone: {self.backbone_label}")
+        self.log(f"[{c.name}] class order: {[list(t.classes) for t in tasks]} (seed {c.seed})")
+        for t in range(start, len(tasks)):
+            t0 = time.perf_counter()
+            self._train_task(model, tasks, t)
+            row, tid = self._evaluate(model, tasks[: t + 1])
+            history.accuracy.append(row)
+            history.task_id.append(tid)
+            history.seconds.append(time.perf_counter() - t0)
+            history.basis_sizes.append({n: l.basis_size for n, l in dual_lora_layers(model).items()})
+            self.log(f"[{c.name}] after task {t} ({history.seconds[-1]:.0f} s):\n"
+                     + metrics.format_matrix(history.accuracy, history.task_id))
+            self._checkpoint(model, history, t)
+        results = self._results(tasks, history)
+        atomic_write_json(run_dir / "results.json", results)
+        metrics.plot_results(history.accuracy, run_dir / "results.png", _plot_title(c, results), history.task_id)
+        s = results["summary"]
+        self.log(f"[{c.name}] A_last {100 * s['A_last']:.2f}  A_avg {100 * s['A_avg']:.2f}  "
+                 f"forgetting {100 * s['forgetting']:.2f}"
+                 + (f"  task-id {100 * s['task_id_accuracy']:.1f}" if s["task_id_accuracy"] is not None else "")
+                 + f"  -> {run_dir / 'results.json'}")
+        return results
+
+    def _seed(self, task: int) -> int:
+        return self.config.seed * 1000 + task
+
+    def _train_task(self, model: nn.Module, tasks: Sequence[Task], t: int) -> None:
+        c, task = self.config, tasks[t]
+        torch.manual_seed(self._seed(t))
+        model.add_task_head(task.num_classes)
+        model.eval()
+        with torch.no_grad(), collect_inputs(model) as stats:
+            self._pass(model, task, f"task {t}: collect inputs")
+        begin_task(model, stats, generator=torch.Generator().manual_seed(self._seed(t)))
+        adapters = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")]
+        head = list(model.heads[t].parameters())
+        groups = [{"params": head, "lr": c.head_lr}]
+        if adapters:
+            groups.append({"params": adapters, "lr": c.lr})
+        opt = torch.optim.AdamW(groups, weight_decay=c.weight_decay)
+        model.train()
+        offset = task.label_offset
+        for epoch in range(c.epochs):
+            loader = make_loader(task.train, c.batch_size, shuffle=True, seed=self._seed(t) * 100 + epoch)
+            bar = tqdm(loader, desc=f"task {t}: epoch {epoch + 1}/{c.epochs}", disable=not self.progress, leave=False)
+            for x, y in bar:
+                logits = model.logits_per_task(x)[t]
+                loss = F.cross_entropy(logits, y - offset)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        model.eval()
+        with torch.no_grad(), collect_inputs(model) as stats:
+            self._pass(model, task, f"task {t}: collect bases")
+        end_task(model, stats)
+
+    def _pass(self, model: nn.Module, task: Task, desc: str) -> None:
+        loader = make_loader(task.train, self.config.batch_size * 2, shuffle=False)
+        for x, _ in tqdm(loader, desc=desc, disable=not self.progress, leave=False):
+            model.features(x)
+
+    @torch.no_grad()
+    def _evaluate(self, model: nn.Module, seen: Sequence[Task]) -> tuple[list[float], float | None]:
+        c = self.config
+        model.eval()
+        ranges = model.task_label_ranges
+        accs, tid_hits, tid_total = [], 0, 0
+        for j, task in enumerate(seen):
+            hits = total = 0
+            loader = make_loader(task.test, c.batch_size * 2, shuffle=False)
+            for x, y in tqdm(loader, desc=f"evaluate task {j}", disable=not self.progress, leave=False):
+                clear_gates(model)
+                logits = model(x)
+                gate = model_task_gate(model, len(ranges))
+                if gate is not None:
+                    if c.calibrated:
+                        logits = calibrate_logits(logits, gate, ranges, c.beta)
+                    tid_hits += int((gate.argmax(1) == j).sum())
+                    tid_total += len(y)
+                hits += int((logits.argmax(1) == y).sum())
+                total += len(y)
+            accs.append(hits / total)
+        return accs, (tid_hits / tid_total if tid_total and len(seen) > 1 else None)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, model: nn.Module, history: _History, t: int) -> None:
+        from safetensors.torch import save_file
+
+        run_dir = self.config.run_dir
+        weights = f"task-{t}.safetensors"
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        atomic_write(run_dir / weights, lambda tmp: save_file(tensors, tmp))
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "tasks_done": t + 1,
+            "weights": weights,
+            "config": self.config.to_json(),
+            "history": dataclasses.asdict(history),
+        }
+        atomic_write_json(run_dir / "checkpoint.json", state)  # the commit point: names the weights
+        for old in run_dir.glob("task-*.safetensors"):
+            if old.name != weights:
+                old.unlink(missing_ok=True)
+
+    def _restore(self, model: nn.Module, history: _History, tasks: Sequence[Task]) -> int:
+        from safetensors.torch import load_file
+
+        c = self.config
+        path = c.run_dir / "checkpoint.json"
+        if not path.is_file():
+            self.log(f"[{c.name}] --resume: no checkpoint in {c.run_dir}; starting from task 0")
+            return 0
+        state = json.loads(path.read_text())
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} has checkpoint format {state.get('format')}, this version reads {CHECKPOINT_FORMAT}")
+        saved = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}
+        mine = {k: v for k, v in self.config.to_json().items() if k not in _RESUME_FREE}
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(f"--resume: the checkpoint in {c.run_dir} was made with other settings {diff} "
+                             "(checkpoint, now); use the same settings or another --out-dir/--run-name")
+        done = int(state["tasks_done"])
+        for t in range(done):
+            model.add_task_head(tasks[t].num_classes)
+        model.load_state_dict(load_file(str(c.run_dir / state["weights"])))
+        for name, value in state["history"].items():
+            setattr(history, name, value)
+        self.log(f"[{c.name}] resumed after task {done - 1} from {path}")
+        return done
+
+    # ------------------------------------------------------------------ results
+    def _results(self, tasks: Sequence[Task], history: _History) -> dict[str, Any]:
+        c = self.config
+        return {
+            "method": c.method,
+            "summary": metrics.summary(history.accuracy, history.task_id),
+            "accuracy_matrix": history.accuracy,
+            "task_id_accuracy": history.task_id,
+            "class_order": [list(t.classes) for t in tasks],
+            "config": c.to_json(),
+            "backbone": self.backbone_label,
+            "basis_sizes": history.basis_sizes,
+            "seconds_per_task": history.seconds,
+            "environment": {
+                "duallora_kernels": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                "threads": torch.get_num_threads(), "argv": sys.argv,
+            },
+        }
+
+
+def _merge_tasks(tasks: Sequence[Task]) -> Task:
+    from torch.utils.data import ConcatDataset
+
+    classes = tuple(c for t in tasks for c in t.classes)
+    return Task(index=0, classes=classes, label_offset=0,
+                train=ConcatDataset([t.train for t in tasks]), test=ConcatDataset([t.test for t in tasks]))
+
+
+def _plot_title(c: TrainConfig, results: dict[str, Any]) -> str:
+    s = results["summary"]
+    return (f"{c.method} on Split Fashion-MNIST ({c.num_tasks} tasks x {c.classes_per_task}), seed {c.seed}: "
+            f"A_last {100 * s['A_last']:.1f}%, forgetting {100 * s['forgetting']:.1f}%")

@@ -1,0 +1,127 @@
+"""The continual-learning loop: metrics, calibration, results files, crash-and-resume, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from duallora_kernels.continual import metrics
+from duallora_kernels.continual.calibration import calibrate_logits
+from duallora_kernels.continual.trainer import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny randomly initialised timm ViT keeps these runs to seconds; the method itself is
+# exercised on the real benchmark by `duallora train` (results/).
+TINY = dict(model="vit_tiny_patch16_224", patch_size=7, depth=1, embed_dim=16, num_heads=2,
+            train_per_class=16, test_per_class=8, epochs=1, batch_size=16, num_tasks=3, rank_orth=2, rank_res=2)
+
+
+def tiny_args(out_dir, **over):
+    cfg = {**TINY, "out_dir": str(out_dir), **over}
+    return [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
+
+
+def test_metrics_against_hand_computation():
+    r = [[0.9], [0.7, 0.8], [0.6, 0.75, 0.5]]
+    assert metrics.final_average(r) == pytest.approx((0.6 + 0.75 + 0.5) / 3)
+    assert metrics.average_incremental(r) == pytest.approx((0.9 + 0.75 + (0.6 + 0.75 + 0.5) / 3) / 3)
+    assert metrics.forgetting(r) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.75)) / 2)
+    assert metrics.forgetting([[0.5]]) == 0.0
+    table = metrics.format_matrix(r, [None, 0.9, 0.8])
+    assert "T2" in table and "75.0" in table and "80.0" in table
+
+
+def test_calibration_adds_beta_log_gate():
+    logits = torch.zeros(2, 4)
+    gate = torch.tensor([[0.8, 0.2], [0.1, 0.9]])
+    out = calibrate_logits(logits, gate, [range(0, 2), range(2, 4)], beta=2.0)
+    expect = 2.0 * torch.log(gate).repeat_interleave(2, dim=1)
+    assert torch.allclose(out, expect)
+    assert calibrate_logits(logits, gate, [range(0, 2), range(2, 4)], beta=0.0) is logits
+
+
+def test_run_writes_results_plot_and_checkpoint(tmp_path):
+    cfg = TrainConfig(**TINY, out_dir=str(tmp_path))
+    results = Trainer(cfg, progress=False, log=lambda m: None).run()
+    run = tmp_path / "duallora-seed0"
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["accuracy_matrix"] == results["accuracy_matrix"]
+    r = saved["accuracy_matrix"]
+    assert [len(row) for row in r] == [1, 2, 3] and all(0 <= v <= 1 for row in r for v in row)
+    assert saved["summary"]["A_last"] == pytest.approx(sum(r[-1]) / 3)
+    assert len(saved["class_order"]) == 3 and len({c for t in saved["class_order"] for c in t}) == 6
+    assert saved["config"]["method"] == "duallora" and saved["task_id_accuracy"][0] is None
+    assert 0 <= saved["task_id_accuracy"][-1] <= 1
+    assert (run / "results.png").read_bytes()[:4] == b"\x89PNG"
+    state = json.loads((run / "checkpoint.json").read_text())
+    assert state["tasks_done"] == 3 and (run / state["weights"]).is_file()
+    assert sorted(p.name for p in run.glob("task-*.safetensors")) == ["task-2.safetensors"]
+    assert not list(run.glob(".*.tmp"))  # no half-written file left
+
+
+def test_killed_mid_task_then_resumed_reaches_the_same_results(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "duallora_kernels.commands.train", "--no-progress", "--epochs=3"]
+    whole = subprocess.run(cmd + tiny_args(tmp_path / "whole"), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    proc = subprocess.Popen(cmd + tiny_args(tmp_path / "cut"), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "cut" / "duallora-seed0" / "checkpoint.json"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed mid-task"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads(ckpt.read_text())
+    assert state["tasks_done"] < 3  # killed inside a later task, not at the end
+    resumed = subprocess.run(cmd + tiny_args(tmp_path / "cut") + ["--resume"], env=env, cwd=ROOT,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed after task" in resumed.stdout
+    a = json.loads((tmp_path / "whole" / "duallora-seed0" / "results.json").read_text())
+    b = json.loads((tmp_path / "cut" / "duallora-seed0" / "results.json").read_text())
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    assert a["task_id_accuracy"] == b["task_id_accuracy"]
+
+
+@pytest.mark.parametrize(
+    "over, exc, match",
+    [
+        (dict(model="vit_tinyy_patch16_224"), ValueError, "vit_tiny"),
+        (dict(num_tasks=6), ValueError, "dataset has 10 classes, 6 tasks × 2 classes needs 12"),
+        (dict(data_root="/nonexistent/fmnist"), FileNotFoundError, "dataset-fashion-mnist|--data-root"),
+        (dict(method="ewc"), ValueError, "method must be one of"),
+        (dict(rank_orth=0), ValueError, "rank_orth must be an int >= 1"),
+    ],
+)
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, over, exc, match):
+    with pytest.raises(exc, match=match):
+        Trainer(TrainConfig(**{**TINY, "out_dir": str(tmp_path), **over}), progress=False, log=lambda m: None).run()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_shape_checkpoint_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from duallora_kernels.vit import create_vit
+
+    other = create_vit("vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, embed_dim=32, num_heads=2, in_chans=1)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "ckpt.safetensors"))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="embed"):
+        Trainer(TrainConfig(**{**TINY, "out_dir": str(out), "checkpoint": str(tmp_path / "ckpt.safetensors")}),
+                progress=False, log=lambda m: None).run()
+    assert not out.exists()
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "duallora_kernels.cli", "train", "--num-tasks=6", "--no-progress",
+                          f"--out-dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "error: dataset has 10 classes" in out.stderr and "Traceback" not in out.stderr
