@@ -1,14 +1,19 @@
-"""Host-side helpers shared by the Triton launchers (no kernels here).
+"""Helpers shared by the Triton kernels and their launchers.
 
-Kept apart from the kernels so that the launchers agree on three things that are easy to get
-subtly different: how a strided input is addressed, how outputs are allocated (poisoned on
-request, so a test sees an element no program wrote), and what precision an fp32 ``tl.dot`` uses.
+Kept in one place so that every op agrees on things that are easy to get subtly different: how
+a strided input is addressed, how outputs are allocated (poisoned on request, so a test sees an
+element no program wrote), and how ``tl.dot`` is called (TF32 policy; the interpreter's
+bfloat16 gap).
 """
 from __future__ import annotations
 
+import math
 import os
+from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 #: Set to "1" (the tests do) to fill every output buffer a kernel stores into with NaN before the
@@ -29,12 +34,39 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input_precision: fp32 operands use TF32 only where torch's own matmuls may
-    (``torch.set_float32_matmul_precision("high")``), so the kernels match cuBLAS's contract."""
+def dot_mode(dtype: torch.dtype) -> str:
+    """The ``MODE`` of :func:`mma` for operands of ``dtype``.
+
+    fp32 operands use TF32 only where torch's own matmuls may
+    (``torch.set_float32_matmul_precision("high")``), so the kernels keep cuBLAS's contract.
+    Under the interpreter bfloat16 tiles are multiplied in float32 ("upcast"): the interpreter
+    keeps bfloat16 as raw uint16 bits and its ``tl.dot`` multiplies those bits
+    (triton-lang/triton#11584, not supported upstream). The products of bfloat16 values are
+    exact in float32, so this matches a GPU's bf16 MMA with float32 accumulation.
+    """
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+@triton.jit
+def mma(a, b, acc, MODE: tl.constexpr):
+    """``acc + a @ b`` in float32; ``MODE`` from :func:`dot_mode`."""
+    if MODE == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=MODE)
+    return out
+
+
+@triton.jit
+def row_offsets(rows, rows_per_batch, stride_batch, stride_row):
+    """Element offsets of ``rows`` of a tensor addressed as :func:`rows_view` describes. int64:
+    m * d passes 2**31 for real batches of tokens."""
+    rows = rows.to(tl.int64)
+    return (rows // rows_per_batch) * stride_batch + (rows % rows_per_batch) * stride_row
 
 
 def pow2_at_least(value: int, floor: int = 16) -> int:
@@ -50,27 +82,43 @@ def size_bucket(value: int) -> int:
     return pow2_at_least(max(value, 1), 16) if value <= 4096 else 8192
 
 
-def rows_view(x: Tensor) -> tuple[Tensor, int, int, int, int]:
+class RowsView(NamedTuple):
+    """A tensor (..., d) seen as m rows: ``t`` is what the kernel gets, ``addressing`` the four
+    ints :func:`row_offsets` and the column stride need (see :func:`rows_view`)."""
+
+    t: Tensor
+    m: int
+    rows_per_batch: int
+    stride_batch: int
+    stride_row: int
+    stride_col: int
+
+    @property
+    def addressing(self) -> tuple[int, int, int, int]:
+        return self.rows_per_batch, self.stride_batch, self.stride_row, self.stride_col
+
+
+def rows_view(x: Tensor) -> RowsView:
     """Address the rows of ``x`` (..., d) without copying it.
 
-    Returns ``(t, rows_per_batch, stride_batch, stride_row, stride_col)`` such that element
-    ``(i, k)`` of ``x.reshape(-1, d)`` sits at ``t.data_ptr()`` plus
+    Element ``(i, k)`` of ``x.reshape(-1, d)`` sits at ``t.data_ptr()`` plus
     ``(i // rows_per_batch) * stride_batch + (i % rows_per_batch) * stride_row + k * stride_col``
     elements. This covers every 2-D view and every view whose leading dimensions collapse into
     one (a transposed (B, L, d) tensor, a token slice, an expanded gradient); anything else is
     copied once into a contiguous tensor.
     """
     d = x.shape[-1]
+    m = math.prod(x.shape[:-1])
     try:
-        v = x.view(-1, d)
-        return v, max(v.shape[0], 1), 0, v.stride(0), v.stride(1)
+        v = x.view(-1, d) if d else x.reshape(m, 0)
+        return RowsView(v, m, max(m, 1), 0, v.stride(0), v.stride(1))
     except RuntimeError:
         pass
     if x.dim() >= 3:
         try:
             v = x.view(-1, x.shape[-2], d)
-            return v, max(v.shape[1], 1), v.stride(0), v.stride(1), v.stride(2)
+            return RowsView(v, m, max(v.shape[1], 1), v.stride(0), v.stride(1), v.stride(2))
         except RuntimeError:
             pass
-    v = x.reshape(-1, d).contiguous()
-    return v, max(v.shape[0], 1), 0, v.stride(0), v.stride(1)
+    v = x.reshape(m, d).contiguous()
+    return RowsView(v, m, max(m, 1), 0, v.stride(0), v.stride(1))

@@ -25,30 +25,36 @@ The memory projection is applied to dA in torch before the gradient leaves the o
 Passes over the large tensors (m x d, m x n, n x d). "Read once" means one streaming pass, as
 in any tiled GEMM: a tile of X is loaded by each of the n/BLOCK_N programs of its row block (the
 grouped launch order keeps those loads in L2), exactly as cuBLAS's ``X W0^T`` loads it; the
-low-rank path adds no load of its own.
+low-rank path adds no load of its own. The small tensors (A, B, gate, bias: r*(d+n) + m*G + n)
+are not counted.
 
     =========  =============================  =====================================================
     tensor     forward                        backward
     =========  =============================  =====================================================
     X          read 1                         read 1 if orth_a/res_a need grad, else 0
-                                              (+1 read in torch if W0 requires grad: dW0 = dY^T X)
+                                              (+1 in torch if W0 requires grad: dW0 = dY^T X)
     W0         read 1                         read 1 if x needs grad, else 0
     Y          written 1 (never read)         --
-    dY         --                             read 1 (dX, dA, dB, dbias all from that pass)
-                                              (+1 read in torch if W0 requires grad)
+    dY         --                             read 1 (dX, dA, dB, dbias all come from it)
+                                              (+1 in torch if W0 requires grad)
     dX         --                             written 1 if x needs grad, else 0
-    T (m x r)  written 1 if B needs grad      read 1 (d-tile-0 programs) if B needs grad
+    T (m x r)  written 1 if B needs grad      read 1 (by the d-tile-0 programs) if B needs grad
     =========  =============================  =====================================================
+
+X whose leading dimensions cannot be merged into one strided row index (e.g. a permuted 4-D
+view) is copied once before the launch (and once more in backward when dA is needed); 2-D views,
+column-strided views and (B, L, d) views with any strides are read in place.
 
 Why T is stored, not recomputed: recomputing ``X A^T`` in backward would need a pass over X,
 which the backward only makes when dA is wanted; storing T costs m*r*4 bytes (r << n, i.e. a few
-percent of Y) and saves that pass whenever only the B factors train.
+percent of Y) and saves that pass whenever only the B factors train. (Not measured on a GPU yet.)
 
 Design decisions:
 
-* Float64: ``tl.dot`` has no float64 path that we can rely on across GPUs, so float64 inputs run
-  the PyTorch reference (same function, same gradients). float64 exists for checking; the
-  kernels cover float32, bfloat16 and float16, always accumulating in float32.
+* float64 inputs run the PyTorch reference (same function, same gradients): a float64
+  ``tl.dot`` has no tensor-core path on Hopper and is not validated across Triton versions, and
+  float64 exists here for checking. The kernels cover float32, bfloat16 and float16, always
+  accumulating in float32.
 * float32 operands use TF32 in ``tl.dot`` only when torch's matmuls may
   (``torch.get_float32_matmul_precision() != "highest"``).
 * The rank r is padded to a power of two >= 16 inside the kernels with masks (``tl.dot`` needs
@@ -65,7 +71,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._kernel_utils import dot_precision, interpreting, new_output, pow2_at_least, rows_view, size_bucket
+from ._kernel_utils import dot_mode, interpreting, mma, new_output, pow2_at_least, row_offsets, rows_view, size_bucket
 from .reference import adapter_matrices, dual_lora_linear_reference, project_onto, project_out
 
 __all__ = ["dual_lora_linear_triton"]
@@ -107,13 +113,6 @@ def _tile_ids(pid, m, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _row_offsets(rows, rows_per_batch, stride_batch, stride_row):
-    # int64: m * d can pass 2**31 for real batches of tokens.
-    rows = rows.to(tl.int64)
-    return (rows // rows_per_batch) * stride_batch + (rows % rows_per_batch) * stride_row
-
-
-@triton.jit
 def _scales(gate_ptr, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk, orth_scale, res_scale,
             HAS_GATE: tl.constexpr):
     # S for (rows x padded ranks), float32. Padding columns get 0 so they contribute nothing
@@ -132,21 +131,24 @@ def _scales(gate_ptr, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk, or
 @triton.autotune(configs=_configs("BLOCK_N"), key=["m_bucket", "n", "d", "R_PAD"])
 @triton.jit
 def _fused_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, gate_ptr, y_ptr, t_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, bt_ptr, gate_ptr, y_ptr, t_ptr,
     m, n, d, r, r_orth, r_blk, orth_scale, res_scale,
     x_rows_per_batch, stride_xb, stride_xm, stride_xk,
     stride_wn, stride_wk, stride_gm, stride_gg, m_bucket,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_GATE: tl.constexpr, STORE_T: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # a: A (r, d) row-major; bt: B^T (r, n) row-major, so both are read along their long side
+    # (contiguous, vectorised, and pipelined by the compiler).
     pid_m, pid_n = _tile_ids(tl.program_id(0), m, n, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, R_PAD)
     row_ok = rows < m
     col_ok = cols < n
-    x_rows = x_ptr + _row_offsets(rows, x_rows_per_batch, stride_xb, stride_xm)
+    rank_ok = ranks < r
+    x_rows = x_ptr + row_offsets(rows, x_rows_per_batch, stride_xb, stride_xm)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     t = tl.zeros((BLOCK_M, R_PAD), tl.float32)
@@ -156,21 +158,21 @@ def _fused_forward_kernel(
         x = tl.load(x_rows[:, None] + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                       mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
+        acc = mma(x, w_t, acc, DOT_MODE)
         if HAS_LORA:
             # The same X tile feeds the low-rank path: this is what saves a second pass over X.
-            a_t = tl.load(a_ptr + ranks[None, :] * d + ks[:, None], mask=(ranks < r)[None, :] & k_ok[:, None], other=0.0)
-            t = tl.dot(x, a_t, t, input_precision=DOT_PRECISION)
+            a_t = tl.load(a_ptr + ranks[None, :] * d + ks[:, None], mask=rank_ok[None, :] & k_ok[:, None], other=0.0)
+            t = mma(x, a_t, t, DOT_MODE)
 
     if HAS_LORA:
         if STORE_T:
             if pid_n == 0:
                 t_ptrs = t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :]
-                tl.store(t_ptrs, t, mask=row_ok[:, None] & (ranks < r)[None, :])
+                tl.store(t_ptrs, t, mask=row_ok[:, None] & rank_ok[None, :])
         ts = t * _scales(gate_ptr, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk, orth_scale, res_scale,
                          HAS_GATE)
-        b_t = tl.load(b_ptr + cols[None, :] * r + ranks[:, None], mask=(ranks < r)[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(ts.to(b_t.dtype), b_t, acc, input_precision=DOT_PRECISION)
+        b_t = tl.load(bt_ptr + ranks[:, None] * n + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(ts.to(b_t.dtype), b_t, acc, DOT_MODE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * n + cols[None, :]
@@ -178,11 +180,11 @@ def _fused_forward_kernel(
 
 
 @triton.autotune(configs=_configs("BLOCK_D"), key=["m_bucket", "n", "d", "R_PAD"],
-                 reset_to_zero=["da_ptr", "db_ptr", "dbias_ptr"])
+                 reset_to_zero=["da_ptr", "dbt_ptr", "dbias_ptr"])
 @triton.jit
 def _fused_backward_kernel(
-    dy_ptr, w_ptr, a_ptr, b_ptr, gate_ptr, t_ptr, x_ptr,
-    dx_ptr, da_ptr, db_ptr, dbias_ptr,
+    dy_ptr, w_ptr, a_ptr, bt_ptr, gate_ptr, t_ptr, x_ptr,
+    dx_ptr, da_ptr, dbt_ptr, dbias_ptr,
     m, n, d, r, r_orth, r_blk, orth_scale, res_scale,
     da_orth_end, da_res_start, db_orth_end, db_res_start,
     dy_rows_per_batch, stride_dyb, stride_dym, stride_dyn,
@@ -190,10 +192,11 @@ def _fused_backward_kernel(
     stride_wn, stride_wk, stride_gm, stride_gg, m_bucket,
     HAS_LORA: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
     NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # BLOCK_K is the N-loop's step (the reduction dimension of dY W0 and dY B).
+    # BLOCK_K is the N-loop's step (the reduction dimension of dY W0 and dY B). dA (r, d) and
+    # dB^T (r, n) are float32 buffers that the programs add into.
     pid_m, pid_d = _tile_ids(tl.program_id(0), m, d, BLOCK_M, BLOCK_D, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -201,16 +204,17 @@ def _fused_backward_kernel(
     row_ok = rows < m
     col_ok = cols < d
     rank_ok = ranks < r
-    dy_rows = dy_ptr + _row_offsets(rows, dy_rows_per_batch, stride_dyb, stride_dym)
+    dy_rows = dy_ptr + row_offsets(rows, dy_rows_per_batch, stride_dyb, stride_dym)
     # Only d-tile 0 adds into dB and dbias, so every dY tile is counted exactly once.
     owns_db = pid_d == 0
 
     if HAS_LORA:
         s = _scales(gate_ptr, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk, orth_scale, res_scale, HAS_GATE)
     if NEED_DB:
-        db_cols = (ranks < db_orth_end) | ((ranks >= db_res_start) & rank_ok)
-        ts = tl.load(t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
-                     other=0.0) * s
+        db_ranks = (ranks < db_orth_end) | ((ranks >= db_res_start) & rank_ok)
+        # Only the d-tile-0 programs use T; the others' masked-off load touches no memory.
+        t_mask = row_ok[:, None] & rank_ok[None, :] & owns_db
+        ts = tl.load(t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :], mask=t_mask, other=0.0) * s
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     u = tl.zeros((BLOCK_M, R_PAD), tl.float32)
@@ -221,14 +225,14 @@ def _fused_backward_kernel(
         if NEED_DX:
             w = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
                         mask=n_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+            acc = mma(dy, w, acc, DOT_MODE)
         if HAS_LORA:
-            b = tl.load(b_ptr + ns[:, None] * r + ranks[None, :], mask=n_ok[:, None] & rank_ok[None, :], other=0.0)
-            u = tl.dot(dy, b, u, input_precision=DOT_PRECISION)
+            b = tl.load(bt_ptr + ranks[None, :] * n + ns[:, None], mask=rank_ok[None, :] & n_ok[:, None], other=0.0)
+            u = mma(dy, b, u, DOT_MODE)
         if owns_db:
             if NEED_DB:
-                db = tl.dot(tl.trans(dy), ts.to(dy.dtype), input_precision=DOT_PRECISION)
-                tl.atomic_add(db_ptr + ns[:, None] * r + ranks[None, :], db, mask=n_ok[:, None] & db_cols[None, :])
+                dbt = mma(tl.trans(ts.to(dy.dtype)), dy, tl.zeros((R_PAD, BLOCK_K), tl.float32), DOT_MODE)
+                tl.atomic_add(dbt_ptr + ranks[:, None] * n + ns[None, :], dbt, mask=db_ranks[:, None] & n_ok[None, :])
             if NEED_DBIAS:
                 tl.atomic_add(dbias_ptr + ns, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok)
 
@@ -236,15 +240,15 @@ def _fused_backward_kernel(
         u = u * s
         if NEED_DX:
             a = tl.load(a_ptr + ranks[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(u.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
+            acc = mma(u.to(a.dtype), a, acc, DOT_MODE)
         if NEED_DA:
             # The X tile at this program's (rows, cols) gives U^T X for these d-columns: dA comes
             # out of the backward pass without a pass of its own over dY.
-            x_rows = x_ptr + _row_offsets(rows, x_rows_per_batch, stride_xb, stride_xm)
+            x_rows = x_ptr + row_offsets(rows, x_rows_per_batch, stride_xb, stride_xm)
             x = tl.load(x_rows[:, None] + cols[None, :] * stride_xk, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            da = tl.dot(tl.trans(u.to(x.dtype)), x, input_precision=DOT_PRECISION)
-            da_rows = (ranks < da_orth_end) | ((ranks >= da_res_start) & rank_ok)
-            tl.atomic_add(da_ptr + ranks[:, None] * d + cols[None, :], da, mask=da_rows[:, None] & col_ok[None, :])
+            da = mma(tl.trans(u.to(x.dtype)), x, tl.zeros((R_PAD, BLOCK_D), tl.float32), DOT_MODE)
+            da_ranks = (ranks < da_orth_end) | ((ranks >= da_res_start) & rank_ok)
+            tl.atomic_add(da_ptr + ranks[:, None] * d + cols[None, :], da, mask=da_ranks[:, None] & col_ok[None, :])
     if NEED_DX:
         dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :]
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -268,10 +272,10 @@ class _Layout:
         return like, 0, 0  # never read: HAS_GATE is off
 
 
-def _forward(x, weight, bias, a, b, gate, lay: _Layout, orth_scale, res_scale, store_t: bool):
+def _forward(x, weight, bias, a, bt, gate, lay: _Layout, orth_scale, res_scale, store_t: bool):
     n, d = weight.shape
-    xv, x_rpb, sxb, sxm, sxk = rows_view(x)
-    m = xv.shape[0] if xv.dim() == 2 else xv.shape[0] * xv.shape[1]
+    xr = rows_view(x)
+    m = xr.m
     y = new_output((m, n), x.dtype, x.device)
     has_lora = a is not None
     t = new_output((m, lay.r), torch.float32, x.device) if has_lora and store_t else None
@@ -279,92 +283,94 @@ def _forward(x, weight, bias, a, b, gate, lay: _Layout, orth_scale, res_scale, s
         g, sgm, sgg = lay.gate_args(gate, x)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _fused_forward_kernel[grid](
-            xv, weight, bias if bias is not None else x, a if has_lora else x, b if has_lora else x, g, y,
-            t if t is not None else y,
+            xr.t, weight, x if bias is None else bias, a if has_lora else x, bt if has_lora else x, g, y,
+            y if t is None else t,
             m, n, d, lay.r, lay.r_orth, lay.r_blk, orth_scale, res_scale,
-            x_rpb, sxb, sxm, sxk, weight.stride(0), weight.stride(1), sgm, sgg, size_bucket(m),
+            *xr.addressing, weight.stride(0), weight.stride(1), sgm, sgg, size_bucket(m),
             HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_GATE=lay.has_gate, STORE_T=t is not None,
-            R_PAD=lay.r_pad, DOT_PRECISION=dot_precision(x.dtype),
+            R_PAD=lay.r_pad, DOT_MODE=dot_mode(x.dtype),
         )
-    return y, t
+    return y.view(*x.shape[:-1], n), t
+
+
+def _stack(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis):
+    """A (r, d) and B^T (r, n), contiguous, formed without autograd, and the call's layout."""
+    with torch.no_grad():
+        a, b, r_orth, r_train = adapter_matrices(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, basis)
+        bt = None
+        if a is not None:
+            a, bt = a.contiguous(), b.t().contiguous()
+    return a, bt, _Layout(a, r_orth, r_train, gate)
 
 
 class _DualLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
                 orth_scale, res_scale):
-        with torch.no_grad():
-            a, b, r_orth, r_train = adapter_matrices(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, basis)
-            if a is not None:
-                a, b = a.contiguous(), b.contiguous()
-        lay = _Layout(a, r_orth, r_train, gate)
+        a, bt, lay = _stack(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis)
         need = ctx.needs_input_grad
         need_b = a is not None and (need[4] or need[6])
         need_a = a is not None and (need[3] or need[5])
-        y, t = _forward(x, weight, bias, a, b, gate, lay, orth_scale, res_scale, store_t=need_b)
-        ctx.lay, ctx.scales, ctx.x_shape = lay, (orth_scale, res_scale), x.shape
-        ctx.has_bias = bias is not None
-        keep_x = need_a or need[1]
-        ctx.save_for_backward(x if keep_x else None, weight, a, b, t, gate, basis)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        y, t = _forward(x, weight, bias, a, bt, gate, lay, orth_scale, res_scale, store_t=need_b)
+        ctx.lay, ctx.scales, ctx.x_shape, ctx.has_bias = lay, (orth_scale, res_scale), x.shape, bias is not None
+        ctx.save_for_backward(x if need_a or need[1] else None, weight, a, bt, t, gate, basis)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, a, b, t, gate, basis = ctx.saved_tensors
+        x, weight, a, bt, t, gate, basis = ctx.saved_tensors
         lay: _Layout = ctx.lay
         need = ctx.needs_input_grad
         n, d = weight.shape
         has_lora = a is not None
+        r, r_orth, r_res0 = lay.r, lay.r_orth, lay.r - lay.r_train  # the training block is rows r_res0..r
+        # Which rows of dA / dB^T to accumulate: the trainable blocks only, never the frozen ones.
+        da_orth_end = r_orth if has_lora and need[3] else 0
+        da_res_start = r_res0 if has_lora and need[5] else r
+        db_orth_end = r_orth if has_lora and need[4] else 0
+        db_res_start = r_res0 if has_lora and need[6] else r
         need_dx = need[0]
-        # Which rows of dA / columns of dB train: orth block first, training residual block last.
-        da_orth_end = lay.r_orth if has_lora and need[3] else 0
-        da_res_start = lay.r - lay.r_train if has_lora and need[5] else lay.r
-        db_orth_end = lay.r_orth if has_lora and need[4] else 0
-        db_res_start = lay.r - lay.r_train if has_lora and need[6] else lay.r
-        need_da = da_orth_end > 0 or da_res_start < lay.r
-        need_db = db_orth_end > 0 or db_res_start < lay.r
+        need_da = da_orth_end > 0 or da_res_start < r
+        need_db = db_orth_end > 0 or db_res_start < r
         need_dbias = ctx.has_bias and need[2]
 
-        dyv, dy_rpb, sdb, sdm, sdn = rows_view(dy)
-        m = dyv.shape[0] if dyv.dim() == 2 else dyv.shape[0] * dyv.shape[1]
-        dev = dy.device
+        dyr = rows_view(dy)
+        m, dev = dyr.m, dy.device
         dx = new_output((m, d), dy.dtype, dev) if need_dx else None
-        da = torch.zeros((lay.r, d), dtype=torch.float32, device=dev) if need_da else None
-        db = torch.zeros((n, lay.r), dtype=torch.float32, device=dev) if need_db else None
+        da = torch.zeros((r, d), dtype=torch.float32, device=dev) if need_da else None
+        dbt = torch.zeros((r, n), dtype=torch.float32, device=dev) if need_db else None
         dbias = torch.zeros((n,), dtype=torch.float32, device=dev) if need_dbias else None
 
         if (need_dx or need_da or need_db) and m:
-            xv, x_rpb, sxb, sxm, sxk = rows_view(x) if need_da else (dy, 1, 0, 0, 0)
+            xr = rows_view(x) if need_da else dyr  # dyr: a stand-in that NEED_DA=False never reads
             g, sgm, sgg = lay.gate_args(gate, dy)
-            unused = torch.zeros(1, dtype=torch.float32, device=dev)  # stands in for buffers a flag turns off
+            unused = torch.zeros(1, dtype=torch.float32, device=dev)  # for the buffers a flag turns off
             # Without dX or dA there is nothing per d-tile: one column of programs does dB/dbias.
             d_span = d if (need_dx or need_da) else 1
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d_span, meta["BLOCK_D"]),)  # noqa: E731
             _fused_backward_kernel[grid](
-                dyv, weight, a if has_lora else unused, b if has_lora else unused, g, t if need_db else unused, xv,
-                dx if need_dx else unused, da if need_da else unused, db if need_db else unused,
-                dbias if need_dbias else unused,
-                m, n, d, lay.r, lay.r_orth, lay.r_blk, ctx.scales[0], ctx.scales[1],
+                dyr.t, weight, a if has_lora else unused, bt if has_lora else unused, g,
+                t if need_db else unused, xr.t,
+                *(buf if buf is not None else unused for buf in (dx, da, dbt, dbias)),
+                m, n, d, r, r_orth, lay.r_blk, ctx.scales[0], ctx.scales[1],
                 da_orth_end, da_res_start, db_orth_end, db_res_start,
-                dy_rpb, sdb, sdm, sdn, x_rpb, sxb, sxm, sxk,
-                weight.stride(0), weight.stride(1), sgm, sgg, size_bucket(m),
+                *dyr.addressing, *xr.addressing, weight.stride(0), weight.stride(1), sgm, sgg, size_bucket(m),
                 HAS_LORA=has_lora, HAS_GATE=lay.has_gate, NEED_DX=need_dx, NEED_DA=need_da,
-                NEED_DB=need_db, NEED_DBIAS=need_dbias, R_PAD=lay.r_pad, DOT_PRECISION=dot_precision(dy.dtype),
+                NEED_DB=need_db, NEED_DBIAS=need_dbias, R_PAD=lay.r_pad, DOT_MODE=dot_mode(dy.dtype),
             )
         elif need_dbias and m:
-            dbias = dyv.reshape(-1, n).sum(0, dtype=torch.float32)
+            dbias = dy.reshape(-1, n).sum(0, dtype=torch.float32)
 
         dtype = dy.dtype
         g_x = dx.view(ctx.x_shape) if need_dx else None
-        g_w = None
-        if need[1]:
-            g_w = (dy.reshape(-1, n).T @ x.reshape(-1, d)).to(dtype)
+        g_w = (dy.reshape(-1, n).T @ x.reshape(-1, d)).to(dtype) if need[1] else None
         g_bias = dbias.to(dtype) if need_dbias else None
-        g_oa = project_out(da[: lay.r_orth], basis).to(dtype) if need[3] and has_lora else None
-        g_ra = project_onto(da[lay.r - lay.r_train:], basis).to(dtype) if need[5] and has_lora else None
-        g_ob = db[:, : lay.r_orth].to(dtype) if need[4] and has_lora else None
-        g_rb = db[:, lay.r - lay.r_train:].to(dtype) if need[6] and has_lora else None
+        # The chain rule through A_o = C_o (I - M M^T) and A_r = C_r M M^T: project dA.
+        g_oa = project_out(da[:r_orth], basis).to(dtype) if da_orth_end else None
+        g_ra = project_onto(da[r_res0:], basis).to(dtype) if da_res_start < r else None
+        g_ob = dbt[:r_orth].t().to(dtype).contiguous() if db_orth_end else None
+        g_rb = dbt[r_res0:].t().to(dtype).contiguous() if db_res_start < r else None
         return g_x, g_w, g_bias, g_oa, g_ob, g_ra, g_rb, None, None, None, None, None, None
 
 
@@ -394,7 +400,12 @@ def dual_lora_linear_triton(
             x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a,
             frozen_b=frozen_b, gate=gate, basis=basis, orth_scale=orth_scale, res_scale=res_scale,
         )
+    orth_scale, res_scale = float(orth_scale), float(res_scale)
+    params = (x, weight, bias, orth_a, orth_b, res_a, res_b)
+    if not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
+        # Inference: no autograd node, and no T kept for a backward that will not come.
+        a, bt, lay = _stack(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis)
+        return _forward(x, weight, bias, a, bt, gate, lay, orth_scale, res_scale, store_t=False)[0]
     return _DualLoRALinear.apply(
-        x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
-        float(orth_scale), float(res_scale),
+        x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale, res_scale,
     )

@@ -1,0 +1,112 @@
+"""Streaming Gram accumulation ``x^T x`` (d, d) over all rows of x (..., d), in Triton.
+
+Used to collect a layer's input statistics for its bases in the same pass that runs the model
+over a task's data. One launch; each program owns one (BLOCK_D x BLOCK_D) output tile on or
+above the diagonal and streams a chunk of rows through it, accumulating in float32. Only the
+upper triangle is computed: an off-diagonal tile is stored twice (as itself and transposed),
+halving the flops of a plain ``x.T @ x``.
+
+Passes: x is read once in the GEMM sense (each row block is loaded by the ~(d/BLOCK_D)^2/2
+programs of the tiles it feeds, which run side by side and share it through L2); the (d, d)
+result is written once. When m is
+large relative to the tile count the rows are split over several programs per tile, which then
+add their partial tiles with float32 atomics (run-dependent summation order at float32
+rounding); with one chunk per tile the result is stored directly and is deterministic.
+
+Dtypes: float32, bfloat16, float16 in, float32 out (fp32 operands use TF32 only where torch's
+matmuls may). float64 input runs the PyTorch reference (float64 out): a float64 ``tl.dot`` has
+no tensor-core path on Hopper and is not validated here. Non-contiguous x is read through its
+strides when its leading dimensions collapse into one row index, else copied once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._kernel_utils import dot_mode, interpreting, mma, new_output, row_offsets, rows_view, size_bucket
+from .reference import gram_reference
+
+__all__ = ["gram_triton"]
+
+#: Row chunks per tile are multiples of this (any BLOCK_M of the configs divides it), so no
+#: program but the last one of a tile runs a masked-off partial row block.
+_CHUNK_QUANTUM = 256
+
+
+def _configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_D": 32, "BLOCK_M": 32}, num_warps=4, num_stages=1)]
+    shapes = [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 5)]
+    return [triton.Config({"BLOCK_D": bd, "BLOCK_M": bm}, num_warps=w, num_stages=s) for bd, bm, w, s in shapes]
+
+
+@triton.autotune(configs=_configs(), key=["d", "chunk_bucket", "USE_ATOMIC"], reset_to_zero=["g_ptr"])
+@triton.jit
+def _gram_kernel(
+    x_ptr, g_ptr, m, d, chunk, rows_per_batch, stride_xb, stride_xm, stride_xk, chunk_bucket,
+    USE_ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    ti = tl.program_id(0)
+    tj = tl.program_id(1)
+    if tj < ti:
+        return  # lower tiles are the transposes of upper ones, stored by those
+    ci = ti * BLOCK_D + tl.arange(0, BLOCK_D)
+    cj = tj * BLOCK_D + tl.arange(0, BLOCK_D)
+    ci_ok = ci < d
+    cj_ok = cj < d
+    start = tl.program_id(2) * chunk
+    stop = tl.minimum(start + chunk, m)
+    acc = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
+    for m0 in range(start, stop, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < stop
+        offs = row_offsets(rows, rows_per_batch, stride_xb, stride_xm)
+        xi_t = tl.load(x_ptr + offs[None, :] + ci[:, None] * stride_xk, mask=ci_ok[:, None] & row_ok[None, :], other=0.0)
+        xj = tl.load(x_ptr + offs[:, None] + cj[None, :] * stride_xk, mask=row_ok[:, None] & cj_ok[None, :], other=0.0)
+        acc = mma(xi_t, xj, acc, DOT_MODE)
+    mask = ci_ok[:, None] & cj_ok[None, :]
+    upper = g_ptr + ci[:, None] * d + cj[None, :]
+    lower = g_ptr + cj[None, :] * d + ci[:, None]
+    if USE_ATOMIC:
+        tl.atomic_add(upper, acc, mask=mask)
+        if ti != tj:
+            tl.atomic_add(lower, acc, mask=mask)
+    else:
+        tl.store(upper, acc, mask=mask)
+        if ti != tj:
+            tl.store(lower, acc, mask=mask)
+
+
+def _row_chunk(m: int, d: int, device: torch.device) -> int:
+    """Rows per program: all of them under the interpreter or when the tiles alone fill the GPU,
+    else enough chunks that about four waves of programs run."""
+    if interpreting() or device.type != "cuda":
+        return max(m, 1)
+    tiles = triton.cdiv(d, 64)
+    programs = tiles * (tiles + 1) // 2
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(m, _CHUNK_QUANTUM)))
+    return triton.cdiv(triton.cdiv(m, splits), _CHUNK_QUANTUM) * _CHUNK_QUANTUM
+
+
+def gram_triton(x: Tensor) -> Tensor:
+    """``x^T x`` (d, d) over all rows of x (..., d); see :func:`.reference.gram_reference`."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return gram_reference(x)
+    d = x.shape[-1]
+    xr = rows_view(x)
+    m = xr.m
+    if m == 0 or d == 0:
+        return torch.zeros((d, d), dtype=torch.float32, device=x.device)
+    chunk = _row_chunk(m, d, x.device)
+    splits = triton.cdiv(m, chunk)
+    use_atomic = splits > 1
+    g = torch.zeros((d, d), dtype=torch.float32, device=x.device) if use_atomic else new_output((d, d), torch.float32, x.device)
+    grid = lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(d, meta["BLOCK_D"]), splits)  # noqa: E731
+    _gram_kernel[grid](
+        xr.t, g, m, d, chunk, *xr.addressing, size_bucket(chunk),
+        USE_ATOMIC=use_atomic, DOT_MODE=dot_mode(x.dtype),
+    )
+    return g

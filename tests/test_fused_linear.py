@@ -1,0 +1,259 @@
+"""The fused Triton DualLoRA linear (forward and backward) against the float64 reference.
+
+Runs the kernels through Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1). Every
+output buffer is NaN-poisoned before each launch (DUALLORA_POISON_OUTPUTS=1), so an element no
+program writes fails the comparison; rel_err turns any NaN/inf into inf.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from duallora_kernels.ops import _kernel_utils, dual_lora_linear
+from duallora_kernels.ops import fused_linear as fl
+from duallora_kernels.ops.reference import project_onto, project_out
+from helpers import dual_lora_problem, orthonormal_basis, randn, rel_err
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+GRAD_NAMES = ("x", "weight", "bias", "orth_a", "orth_b", "res_a", "res_b")
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv(_kernel_utils.POISON_ENV, "1")
+
+
+def _leaves(x, w, b, kw):
+    found = {"x": x, "weight": w, "bias": b, **{k: kw.get(k) for k in GRAD_NAMES[3:]}}
+    return {k: v for k, v in found.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+
+
+def _to64(t):
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.detach().to(torch.float64).requires_grad_(t.requires_grad)
+
+
+def _kw64(kw):
+    # The basis stays as given (any float dtype is allowed; the reference projects in float64):
+    # rounding an fp32 basis to float64 would fail float64's tighter orthonormality check.
+    return {k: v if k == "basis" else _to64(v) for k, v in kw.items()}
+
+
+def check_against_reference(x, w, b, kw, *, sum_loss=False):
+    """Run backend='triton' and the float64 reference on the same values; compare Y and every grad."""
+    dtype = x.dtype
+    y = dual_lora_linear(x, w, b, backend="triton", **kw)
+    x64, w64, b64 = _to64(x), _to64(w), _to64(b)
+    kw64 = _kw64(kw)
+    y64 = dual_lora_linear(x64, w64, b64, backend="torch", **kw64)
+    assert y.dtype == dtype and y.shape == y64.shape
+    assert rel_err(y, y64) <= TOL[dtype], f"Y: rel err {rel_err(y, y64):.3g}"
+    got, ref = _leaves(x, w, b, kw), _leaves(x64, w64, b64, kw64)
+    if not got:
+        return
+    # sum_loss: dY = ones expanded with stride 0, a non-contiguous gradient
+    dy = None if sum_loss else torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(y.sum() if sum_loss else y, list(got.values()), dy)
+    refs = torch.autograd.grad(y64.sum() if sum_loss else y64, list(ref.values()), None if sum_loss else dy.double())
+    for name, g, r in zip(got, grads, refs):
+        assert g is not None and g.dtype == dtype and g.shape == r.shape, name
+        err = rel_err(g, r) if r.norm() > 0 else (float("inf") if not torch.isfinite(g).all() else g.abs().max().item())
+        assert err <= TOL[dtype], f"d{name}: rel err {err:.3g}"
+
+
+def _strided(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as x (..., m, d) laid out non-contiguously."""
+    x = x.detach()
+    if layout == "transposed":  # (L, B, d) storage seen as (B, L, d): rows don't collapse
+        out = x.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "col_stride":  # every other column of a wider tensor
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide[..., ::2] = x
+        out = wide[..., ::2]
+    elif layout == "permuted4d":  # no 2-D or 3-D view exists: the launcher copies once
+        out = x.permute(2, 1, 0, 3).contiguous().permute(2, 1, 0, 3)
+    else:
+        raise ValueError(layout)
+    assert not out.is_contiguous() and torch.equal(out, x)
+    return out.requires_grad_()
+
+
+# (lead, m, d, n, r_o, r_r, frozen_blocks, k, dtype, layout): together these cover every value of
+# m in {1, 7, 197, 394}, d and n in {16, 48, 100, 192}, r in {1, 3, 8, 17}, 2-D/3-D/4-D x, strided x.
+CASES = [
+    ((), 1, 16, 16, 1, 0, 0, 0, torch.float32, None),
+    ((), 7, 48, 100, 3, 3, 2, 5, torch.float32, None),
+    ((1,), 197, 100, 48, 8, 8, 1, 12, torch.float32, "col_stride"),
+    ((2,), 197, 192, 192, 17, 17, 2, 40, torch.float32, "transposed"),
+    ((), 394, 16, 192, 3, 1, 3, 4, torch.float32, None),
+    ((2, 3), 7, 48, 16, 8, 3, 1, 6, torch.float32, "permuted4d"),
+    ((3,), 7, 100, 48, 8, 8, 1, 12, torch.bfloat16, "transposed"),
+    ((), 394, 192, 100, 17, 3, 2, 30, torch.bfloat16, None),
+    ((), 197, 48, 192, 1, 8, 1, 9, torch.float16, "col_stride"),
+    ((), 7, 16, 48, 3, 1, 0, 2, torch.float16, None),
+]
+
+
+@pytest.mark.parametrize("lead, m, d, n, r_o, r_r, frozen, k, dtype, layout", CASES)
+def test_matches_reference(lead, m, d, n, r_o, r_r, frozen, k, dtype, layout, gen):
+    x, w, b, kw = dual_lora_problem(m, d, n, r_o, r_r, frozen, k, gen, dtype=dtype, lead=lead)
+    if layout:
+        x = _strided(x, layout)
+    check_against_reference(x, w, b, kw)
+
+
+def test_one_dimensional_input_and_no_bias(gen):
+    x, w, _, kw = dual_lora_problem(1, 48, 16, 3, 0, 0, 0, gen, dtype=torch.float32)
+    check_against_reference(x[0].detach().requires_grad_(), w, None, kw)
+
+
+def test_empty_memory_task_one(gen):
+    # Task 1: no basis at all, or a basis with zero columns; orthogonal adapter only.
+    x, w, b, kw = dual_lora_problem(197, 100, 48, 8, 0, 0, 0, gen, dtype=torch.float32)
+    check_against_reference(x, w, b, kw)
+    check_against_reference(x, w, b, {**kw, "basis": torch.zeros(100, 0)})
+
+
+def test_gates_all_zero_with_several_frozen_blocks(gen):
+    x, w, b, kw = dual_lora_problem(197, 48, 100, 3, 3, 3, 8, gen, dtype=torch.float32)
+    kw["gate"] = torch.zeros_like(kw["gate"])
+    check_against_reference(x, w, b, kw)
+    # residual blocks silenced: their gradients are exactly zero, the orthogonal path still trains
+    y = dual_lora_linear(x, w, b, backend="triton", **kw)
+    ga, gb, goa = torch.autograd.grad(y.square().sum(), [kw["res_a"], kw["res_b"], kw["orth_a"]])
+    assert torch.equal(ga, torch.zeros_like(ga)) and torch.equal(gb, torch.zeros_like(gb))
+    assert goa.abs().max() > 0
+
+
+def test_broadcast_gate_and_expanded_output_grad(gen):
+    # One gate row for the whole batch (stride 0) and dY from y.sum() (also stride 0).
+    x, w, b, kw = dual_lora_problem(7, 48, 16, 3, 3, 2, 6, gen, dtype=torch.float32, lead=(2,))
+    kw["gate"] = torch.tensor([0.2, 0.0, 0.9])
+    check_against_reference(x, w, b, kw, sum_loss=True)
+
+
+def test_frozen_only_residual_and_no_adapters(gen):
+    # Inference-style: frozen blocks with gates but nothing trainable in the adapter.
+    x, w, b, kw = dual_lora_problem(197, 48, 48, 0, 8, 2, 16, gen, dtype=torch.float32)
+    for name in ("res_a", "res_b"):
+        kw.pop(name)
+    kw["gate"] = kw["gate"][:, :2]
+    check_against_reference(x, w, b, kw)
+    check_against_reference(x, w, b, {})  # the plain linear layer
+
+
+def test_gradient_subsets(gen):
+    # Only some tensors require grad: the others must come back None and cost nothing.
+    x, w, b, kw = dual_lora_problem(7, 48, 16, 3, 3, 1, 6, gen, dtype=torch.float32)
+    x.requires_grad_(False)
+    b.requires_grad_(False)
+    kw["orth_a"].requires_grad_(False)
+    kw["res_b"].requires_grad_(False)
+    w.requires_grad_(True)  # a trainable W0 gets dY^T X
+    check_against_reference(x, w, b, kw)
+    kw["orth_b"].requires_grad_(False)
+    check_against_reference(x, w.detach(), b, kw)  # dA of the residual block alone
+
+
+def test_float64_runs_the_reference(gen):
+    x, w, b, kw = dual_lora_problem(7, 16, 16, 3, 3, 1, 4, gen, dtype=torch.float64)
+    check_against_reference(x, w, b, kw)
+
+
+def test_no_grad_call_matches_and_keeps_nothing(gen):
+    x, w, b, kw = dual_lora_problem(7, 48, 16, 3, 3, 1, 6, gen, dtype=torch.float32)
+    with torch.no_grad():
+        y = dual_lora_linear(x, w, b, backend="triton", **kw)
+    assert y.grad_fn is None
+    ref = dual_lora_linear(_to64(x), _to64(w), _to64(b), backend="torch", **_kw64(kw))
+    assert rel_err(y, ref) <= TOL[torch.float32]
+
+
+def test_residual_gradient_lies_in_span_of_memory(gen):
+    x, w, b, kw = dual_lora_problem(197, 48, 16, 3, 8, 1, 10, gen, dtype=torch.float32)
+    y = dual_lora_linear(x, w, b, backend="triton", **kw)
+    g_res, g_orth = torch.autograd.grad(y.square().sum(), [kw["res_a"], kw["orth_a"]])
+    m = kw["basis"]
+    assert (g_res - project_onto(g_res, m)).norm() <= 1e-5 * g_res.norm()
+    assert (g_orth @ m).norm() <= 1e-5 * g_orth.norm()
+
+
+def test_adamw_on_orthogonal_adapter_keeps_old_outputs(gen):
+    """DESIGN §4 with backend='triton' in float32: 50 AdamW steps (weight decay on) of the
+    orthogonal adapter on new inputs leave outputs on inputs in span(M) unchanged."""
+    d, n, r, dt = 32, 16, 4, torch.float32
+    old_dirs = orthonormal_basis(d, 5, gen)
+    basis = torch.linalg.svd(old_dirs @ randn(5, 300, gen=gen), full_matrices=False)[0][:, :5].to(dt)
+    w, b = randn(n, d, gen=gen, dtype=dt, scale=d**-0.5), randn(n, gen=gen, dtype=dt)
+    orth_a = randn(r, d, gen=gen, dtype=dt, requires_grad=True)
+    orth_b = torch.zeros(n, r, dtype=dt, requires_grad=True)
+    probe = (randn(40, 5, gen=gen) @ old_dirs.T).to(dt)
+
+    def layer(x):
+        return dual_lora_linear(x, w, b, orth_a=orth_a, orth_b=orth_b, basis=basis, backend="triton")
+
+    before = layer(probe).detach()
+    opt = torch.optim.AdamW([orth_a, orth_b], lr=3e-2, weight_decay=0.1)
+    new_x, target = randn(32, d, gen=gen, dtype=dt), randn(32, n, gen=gen, dtype=dt)
+    first = None
+    for _ in range(50):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(layer(new_x), target)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.9 * first and orth_b.detach().abs().max() > 0.05  # it really trained
+    assert rel_err(layer(probe).detach(), before) <= 1e-5
+    a_o = project_out(orth_a.detach(), basis)
+    assert (a_o @ basis).abs().max() <= 1e-5 * a_o.abs().max()
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    m=st.integers(1, 300), d=st.integers(1, 130), n=st.integers(1, 130), r_o=st.integers(0, 20),
+    r_r=st.integers(0, 9), frozen=st.integers(0, 3), k=st.integers(0, 12), three_d=st.booleans(),
+    bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_shapes(m, d, n, r_o, r_r, frozen, k, three_d, bias, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k = min(k, d)
+    lead = (2,) if three_d else ()
+    x, w, b, kw = dual_lora_problem(m, d, n, r_o, r_r, frozen, k, gen, dtype=dtype, lead=lead)
+    check_against_reference(x, w, b if bias else None, kw)
+
+
+def test_bad_input_is_refused_before_any_launch(gen, monkeypatch):
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("a kernel was launched for invalid input")
+
+    monkeypatch.setattr(fl, "_fused_forward_kernel", NoLaunch())
+    x, w, b, kw = dual_lora_problem(7, 16, 8, 2, 2, 1, 3, gen, dtype=torch.float32)
+    bad = [
+        (dict(weight=w.to("meta")), ValueError, "weight is on meta but x is on cpu"),
+        (dict(orth_b=kw["orth_b"].detach().to("meta")), ValueError, "orth_b is on meta"),
+        (dict(basis=kw["basis"].to("meta")), ValueError, "basis is on meta"),
+        (dict(gate=kw["gate"].to("meta")), ValueError, "gate is on meta"),
+        (dict(x=x.detach().to(torch.int32)), TypeError, "x must have a floating dtype"),
+        (dict(weight=w.to(torch.int64)), TypeError, "weight must have a floating dtype"),
+        (dict(weight=w[:, :-1]), ValueError, "in_features"),
+        (dict(orth_a=kw["orth_a"].detach()[:, :-1]), ValueError, r"orth_a must have shape"),
+        (dict(res_b=kw["res_b"].detach()[:-1]), ValueError, r"res_b must have shape"),
+        (dict(gate=kw["gate"][:, :1]), ValueError, "gate has 1 columns"),
+        (dict(bias=b.detach()[:-1]), ValueError, r"bias must have shape"),
+    ]
+    for change, exc, match in bad:
+        args = {"x": x, "weight": w, "bias": b, **kw, **change}
+        with pytest.raises(exc, match=match):
+            dual_lora_linear(args.pop("x"), args.pop("weight"), args.pop("bias"), backend="triton", **args)
+
+
+def test_poisoned_outputs_are_nan(monkeypatch):
+    out = _kernel_utils.new_output((3, 5), torch.bfloat16, torch.device("cpu"))
+    assert torch.isnan(out).all()
+    monkeypatch.delenv(_kernel_utils.POISON_ENV)
+    assert _kernel_utils.new_output((3, 5), torch.float32, torch.device("cpu")).shape == (3, 5)
