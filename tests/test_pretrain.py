@@ -1,0 +1,111 @@
+"""Self-pretraining on a tiny budget: what is written, atomically, and reused from the cache."""
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from duallora_kernels.commands import pretrain as command
+from duallora_kernels.continual import pretrain as pt
+from duallora_kernels.continual.pretrain import (
+    PretrainConfig,
+    cache_paths,
+    ensure_pretrained,
+    load_pretrained_backbone,
+    read_pretrained_info,
+)
+
+TINY = PretrainConfig(embed_dim=16, depth=1, num_heads=2, batch_size=32, max_steps=3, warmup_steps=1, val_per_class=5)
+
+
+def test_writes_backbone_and_info(tmp_path):
+    weights = ensure_pretrained(tmp_path, seed=0, progress=False, config=TINY)
+    assert weights == cache_paths(tmp_path, seed=0, config=TINY)[0] and weights.suffix == ".safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted(
+        [weights.name, weights.with_suffix(".json").name])  # no temporary files left behind
+
+    state = load_file(str(weights))
+    assert not any(k.startswith("head") for k in state)  # the digit classifier is not part of the backbone
+    assert state["pos_embed"].shape == (1, 7 * 7 + 1, 16)
+
+    info = read_pretrained_info(weights)
+    assert info["kind"] == "self-pretrained" and "MNIST" in info["description"]
+    assert info["create_vit"]["embed_dim"] == 16 and info["pretrain"]["max_steps"] == 3
+    assert info["metrics"]["steps"] == 3 and info["metrics"]["val_samples"] == 50
+    assert 0.0 <= info["metrics"]["val_accuracy"] <= 1.0
+    assert info["sha256"] == pt._sha256(weights)
+
+    backbone = load_pretrained_backbone(weights).eval()
+    assert backbone(torch.zeros(2, 1, 28, 28)).shape == (2, 16)
+    torch.testing.assert_close(backbone.pos_embed, state["pos_embed"], rtol=0, atol=0)
+
+
+def test_cache_is_reused_and_force_rebuilds(tmp_path, monkeypatch, capsys):
+    weights = ensure_pretrained(tmp_path, seed=0, progress=False, config=TINY)
+    stamp = weights.stat().st_mtime_ns
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("the cached backbone should have been reused")
+
+    real_pretrain = pt.pretrain
+    monkeypatch.setattr(pt, "pretrain", must_not_train)
+    assert ensure_pretrained(tmp_path, seed=0, progress=True, config=TINY) == weights
+    assert "using cached self-pretrained ViT" in capsys.readouterr().err
+    assert weights.stat().st_mtime_ns == stamp
+
+    runs = []
+    monkeypatch.setattr(pt, "pretrain", lambda *a, **k: runs.append(1) or real_pretrain(*a, **k))
+    ensure_pretrained(tmp_path, seed=0, force=True, progress=False, config=TINY)
+    assert runs == [1]
+
+
+def test_deterministic_given_the_seed(tmp_path):
+    a = ensure_pretrained(tmp_path / "a", seed=5, progress=False, config=TINY)
+    b = ensure_pretrained(tmp_path / "b", seed=5, progress=False, config=TINY)
+    c = ensure_pretrained(tmp_path / "a", seed=6, progress=False, config=TINY)
+    assert a.name == b.name != c.name  # the seed is part of the cache key
+    sa, sb, sc = load_file(str(a)), load_file(str(b)), load_file(str(c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["blocks.0.attn.qkv.weight"], sc["blocks.0.attn.qkv.weight"])
+
+
+def test_failed_write_leaves_no_partial_entry(tmp_path, monkeypatch):
+    def fail_midway(state, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pt, "_save_safetensors", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        ensure_pretrained(tmp_path, progress=False, config=TINY)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_corrupt_entry_is_trained_again(tmp_path, capsys):
+    weights = ensure_pretrained(tmp_path, progress=False, config=TINY)
+    weights.write_bytes(b"bit rot")
+    assert ensure_pretrained(tmp_path, progress=False, config=TINY) == weights
+    assert "corrupt cache entry" in capsys.readouterr().err
+    assert read_pretrained_info(weights)["sha256"] == pt._sha256(weights)
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALLORA_CACHE", str(tmp_path / "env_cache"))
+    weights, info = cache_paths(config=TINY)
+    assert weights.parent == tmp_path / "env_cache" and info.suffix == ".json"
+    monkeypatch.delenv("DUALLORA_CACHE")
+    assert cache_paths(config=TINY)[0].parent.name == "duallora"
+
+
+def test_command_line(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="duallora")
+    sub = parser.add_subparsers(dest="command")
+    command.add_parser(sub)
+    args = parser.parse_args(["pretrain", "--cache-dir", str(tmp_path), "--max-steps", "1", "--no-progress"])
+    assert command.run(args) == 0
+    out = capsys.readouterr().out
+    assert "self-pretrained ViT" in out and "MNIST held-out accuracy" in out
+    info = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert info["create_vit"] == pt.DEFAULT_CONFIG.create_vit_kwargs() and info["metrics"]["steps"] == 1
+    assert command.run(parser.parse_args(["pretrain", "--cache-dir", str(tmp_path), "--epochs", "0"])) == 2
