@@ -1,0 +1,206 @@
+"""Render bench/results/*.json into README.md's performance section (between the
+``<!-- perf-table:start -->`` and ``<!-- perf-table:end -->`` markers). Nothing in the
+section is typed by hand: every row names the results file (and so the device and date) it
+comes from.
+
+    python bench/render_table.py            # rewrite the README section
+    python bench/render_table.py --check    # exit 1 when the README is out of date
+    python bench/render_table.py --print    # print the section instead
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    from duallora_kernels import benchmark as B
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+    from duallora_kernels import benchmark as B
+
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+HEADLINE_RANK = 16
+
+
+def load(paths: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """The valid results documents among ``paths`` (invalid ones are reported on stderr and left out)."""
+    docs = []
+    for path in sorted(paths):
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"render_table: skipping {path}: {exc}", file=sys.stderr)
+            continue
+        errors = B.validate_doc(doc)
+        if errors:
+            print(f"render_table: skipping {path}: {errors[0]} (+{len(errors) - 1} more)", file=sys.stderr)
+            continue
+        docs.append((Path(path), doc))
+    return docs
+
+
+def _source(path: Path, root: Path) -> str:
+    try:
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        rel = path.name
+    return f"[{path.name}]({rel})"
+
+
+def _device(doc: dict[str, Any]) -> str:
+    d = doc["device"]
+    return "CPU" if d["type"] == "cpu" else d["name"].replace("NVIDIA ", "")
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _x(v: float | None, goal: bool | None = None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}x" + ("" if goal is None else " ✓" if goal else " ✗")
+
+
+def _with_note(doc: dict[str, Any]) -> str:
+    note = "" if doc.get("complete", True) else " (incomplete run)"
+    return f"{_device(doc)}, {doc['date'][:10]}{note}"
+
+
+def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int = HEADLINE_RANK) -> str | None:
+    rows = []
+    for path, doc in docs:
+        comps = [r for r in doc["results"] if r["kind"] == "comparison" and r["pass"] == "fwd+bwd"]
+        if not comps:
+            continue
+        ranks = sorted({r["rank"] for r in comps})
+        pick = rank if rank in ranks else ranks[-1]
+        for c in comps:
+            if c["rank"] != pick:
+                continue
+            rows.append([
+                _with_note(doc), c["dtype"], f"{c['layer']} {c['d']}→{c['n']}", c["m"], c["rank"],
+                _ms(c["frozen_ms"]), _ms(c["fused_ms"]), _ms(c["unfused_ms"]), _ms(c["peft_ms"]),
+                _x(c["fused_over_frozen"], c.get("goal_fused_over_frozen")),
+                _x(c["unfused_over_fused"], c.get("goal_unfused_over_fused")),
+                _x(c.get("unfused_over_frozen")), _source(path, root),
+            ])
+    if not rows:
+        return None
+    headers = ["device, date", "dtype", "layer d→n", "m", "r", "frozen ms", "fused ms", "unfused ms", "peft ms",
+               "fused/frozen (goal ≤ 1.10)", "unfused/fused (goal ≥ 2)", "unfused/frozen", "source"]
+    return ("**One DualLoRA layer, forward+backward** (median ms; rank "
+            f"{rank} or the file's largest; every rank is in the JSON; '-' = not run on that device, see the file's reasons)\n\n"
+            + B.format_table(headers, rows, markdown=True))
+
+
+def saved_table(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> str | None:
+    variants = B.VIT_VARIANTS
+    rows = []
+    for path, doc in docs:
+        saved = [r for r in doc["results"] if r["kind"] == "saved_bytes"]
+        groups: dict[tuple, dict[str, dict]] = {}
+        for r in saved:
+            key = (r["scope"], r["model"], r.get("shape"), r["dtype"], r["batch"], r["rank"])
+            groups.setdefault(key, {})[r["variant"]] = r
+        for (scope, model, shape, dtype, batch, rk), by_v in groups.items():
+            def act(v: str) -> str:
+                r = by_v.get(v)
+                return "-" if r is None or r["status"] != "ok" else B.format_bytes(r["activation_bytes"])
+
+            def over(v: str, ref: str) -> str:
+                r = by_v.get(v)
+                return "-" if r is None or r["status"] != "ok" else _x(r[f"activation_over_{ref}"])
+
+            rows.append([_with_note(doc), scope, model if shape is None else f"{model} {shape}", dtype, batch, rk,
+                         *(act(v) for v in variants), over("fused", "frozen"), over("unfused", "frozen"),
+                         over("fused", "full_ft"), over("unfused", "full_ft"), _source(path, root)])
+    if not rows:
+        return None
+    headers = ["device, date", "scope", "layer / model", "dtype", "batch", "r", *variants,
+               "fused/frozen", "unfused/frozen", "fused/full_ft", "unfused/full_ft", "source"]
+    return ("**Bytes saved for backward** (activations: unique storages autograd saves, parameters and buffers "
+            "left out; a frozen layer saves only its weight, so its activations are 0 B; full_ft = every weight trains, what "
+            "any trainable layer must keep; goal: within 1.05x of frozen)\n\n"
+            + B.format_table(headers, rows, markdown=True))
+
+
+def step_tables(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> list[str]:
+    out = []
+    step_rows, mb_rows = [], []
+    for path, doc in docs:
+        steps = [r for r in doc["results"] if r["kind"] == "step_memory" and r["status"] == "ok"]
+        for r in steps:
+            step_rows.append([_with_note(doc), r["model"], r["dtype"], r["batch"], r["rank"], r["variant"],
+                              B.format_bytes(r["peak_bytes"]), f"{r['step_ms']:.1f}", _source(path, root)])
+        mb = [r for r in doc["results"] if r["kind"] == "max_batch" and r["status"] == "ok"]
+        variants = list(dict.fromkeys(r["variant"] for r in mb))
+        got = {(r["dtype"], r["budget_gib"], r["variant"]): r["max_batch"] for r in mb}
+        for dtype, g in dict.fromkeys((r["dtype"], r["budget_gib"]) for r in mb):
+            mb_rows.append([_with_note(doc), mb[0]["model"], dtype, f"{g:g} GiB",
+                            ", ".join(f"{v}: {got.get((dtype, g, v), '-')}" for v in variants), _source(path, root)])
+    if step_rows:
+        out.append("**ViT training step** (peak allocator memory and median time)\n\n" + B.format_table(
+            ["device, date", "model", "dtype", "batch", "r", "variant", "peak memory", "step ms", "source"],
+            step_rows, markdown=True))
+    if mb_rows:
+        out.append("**Largest training batch under a memory budget** (torch.cuda.set_per_process_memory_fraction; "
+                   "the CUDA context comes on top)\n\n" + B.format_table(
+                       ["device, date", "model", "dtype", "budget", "largest batch", "source"], mb_rows, markdown=True))
+    return out
+
+
+def render(paths: Sequence[Path], root: Path = ROOT, rank: int = HEADLINE_RANK) -> str:
+    """The README section (without the markers) for the results files ``paths``."""
+    docs = load(paths)
+    parts = ["<!-- generated by bench/render_table.py from bench/results/*.json: do not edit by hand -->",
+             "## Performance", ""]
+    if not docs:
+        parts.append("No results in bench/results/ yet: see bench/README.md for the commands.")
+        return "\n".join(parts)
+    for t in [speed_table(docs, root, rank), saved_table(docs, root), *step_tables(docs, root)]:
+        if t:
+            parts += [t, ""]
+    parts.append("How each number is measured, and the commands that produce them: [bench/README.md](bench/README.md).")
+    return "\n".join(parts)
+
+
+def splice(text: str, block: str) -> str:
+    """``text`` with everything between the markers replaced by ``block``."""
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < 0 or j < i:
+        raise ValueError(f"the README has no {START} ... {END} markers (in that order)")
+    return text[: i + len(START)] + "\n" + block.rstrip("\n") + "\n" + text[j:]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="folder of *.json results")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--rank", type=int, default=HEADLINE_RANK, help="rank shown in the speed table")
+    ap.add_argument("--check", action="store_true", help="exit 1 if the README section is out of date")
+    ap.add_argument("--print", action="store_true", help="print the section, leave the README alone")
+    args = ap.parse_args(argv)
+    block = render(sorted(args.results.glob("*.json")), root=args.readme.resolve().parent, rank=args.rank)
+    if args.print:
+        print(block)
+        return 0
+    old = args.readme.read_text()
+    new = splice(old, block)
+    if args.check:
+        if new != old:
+            print(f"{args.readme} is out of date: run python bench/render_table.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != old:
+        args.readme.write_text(new)
+        print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
