@@ -72,7 +72,7 @@ def _with_note(doc: dict[str, Any]) -> str:
 
 
 def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int = HEADLINE_RANK) -> str | None:
-    rows = []
+    rows, seen = [], set()
     for path, doc in docs:
         comps = [r for r in doc["results"] if r["kind"] == "comparison" and r["pass"] == "fwd+bwd"]
         if not comps:
@@ -80,8 +80,10 @@ def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int =
         ranks = sorted({r["rank"] for r in comps})
         pick = rank if rank in ranks else ranks[-1]
         for c in comps:
-            if c["rank"] != pick:
+            key = (doc["device"]["name"], doc["date"][:10], c["dtype"], c["shape"], c["m"], c["rank"])
+            if c["rank"] != pick or key in seen:  # a case measured by two files of one day: the first file's
                 continue
+            seen.add(key)
             rows.append([
                 _with_note(doc), c["dtype"], f"{c['layer']} {c['d']}→{c['n']}", c["m"], c["rank"],
                 _ms(c["frozen_ms"]), _ms(c["fused_ms"]), _ms(c["unfused_ms"]), _ms(c["peft_ms"]),

@@ -158,8 +158,9 @@ def _needs_cuda_row(kind: str, s: dict[str, Any], variant: str, dtype: str, **ex
     return {**base, "max_batch": None, "trials": None, **extra}
 
 
-def profile_models(s: dict[str, Any], device: Any, bar: Any) -> list[dict[str, Any]]:
-    """Per dtype and variant, one model built once: its saved bytes, training step and max batch."""
+def profile_models(s: dict[str, Any], device: Any, bar: Any, save: Any = None) -> list[dict[str, Any]]:
+    """Per dtype and variant, one model built once: its saved bytes, training step and max batch.
+    ``save(rows)`` is called after each variant (partial results survive a time limit)."""
     rows: list[dict[str, Any]] = []
     scopes = s["scopes"]
     cuda = device.type == "cuda"
@@ -225,6 +226,8 @@ def profile_models(s: dict[str, Any], device: Any, bar: Any) -> list[dict[str, A
             bar.update(1)
             del model
             B.free_cuda()
+            if save is not None:
+                save(rows)
     return rows
 
 
@@ -276,12 +279,16 @@ def run(args: argparse.Namespace) -> int:
         len(s["dtypes"]) * len(set(s["variants"]) | set(s["max_batch_variants"]))
     rows: list[dict[str, Any]] = []
     with tqdm(total=total, desc="profile-memory", disable=args.no_progress, leave=False, dynamic_ncols=True) as bar:
+        def save(more: list[dict[str, Any]]) -> None:
+            doc["results"] = rows + more
+            _add_ratios(doc["results"])
+            B.write_json(out, doc)
+
         if "layer" in s["scopes"]:
             rows += profile_layers(s, device, bar)
-            doc["results"] = rows
-            B.write_json(out, doc)
+            save([])
         if {"vit", "step", "max-batch"} & set(s["scopes"]):
-            rows += profile_models(s, device, bar)
+            rows += profile_models(s, device, bar, save)
     _add_ratios(rows)
     doc["results"] = rows
     print_tables(rows)
