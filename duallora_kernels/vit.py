@@ -55,10 +55,15 @@ def create_vit(
     """Build timm's ``model_name`` (default ``num_classes=0``: the model returns pooled features), with any of
     the size arguments overriding the named configuration, and load ``checkpoint`` into it if given.
 
+    ``pretrained=True`` (in ``kw``) asks timm to download the named weights instead (needs a network).
+
     Raises ValueError for an unknown name (with close matches), a model that is not a timm VisionTransformer,
     or a checkpoint that does not fit; FileNotFoundError for a missing checkpoint file.
     """
     _check_model_name(model_name)
+    download = bool(kw.pop("pretrained", False))
+    if download and checkpoint is not None:
+        raise ValueError("pass either checkpoint= (a local file) or pretrained=True (a timm download), not both")
     path = None
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -70,7 +75,7 @@ def create_vit(
     if embed_dim is not None and num_heads is not None and embed_dim % num_heads:
         raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
     try:
-        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **overrides, **kw)
+        model = timm.create_model(model_name, pretrained=download, num_classes=num_classes, **overrides, **kw)
     except TypeError as err:
         raise ValueError(
             f"timm could not build {model_name!r} with {dict(overrides, num_classes=num_classes, **kw)}: {err}. "
@@ -322,7 +327,7 @@ class ContinualViT(nn.Module):
         if freeze_previous:
             for head in self.heads:
                 head.requires_grad_(False)
-        ref = self.backbone.cls_token if self.backbone.cls_token is not None else self.backbone.pos_embed
+        ref = next(self.backbone.parameters())
         head = nn.Linear(self.feature_dim, num_classes, device=ref.device, dtype=ref.dtype)
         self.heads.append(head)
         return len(self.heads) - 1

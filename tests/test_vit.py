@@ -123,6 +123,9 @@ def test_checkpoint_file_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="could not read checkpoint"):
         create_vit(**SMALL, checkpoint=tmp_path / "junk.safetensors")
+    torch.save(small_vit().state_dict(), tmp_path / "ok.pth")
+    with pytest.raises(ValueError, match="not both"):
+        create_vit(**SMALL, checkpoint=tmp_path / "ok.pth", pretrained=True)
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="does not hold a state dict"):
         load_state_dict_file(tmp_path / "list.pth")
