@@ -222,12 +222,16 @@ def _peak_key(dtype: str) -> str:
 
 
 def resolve_device(spec: str | None = "auto") -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU."""
+    """``auto`` -> the current CUDA device if there is one, else the CPU. A CUDA device always
+    comes back with its index."""
     if spec in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {spec}: CUDA is not available on this machine")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {spec}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

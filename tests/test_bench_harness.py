@@ -228,6 +228,31 @@ def test_search_largest_finds_the_boundary():
         assert len(calls) <= 2 * 13  # doubling + bisection, never a linear scan
 
 
+def test_largest_batch_catches_oom_and_resets_the_memory_fraction(monkeypatch):
+    from types import SimpleNamespace
+
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=64 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i=None: fractions.append(f))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def fake_step(model, opt, batch, num_classes, seed=0):
+        if batch > 100:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if batch == 0:
+            raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(B, "training_step", fake_step)
+    got = B.largest_batch(nn.Linear(2, 2), 8 * 2**30, 10, torch.device("cuda", 0))
+    assert got["max_batch"] == 100 and got["trials"]["101"] is False and got["trials"]["100"] is True
+    assert fractions == [0.125, 1.0]
+    monkeypatch.setattr(B, "search_largest", lambda fits, start, cap: fits(0))
+    with pytest.raises(RuntimeError, match="a real bug"):  # not an OOM: raised, and the fraction still reset
+        B.largest_batch(nn.Linear(2, 2), 8 * 2**30, 10, torch.device("cuda", 0))
+    assert fractions[-1] == 1.0
+
+
 def test_counts_parsers_and_devices():
     assert B.flop_count(10, 3, 5, 4, "frozen", "fwd") == 2 * 10 * 3 * 5
     assert B.flop_count(10, 3, 5, 4, "frozen", "fwd+bwd") == 4 * 10 * 3 * 5
