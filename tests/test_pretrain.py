@@ -27,7 +27,7 @@ def test_writes_backbone_and_info(tmp_path):
 
     state = load_file(str(weights))
     assert not any(k.startswith("head") for k in state)  # the digit classifier is not part of the backbone
-    assert state["pos_embed"].shape == (1, 7 * 7 + 1, 16)
+    assert state["pos_embed"].shape == (1, 4 * 4 + 1, 16)  # 28x28 in 7x7 patches, plus the class token
 
     info = read_pretrained_info(weights)
     assert info["kind"] == "self-pretrained" and "MNIST" in info["description"]
@@ -65,6 +65,7 @@ def test_deterministic_given_the_seed(tmp_path):
     b = ensure_pretrained(tmp_path / "b", seed=5, progress=False, config=TINY)
     c = ensure_pretrained(tmp_path / "a", seed=6, progress=False, config=TINY)
     assert a.name == b.name != c.name  # the seed is part of the cache key
+    assert pt._sha256(a) == pt._sha256(b)  # byte for byte
     sa, sb, sc = load_file(str(a)), load_file(str(b)), load_file(str(c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["blocks.0.attn.qkv.weight"], sc["blocks.0.attn.qkv.weight"])
