@@ -22,8 +22,8 @@ def poison_outputs(monkeypatch):
     monkeypatch.setenv(_kernel_utils.POISON_ENV, "1")
 
 
-def check(x: torch.Tensor):
-    got = gram(x, backend="triton")
+def check(x: torch.Tensor, backend="triton"):
+    got = gram(x, backend=backend)
     ref = gram_reference(x.to(torch.float64))
     want_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     assert got.dtype == want_dtype and got.shape == ref.shape
@@ -84,3 +84,18 @@ def test_bad_input_is_refused():
         gram(torch.ones(3, 4, dtype=torch.int32), backend="triton")
     with pytest.raises(ValueError, match="at least one dimension"):
         gram(torch.tensor(1.0), backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no CUDA device")
+def test_cuda_backend_says_when_there_is_no_device():
+    from duallora_kernels.ops import cuda
+
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        cuda.gram_cuda(torch.randn(3, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cuda_backend_matches_reference(dtype, gen):
+    check(randn(2, 197, 100, gen=gen, dtype=dtype).cuda(), backend="cuda")
+    check(randn(5000, 48, gen=gen, dtype=dtype).cuda()[:, ::2], backend="cuda")  # split rows, strided

@@ -22,8 +22,8 @@ def bases(n_tasks, d, u, gen, dtype):
     return torch.stack([orthonormal_basis(d, u, gen) for _ in range(n_tasks)]).to(dtype)
 
 
-def check(z, u_bases):
-    got = task_scores(z, u_bases, backend="triton")
+def check(z, u_bases, backend="triton"):
+    got = task_scores(z, u_bases, backend=backend)
     ref = task_scores_reference(z.to(torch.float64), u_bases.to(torch.float64))
     want = torch.float64 if z.dtype == torch.float64 else torch.float32
     assert got.dtype == want and got.shape == (z.shape[0], u_bases.shape[0])
@@ -89,3 +89,19 @@ def test_bad_input_is_refused():
         task_scores(z, torch.randn(3, 7, 2), backend="triton")
     with pytest.raises(ValueError, match="z must be 2-D"):
         task_scores(z[0], u, backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no CUDA device")
+def test_cuda_backend_says_when_there_is_no_device():
+    from duallora_kernels.ops import cuda
+
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        cuda.task_scores_cuda(torch.randn(2, 8), torch.randn(3, 8, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_backend_matches_reference(dtype, gen):
+    z = randn(37, 100, gen=gen, dtype=dtype).cuda()
+    z[3] = 0
+    check(z, bases(4, 100, 17, gen, dtype).cuda(), backend="cuda")

@@ -65,6 +65,8 @@ Design decisions:
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -74,7 +76,7 @@ from torch.autograd.function import once_differentiable
 from ._kernel_utils import dot_mode, interpreting, mma, new_output, pow2_at_least, row_offsets, rows_view, size_bucket
 from .reference import adapter_matrices, dual_lora_linear_reference, project_onto, project_out
 
-__all__ = ["dual_lora_linear_triton"]
+__all__ = ["dual_lora_linear_triton", "fused_dual_lora_linear", "Launchers", "Layout", "GradPlan", "TRITON"]
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -254,25 +256,56 @@ def _fused_backward_kernel(
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-class _Layout:
-    """Sizes of one call: the stacked adapter and which of its rows train."""
+class Layout:
+    """Sizes of one call: the stacked adapter (rows: orth, frozen, training residual) and its gate."""
 
-    def __init__(self, a: Tensor | None, r_orth: int, r_train: int, gate: Tensor | None):
+    def __init__(self, a: Tensor | None, r_orth: int, r_train: int, gate: Tensor | None,
+                 orth_scale: float, res_scale: float):
         self.r = 0 if a is None else a.shape[0]
         self.r_orth = r_orth
-        self.r_train = r_train
+        self.r_res0 = self.r - r_train  # the training residual block is rows r_res0..r
         r_resid = self.r - r_orth
         self.has_gate = gate is not None and r_resid > 0
         self.r_blk = r_resid // gate.shape[1] if self.has_gate else 1
         self.r_pad = pow2_at_least(self.r)
-
-    def gate_args(self, gate: Tensor | None, like: Tensor) -> tuple[Tensor, int, int]:
-        if self.has_gate:
-            return gate, gate.stride(0), gate.stride(1)
-        return like, 0, 0  # never read: HAS_GATE is off
+        self.orth_scale, self.res_scale = orth_scale, res_scale
 
 
-def _forward(x, weight, bias, a, bt, gate, lay: _Layout, orth_scale, res_scale, store_t: bool):
+class GradPlan(NamedTuple):
+    """What one backward computes. dA / dB^T rows are accumulated only in [0, *_orth_end) and
+    [*_res_start, r): the trainable blocks, never the frozen ones."""
+
+    need_dx: bool
+    da_orth_end: int
+    da_res_start: int
+    db_orth_end: int
+    db_res_start: int
+    need_dbias: bool
+    r: int
+
+    @property
+    def need_da(self) -> bool:
+        return self.da_orth_end > 0 or self.da_res_start < self.r
+
+    @property
+    def need_db(self) -> bool:
+        return self.db_orth_end > 0 or self.db_res_start < self.r
+
+
+class Launchers(NamedTuple):
+    """A kernel implementation of the op (Triton here, CUDA in :mod:`.cuda`), for :class:`_DualLoRALinear`.
+
+    ``forward(x, weight, bias, a, bt, gate, lay, store_t) -> (Y (..., n), T (m, r) float32 or None)``;
+    ``backward(dy, x, weight, a, bt, gate, t, lay, plan) -> (dX (m, d) | None, dA (r, d) | None,
+    dB^T (r, n) | None, dbias (n,) | None)``, the last three float32 and filled only in the
+    plan's rows. backward is called only when the plan needs dX, dA or dB, and m > 0.
+    """
+
+    forward: Callable
+    backward: Callable
+
+
+def _triton_forward(x, weight, bias, a, bt, gate, lay: Layout, store_t: bool):
     n, d = weight.shape
     xr = rows_view(x)
     m = xr.m
@@ -280,12 +313,12 @@ def _forward(x, weight, bias, a, bt, gate, lay: _Layout, orth_scale, res_scale, 
     has_lora = a is not None
     t = new_output((m, lay.r), torch.float32, x.device) if has_lora and store_t else None
     if m and n:
-        g, sgm, sgg = lay.gate_args(gate, x)
+        g, sgm, sgg = _gate_args(lay, gate, x)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _fused_forward_kernel[grid](
             xr.t, weight, x if bias is None else bias, a if has_lora else x, bt if has_lora else x, g, y,
             y if t is None else t,
-            m, n, d, lay.r, lay.r_orth, lay.r_blk, orth_scale, res_scale,
+            m, n, d, lay.r, lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale,
             *xr.addressing, weight.stride(0), weight.stride(1), sgm, sgg, size_bucket(m),
             HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_GATE=lay.has_gate, STORE_T=t is not None,
             R_PAD=lay.r_pad, DOT_MODE=dot_mode(x.dtype),
@@ -293,85 +326,117 @@ def _forward(x, weight, bias, a, bt, gate, lay: _Layout, orth_scale, res_scale, 
     return y.view(*x.shape[:-1], n), t
 
 
-def _stack(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis):
+def _triton_backward(dy, x, weight, a, bt, gate, t, lay: Layout, plan: GradPlan):
+    n, d = weight.shape
+    dyr = rows_view(dy)
+    m, dev = dyr.m, dy.device
+    dx = new_output((m, d), dy.dtype, dev) if plan.need_dx else None
+    da = torch.zeros((lay.r, d), dtype=torch.float32, device=dev) if plan.need_da else None
+    dbt = torch.zeros((lay.r, n), dtype=torch.float32, device=dev) if plan.need_db else None
+    dbias = torch.zeros((n,), dtype=torch.float32, device=dev) if plan.need_dbias else None
+    has_lora = a is not None
+    xr = rows_view(x) if plan.need_da else dyr  # dyr: a stand-in that NEED_DA=False never reads
+    g, sgm, sgg = _gate_args(lay, gate, dy)
+    unused = torch.zeros(1, dtype=torch.float32, device=dev)  # for the buffers a flag turns off
+    # Without dX or dA there is nothing per d-tile: one column of programs does dB/dbias.
+    d_span = d if (plan.need_dx or plan.need_da) else 1
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d_span, meta["BLOCK_D"]),)  # noqa: E731
+    _fused_backward_kernel[grid](
+        dyr.t, weight, a if has_lora else unused, bt if has_lora else unused, g, unused if t is None else t, xr.t,
+        *(unused if buf is None else buf for buf in (dx, da, dbt, dbias)),
+        m, n, d, lay.r, lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale,
+        plan.da_orth_end, plan.da_res_start, plan.db_orth_end, plan.db_res_start,
+        *dyr.addressing, *xr.addressing, weight.stride(0), weight.stride(1), sgm, sgg, size_bucket(m),
+        HAS_LORA=has_lora, HAS_GATE=lay.has_gate, NEED_DX=plan.need_dx, NEED_DA=plan.need_da,
+        NEED_DB=plan.need_db, NEED_DBIAS=plan.need_dbias, R_PAD=lay.r_pad, DOT_MODE=dot_mode(dy.dtype),
+    )
+    return dx, da, dbt, dbias
+
+
+def _gate_args(lay: Layout, gate: Tensor | None, like: Tensor) -> tuple[Tensor, int, int]:
+    if lay.has_gate:
+        return gate, gate.stride(0), gate.stride(1)
+    return like, 0, 0  # never read: HAS_GATE is off
+
+
+TRITON = Launchers(_triton_forward, _triton_backward)
+
+
+def _stack(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale, res_scale):
     """A (r, d) and B^T (r, n), contiguous, formed without autograd, and the call's layout."""
     with torch.no_grad():
         a, b, r_orth, r_train = adapter_matrices(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, basis)
         bt = None
         if a is not None:
             a, bt = a.contiguous(), b.t().contiguous()
-    return a, bt, _Layout(a, r_orth, r_train, gate)
+    return a, bt, Layout(a, r_orth, r_train, gate, orth_scale, res_scale)
 
 
 class _DualLoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
-                orth_scale, res_scale):
-        a, bt, lay = _stack(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis)
-        need = ctx.needs_input_grad
-        need_b = a is not None and (need[4] or need[6])
-        need_a = a is not None and (need[3] or need[5])
-        y, t = _forward(x, weight, bias, a, bt, gate, lay, orth_scale, res_scale, store_t=need_b)
-        ctx.lay, ctx.scales, ctx.x_shape, ctx.has_bias = lay, (orth_scale, res_scale), x.shape, bias is not None
-        ctx.save_for_backward(x if need_a or need[1] else None, weight, a, bt, t, gate, basis)
+    def forward(ctx, kernels: Launchers, x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate,
+                basis, orth_scale, res_scale):
+        a, bt, lay = _stack(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale, res_scale)
+        need = ctx.needs_input_grad  # offset by one: kernels comes first
+        need_a = a is not None and (need[4] or need[6])
+        need_b = a is not None and (need[5] or need[7])
+        y, t = kernels.forward(x, weight, bias, a, bt, gate, lay, store_t=need_b)
+        ctx.kernels, ctx.lay, ctx.x_shape, ctx.has_bias = kernels, lay, x.shape, bias is not None
+        ctx.save_for_backward(x if need_a or need[2] else None, weight, a, bt, t, gate, basis)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, a, bt, t, gate, basis = ctx.saved_tensors
-        lay: _Layout = ctx.lay
-        need = ctx.needs_input_grad
+        lay: Layout = ctx.lay
+        _, nx, nw, nbias, noa, nob, nra, nrb = ctx.needs_input_grad[:8]
         n, d = weight.shape
-        has_lora = a is not None
-        r, r_orth, r_res0 = lay.r, lay.r_orth, lay.r - lay.r_train  # the training block is rows r_res0..r
-        # Which rows of dA / dB^T to accumulate: the trainable blocks only, never the frozen ones.
-        da_orth_end = r_orth if has_lora and need[3] else 0
-        da_res_start = r_res0 if has_lora and need[5] else r
-        db_orth_end = r_orth if has_lora and need[4] else 0
-        db_res_start = r_res0 if has_lora and need[6] else r
-        need_dx = need[0]
-        need_da = da_orth_end > 0 or da_res_start < r
-        need_db = db_orth_end > 0 or db_res_start < r
-        need_dbias = ctx.has_bias and need[2]
-
-        dyr = rows_view(dy)
-        m, dev = dyr.m, dy.device
-        dx = new_output((m, d), dy.dtype, dev) if need_dx else None
-        da = torch.zeros((r, d), dtype=torch.float32, device=dev) if need_da else None
-        dbt = torch.zeros((r, n), dtype=torch.float32, device=dev) if need_db else None
-        dbias = torch.zeros((n,), dtype=torch.float32, device=dev) if need_dbias else None
-
-        if (need_dx or need_da or need_db) and m:
-            xr = rows_view(x) if need_da else dyr  # dyr: a stand-in that NEED_DA=False never reads
-            g, sgm, sgg = lay.gate_args(gate, dy)
-            unused = torch.zeros(1, dtype=torch.float32, device=dev)  # for the buffers a flag turns off
-            # Without dX or dA there is nothing per d-tile: one column of programs does dB/dbias.
-            d_span = d if (need_dx or need_da) else 1
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d_span, meta["BLOCK_D"]),)  # noqa: E731
-            _fused_backward_kernel[grid](
-                dyr.t, weight, a if has_lora else unused, bt if has_lora else unused, g,
-                t if need_db else unused, xr.t,
-                *(buf if buf is not None else unused for buf in (dx, da, dbt, dbias)),
-                m, n, d, r, r_orth, lay.r_blk, ctx.scales[0], ctx.scales[1],
-                da_orth_end, da_res_start, db_orth_end, db_res_start,
-                *dyr.addressing, *xr.addressing, weight.stride(0), weight.stride(1), sgm, sgg, size_bucket(m),
-                HAS_LORA=has_lora, HAS_GATE=lay.has_gate, NEED_DX=need_dx, NEED_DA=need_da,
-                NEED_DB=need_db, NEED_DBIAS=need_dbias, R_PAD=lay.r_pad, DOT_MODE=dot_mode(dy.dtype),
-            )
-        elif need_dbias and m:
+        lora = a is not None
+        r = lay.r
+        plan = GradPlan(
+            need_dx=nx,
+            da_orth_end=lay.r_orth if lora and noa else 0, da_res_start=lay.r_res0 if lora and nra else r,
+            db_orth_end=lay.r_orth if lora and nob else 0, db_res_start=lay.r_res0 if lora and nrb else r,
+            need_dbias=ctx.has_bias and nbias, r=r,
+        )
+        m = dy.numel() // n if n else 0
+        dx = da = dbt = dbias = None
+        if (plan.need_dx or plan.need_da or plan.need_db) and m:
+            dx, da, dbt, dbias = ctx.kernels.backward(dy, x, weight, a, bt, gate, t, lay, plan)
+        elif plan.need_dbias:
             dbias = dy.reshape(-1, n).sum(0, dtype=torch.float32)
+        if m == 0:  # no rows, no launch: the gradients are zeros
+            f32 = dict(dtype=torch.float32, device=dy.device)
+            dx = dy.new_zeros((0, d)) if plan.need_dx else None
+            da = torch.zeros((r, d), **f32) if plan.need_da else None
+            dbt = torch.zeros((r, n), **f32) if plan.need_db else None
 
         dtype = dy.dtype
-        g_x = dx.view(ctx.x_shape) if need_dx else None
-        g_w = (dy.reshape(-1, n).T @ x.reshape(-1, d)).to(dtype) if need[1] else None
-        g_bias = dbias.to(dtype) if need_dbias else None
+        g_x = dx.view(ctx.x_shape) if plan.need_dx else None
+        g_w = (dy.reshape(-1, n).T @ x.reshape(-1, d)).to(dtype) if nw else None
+        g_bias = dbias.to(dtype) if plan.need_dbias else None
         # The chain rule through A_o = C_o (I - M M^T) and A_r = C_r M M^T: project dA.
-        g_oa = project_out(da[:r_orth], basis).to(dtype) if da_orth_end else None
-        g_ra = project_onto(da[r_res0:], basis).to(dtype) if da_res_start < r else None
-        g_ob = dbt[:r_orth].t().to(dtype).contiguous() if db_orth_end else None
-        g_rb = dbt[r_res0:].t().to(dtype).contiguous() if db_res_start < r else None
-        return g_x, g_w, g_bias, g_oa, g_ob, g_ra, g_rb, None, None, None, None, None, None
+        g_oa = project_out(da[: lay.r_orth], basis).to(dtype) if plan.da_orth_end else None
+        g_ra = project_onto(da[lay.r_res0:], basis).to(dtype) if plan.da_res_start < r else None
+        g_ob = dbt[: lay.r_orth].t().to(dtype).contiguous() if plan.db_orth_end else None
+        g_rb = dbt[lay.r_res0:].t().to(dtype).contiguous() if plan.db_res_start < r else None
+        return None, g_x, g_w, g_bias, g_oa, g_ob, g_ra, g_rb, None, None, None, None, None, None
+
+
+def fused_dual_lora_linear(kernels: Launchers, x: Tensor, weight: Tensor, bias: Tensor | None, **adapters) -> Tensor:
+    """Run the op with ``kernels`` (the keyword arguments of :func:`dual_lora_linear_triton`);
+    float64 and other non-kernel dtypes run the reference."""
+    if x.dtype not in KERNEL_DTYPES:
+        return dual_lora_linear_reference(x, weight, bias, **adapters)
+    a_kw = {k: adapters.get(k) for k in ("orth_a", "orth_b", "res_a", "res_b", "frozen_a", "frozen_b", "gate", "basis")}
+    orth_scale, res_scale = float(adapters.get("orth_scale", 1.0)), float(adapters.get("res_scale", 1.0))
+    params = (x, weight, bias, a_kw["orth_a"], a_kw["orth_b"], a_kw["res_a"], a_kw["res_b"])
+    if not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
+        # Inference: no autograd node, and no T kept for a backward that will not come.
+        a, bt, lay = _stack(*a_kw.values(), orth_scale, res_scale)
+        return kernels.forward(x, weight, bias, a, bt, a_kw["gate"], lay, store_t=False)[0]
+    return _DualLoRALinear.apply(kernels, x, weight, bias, *a_kw.values(), orth_scale, res_scale)
 
 
 def dual_lora_linear_triton(
@@ -395,17 +460,7 @@ def dual_lora_linear_triton(
     Same arguments and result (validated by :func:`duallora_kernels.ops.dual_lora_linear`;
     ``gate`` is (m, G) or None). float64 inputs run the reference (see the module docstring).
     """
-    if x.dtype not in KERNEL_DTYPES:
-        return dual_lora_linear_reference(
-            x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a,
-            frozen_b=frozen_b, gate=gate, basis=basis, orth_scale=orth_scale, res_scale=res_scale,
-        )
-    orth_scale, res_scale = float(orth_scale), float(res_scale)
-    params = (x, weight, bias, orth_a, orth_b, res_a, res_b)
-    if not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
-        # Inference: no autograd node, and no T kept for a backward that will not come.
-        a, bt, lay = _stack(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis)
-        return _forward(x, weight, bias, a, bt, gate, lay, orth_scale, res_scale, store_t=False)[0]
-    return _DualLoRALinear.apply(
-        x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale, res_scale,
+    return fused_dual_lora_linear(
+        TRITON, x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a,
+        frozen_b=frozen_b, gate=gate, basis=basis, orth_scale=orth_scale, res_scale=res_scale,
     )

@@ -1,0 +1,168 @@
+"""The CUDA C++ backend (``backend="cuda"``): the kernels in csrc/, loaded on first use.
+
+A prebuilt extension (``duallora_kernels._C``, built by setup.py when CUDA is present) is used
+if it imports; otherwise csrc/ is compiled once with ``torch.utils.cpp_extension.load`` (JIT,
+cached under ``TORCH_EXTENSIONS_DIR``; needs nvcc). Without a CUDA device every entry point
+raises a RuntimeError that says so.
+
+* :func:`dual_lora_linear_cuda`: the fused forward/backward of csrc/fused_linear.cu behind the
+  same autograd Function as the Triton op (:func:`.fused_linear.fused_dual_lora_linear`), so
+  the two share gradient bookkeeping and the memory projections. SIMT kernels (no tensor
+  cores): the portable variant, not the fast one. Total adapter rank r <= 128.
+* :func:`gram_cuda`, :func:`task_scores_cuda`: csrc/memory_ops.cu; float64 is computed natively.
+
+Inputs are made contiguous before the launch (a copy only for strided inputs), unlike the Triton
+kernels, which read strided rows in place. float64 runs the reference for the linear op.
+Status: compile-checked with nvcc for sm_90; not yet run on a GPU in this repository's history.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .reference import task_scores_reference
+
+__all__ = ["dual_lora_linear_cuda", "gram_cuda", "task_scores_cuda", "load_extension", "build_extension", "CSRC"]
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+SOURCES = ("bindings.cpp", "memory_ops.cu", "fused_linear.cu")
+EPS = 1e-12  # task_scores_reference's clamp on ||z||^2
+_SMEM_ROW_LIMIT = 48 * 1024  # task_scores stages one z row in (static-limit) shared memory
+
+_ext = None
+_lock = threading.Lock()
+
+
+def _pip_cuda_include_dirs() -> list[str]:
+    # torch's CUDA headers include cusparse.h, cublas_v2.h, ...; with pip's CUDA wheels (and no
+    # full toolkit) those live in site-packages/nvidia/*/include.
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return [str(p) for root in nvidia.__path__ for p in sorted(Path(root).glob("*/include"))]
+
+
+def build_extension(verbose: bool = False):
+    """Compile csrc/ (JIT) and return the module. Needs nvcc, not a GPU: it also serves as the
+    compile check on machines without one (set TORCH_CUDA_ARCH_LIST, e.g. "9.0", there)."""
+    missing = [s for s in SOURCES if not (CSRC / s).is_file()]
+    if missing:
+        raise RuntimeError(
+            f"backend='cuda': the CUDA sources {missing} are not in {CSRC}; use a source checkout, or install "
+            "with DUALLORA_BUILD_CUDA=1 so that the prebuilt extension duallora_kernels._C exists"
+        )
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name="duallora_kernels_cuda",
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_cuda_cflags=["-O3"],
+        extra_include_paths=_pip_cuda_include_dirs(),
+        verbose=verbose,
+    )
+
+
+def load_extension():
+    """The CUDA extension: prebuilt if present, else built from csrc/ on first use."""
+    global _ext
+    if _ext is not None:
+        return _ext
+    if not torch.cuda.is_available():
+        raise RuntimeError("backend='cuda' needs a CUDA device, and torch.cuda.is_available() is False here")
+    with _lock:
+        if _ext is None:
+            try:
+                from .. import _C as ext  # built by setup.py
+            except ImportError:
+                try:
+                    ext = build_extension()
+                except Exception as err:  # a compiler error is long; keep it, say what failed first
+                    raise RuntimeError(f"backend='cuda': building the CUDA extension from {CSRC} failed: {err}") from err
+            _ext = ext
+    return _ext
+
+
+def _require_cuda(name: str, t: Tensor) -> None:
+    if not t.is_cuda:
+        raise RuntimeError(f"backend='cuda' needs CUDA tensors, got {name} on {t.device}")
+
+
+def gram_cuda(x: Tensor) -> Tensor:
+    """``x^T x`` (d, d) over all rows of x (..., d); float32 out (float64 for float64 input)."""
+    ext = load_extension()
+    _require_cuda("x", x)
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d).contiguous()
+    m = x2.shape[0]
+    # Split the rows so about four waves of blocks run even when d gives few tiles.
+    tiles = max(1, -(-d // 32))
+    blocks = tiles * (tiles + 1) // 2
+    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    splits = max(1, min(-(-target // blocks), -(-m // 256)))
+    return ext.gram(x2, max(1, -(-m // splits)))
+
+
+def task_scores_cuda(z: Tensor, task_bases: Tensor) -> Tensor:
+    """(b, T) scores ``||U_t^T z||^2 / ||z||^2``; float32 out (float64 for float64 z)."""
+    ext = load_extension()
+    _require_cuda("z", z)
+    _require_cuda("task_bases", task_bases)
+    wd = torch.promote_types(z.dtype, torch.float32)
+    if z.shape[1] * torch.finfo(wd).bits // 8 > _SMEM_ROW_LIMIT:
+        return task_scores_reference(z, task_bases, eps=EPS)  # a z row does not fit the kernel's smem
+    return ext.task_scores(z.to(wd).contiguous(), task_bases.to(wd).contiguous(), EPS)
+
+
+def _cuda_forward(x, weight, bias, a, bt, gate, lay, store_t):
+    n, d = weight.shape
+    g = gate.to(torch.float32).contiguous() if lay.has_gate else None
+    y, t = load_extension().dual_lora_forward(
+        x.reshape(-1, d).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), a, bt, g,
+        lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale, store_t,
+    )
+    return y.view(*x.shape[:-1], n), t
+
+
+def _cuda_backward(dy, x, weight, a, bt, gate, t, lay, plan):
+    n, d = weight.shape
+    g = gate.to(torch.float32).contiguous() if lay.has_gate else None
+    x2 = x.reshape(-1, d).contiguous() if plan.need_da else None
+    dx, da, dbt, dbias = load_extension().dual_lora_backward(
+        dy.reshape(-1, n).contiguous(), weight.contiguous(), a, bt, g, t, x2,
+        lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale,
+        plan.da_orth_end, plan.da_res_start, plan.db_orth_end, plan.db_res_start, plan.need_dx, plan.need_dbias,
+    )
+    return dx, da, dbt, dbias
+
+
+def dual_lora_linear_cuda(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    orth_a: Tensor | None = None,
+    orth_b: Tensor | None = None,
+    res_a: Tensor | None = None,
+    res_b: Tensor | None = None,
+    frozen_a: Tensor | None = None,
+    frozen_b: Tensor | None = None,
+    gate: Tensor | None = None,
+    basis: Tensor | None = None,
+    orth_scale: float = 1.0,
+    res_scale: float = 1.0,
+) -> Tensor:
+    """The CUDA C++ implementation of :func:`.reference.dual_lora_linear_reference` (same
+    arguments, validated by :func:`duallora_kernels.ops.dual_lora_linear`)."""
+    load_extension()
+    _require_cuda("x", x)
+    from .fused_linear import Launchers, fused_dual_lora_linear
+
+    return fused_dual_lora_linear(
+        Launchers(_cuda_forward, _cuda_backward), x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a,
+        res_b=res_b, frozen_a=frozen_a, frozen_b=frozen_b, gate=gate, basis=basis, orth_scale=orth_scale,
+        res_scale=res_scale,
+    )
