@@ -99,3 +99,12 @@ def test_cuda_backend_says_when_there_is_no_device():
 def test_cuda_backend_matches_reference(dtype, gen):
     check(randn(2, 197, 100, gen=gen, dtype=dtype).cuda(), backend="cuda")
     check(randn(5000, 48, gen=gen, dtype=dtype).cuda()[:, ::2], backend="cuda")  # split rows, strided
+
+
+@pytest.mark.xfail(strict=False, reason="ops/__init__.py's lazy `from .gram import gram_triton` makes Python bind "
+                   "duallora_kernels.ops.gram to the submodule, shadowing the public function (reported)")
+def test_public_gram_stays_a_function_after_a_triton_call():
+    import duallora_kernels.ops as ops
+
+    ops.gram(torch.randn(3, 4), backend="triton")
+    assert callable(ops.gram)
