@@ -107,8 +107,6 @@ def test_cuda_backend_matches_reference(dtype, gen):
     check(z, bases(4, 100, 17, gen, dtype).cuda(), backend="cuda")
 
 
-@pytest.mark.xfail(strict=False, reason="ops/__init__.py's lazy `from .task_scores import task_scores_triton` makes Python bind "
-                   "duallora_kernels.ops.task_scores to the submodule, shadowing the public function (reported)")
 def test_public_task_scores_stays_a_function_after_a_triton_call():
     import duallora_kernels.ops as ops
 

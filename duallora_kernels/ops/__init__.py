@@ -211,7 +211,7 @@ def gram(x: Tensor, *, backend: str = "auto") -> Tensor:
     if b == "torch":
         return gram_reference(x)
     if b == "triton":
-        from .gram import gram_triton
+        from .fused_gram import gram_triton
 
         return gram_triton(x)
     from .cuda import gram_cuda
@@ -234,7 +234,7 @@ def task_scores(z: Tensor, task_bases: Tensor, *, backend: str = "auto") -> Tens
     if b == "torch":
         return task_scores_reference(z, task_bases)
     if b == "triton":
-        from .task_scores import task_scores_triton
+        from .fused_scores import task_scores_triton
 
         return task_scores_triton(z, task_bases)
     from .cuda import task_scores_cuda
