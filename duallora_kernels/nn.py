@@ -11,8 +11,8 @@ Task lifecycle (DESIGN §1), driven from outside (the layer knows nothing of tra
     end_task(model, stats)                  # fold B_o A_o into W0, freeze the residual block,
                                             # extend the memory basis M and the task bases U_t
 
-Gates: in training mode inside a task the residual gate is one-hot on the current task; in
-eval mode each layer gates from its own input (dynamic memory) unless ``set_gate`` fixed one.
+Gates: while a task is in progress the residual gate is one-hot on it; otherwise each layer
+gates from its own input (dynamic memory) unless ``set_gate`` fixed one.
 """
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ class DualLoRALinear(nn.Module):
     def set_gate(self, gate: Tensor | None) -> None:
         """Fix the task gate for the next forwards: (..., T) with one column per task seen so far
         (finished tasks, then the current one if a task is in progress), broadcastable to the
-        input's samples; None returns to the default (one-hot in training, dynamic in eval)."""
+        input's samples; None returns to the default (one-hot on a task in progress, dynamic otherwise)."""
         if gate is not None:
             check.tensor("gate", gate)
             if gate.shape[-1] != self._tasks_known():
@@ -219,19 +219,28 @@ class DualLoRALinear(nn.Module):
         return tasks
 
     def _sample_gate(self, x: Tensor) -> Tensor | None:
-        """The task gate (samples, T_known) for this input, or None for 'current task only'."""
+        """The task gate (samples, T_known) for this input, or None for 'the current task only'.
+
+        While a task is in progress (between begin_task and end_task, training or collecting its
+        inputs) the gate is one-hot on it: its data passes through its own residual block, as it
+        will when the dynamic memory recognises it. Otherwise the layer scores its input against
+        every finished task's bases and keeps the scores and its own gate (``last_scores``,
+        ``last_gate``) for task identification, also when ``set_gate`` fixed the gate it applies."""
+        in_task = bool(self.in_task)
+        if in_task and self._gate is None:
+            return None
+        dynamic = None
+        if self.tasks_done and not in_task:
+            z = summarize(x.detach(), self.summary)
+            scores = task_scores(z.to(self.task_bases.dtype), self.task_bases, backend=self.backend)
+            dynamic = task_gates(scores.float(), self.temperature, hard=self.gate_mode == "hard")
+            self.last_scores, self.last_gate = scores.detach(), dynamic.detach()
         if self._gate is not None:
             return self._gate
-        if self.training and bool(self.in_task):
-            return None
-        z = summarize(x.detach(), self.summary)
-        known = self._tasks_known()
-        gate = torch.zeros(z.shape[0], known, dtype=torch.float32, device=x.device)
-        if self.tasks_done:
-            scores = task_scores(z.to(self.task_bases.dtype), self.task_bases, backend=self.backend)
-            g = task_gates(scores.float(), self.temperature, hard=self.gate_mode == "hard")
-            self.last_scores, self.last_gate = scores.detach(), g.detach()
-            gate[:, : self.tasks_done] = g
+        samples = summarize(x[..., :1], self.summary).shape[0]
+        gate = torch.zeros(samples, self._tasks_known(), dtype=torch.float32, device=x.device)
+        if dynamic is not None:
+            gate[:, : self.tasks_done] = dynamic
         return gate
 
     def _block_gate(self, x: Tensor, task_gate: Tensor | None) -> Tensor | None:

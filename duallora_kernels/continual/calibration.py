@@ -1,9 +1,10 @@
 """Task identity with confidence, and the calibration of class-incremental logits by it (DESIGN §1).
 
-Each DualLoRALinear gates its residual blocks from its own input and keeps that gate
-(``last_gate``: samples x finished tasks). The model's task prediction is the mean of its
-layers' gates: its argmax is the predicted task, its value the confidence. The logits of
-task j's classes get ``beta * log g_j(x)`` added.
+Each DualLoRALinear scores its own input against every finished task's bases and keeps the
+scores (``last_scores``: samples x tasks). The model's task scores are their mean over the
+adapted layers; ``softmax(scores / temperature)`` is the model's task gate: its argmax is the
+predicted task, its value the confidence. Each head's logits are normalised within the head
+(log-softmax, log p(class | task j)) and get ``beta * log g_j(x)`` added.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..memory import task_gates
 from ..nn import dual_lora_layers
 
 __all__ = ["model_task_gate", "calibrate_logits", "clear_gates"]
@@ -20,31 +22,34 @@ _LOG_FLOOR = 1e-6  # a gate of 0 would send a task's logits to -inf: keep a fini
 
 
 def clear_gates(model: nn.Module) -> None:
-    """Forget the layers' last gates, so the next forward's are the only ones read."""
+    """Forget the layers' last scores, so the next forward's are the only ones read."""
     for layer in dual_lora_layers(model).values():
         layer.last_gate = None
         layer.last_scores = None
 
 
-def model_task_gate(model: nn.Module, num_tasks: int) -> Tensor | None:
-    """Mean over adapted layers of the gates their last forward computed (samples, num_tasks), or
-    None when no layer computed a dynamic gate over ``num_tasks`` tasks."""
-    gates = [
-        layer.last_gate
+def model_task_gate(model: nn.Module, num_tasks: int, temperature: float, hard: bool = False) -> Tensor | None:
+    """The model's task gate (samples, num_tasks) from the mean of its layers' last task scores,
+    or None when no layer scored its input against ``num_tasks`` tasks."""
+    scores = [
+        layer.last_scores.float()
         for layer in dual_lora_layers(model).values()
-        if layer.last_gate is not None and layer.last_gate.shape[-1] == num_tasks
+        if layer.last_scores is not None and layer.last_scores.shape[-1] == num_tasks
     ]
-    if not gates:
+    if not scores:
         return None
-    return torch.stack([g.float() for g in gates]).mean(0)
+    return task_gates(torch.stack(scores).mean(0), temperature, hard=hard)
 
 
 def calibrate_logits(logits: Tensor, gate: Tensor, label_ranges: Sequence[range], beta: float) -> Tensor:
-    """Add ``beta * log g_j`` to the logits of each task j's classes."""
+    """``log p(class | task j) + beta * log g_j``: each head's logits are first normalised within
+    the head (log-softmax), because heads trained on their own tasks' data alone have logits on
+    unrelated scales; with beta = 1 this is log p(task) + log p(class | task)."""
     if beta == 0:
         return logits
     if gate.shape[-1] != len(label_ranges):
         raise ValueError(f"gate has {gate.shape[-1]} tasks but the heads cover {len(label_ranges)}")
+    within = torch.cat([logits[:, r.start : r.stop].float().log_softmax(-1) for r in label_ranges], -1)
     task_of_class = torch.tensor([j for j, r in enumerate(label_ranges) for _ in r], device=logits.device)
-    bonus = beta * gate.clamp_min(_LOG_FLOOR).log()
-    return logits + bonus[:, task_of_class].to(logits.dtype)
+    bonus = beta * gate.float().clamp_min(_LOG_FLOOR).log()
+    return (within + bonus[:, task_of_class]).to(logits.dtype)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._io import atomic_write, atomic_write_json
-from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task
+from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task, set_gate
 from . import metrics
 from .calibration import calibrate_logits, clear_gates, model_task_gate
 from .data import Task, fashion_mnist_tasks, make_loader
@@ -40,6 +40,9 @@ from .data import Task, fashion_mnist_tasks, make_loader
 __all__ = ["METHODS", "TrainConfig", "Trainer", "method_settings"]
 
 METHODS = ("duallora", "orth-only", "res-only", "no-calibration", "seq-lora", "joint")
+# "layer": each adapted layer gates its residual blocks from its own input (one pass);
+# "global": a first pass (residual blocks off) gives the model's task gate, used by every layer.
+GATE_SOURCES = ("layer", "global")
 CHECKPOINT_FORMAT = 1
 
 
@@ -87,10 +90,11 @@ class TrainConfig:
     res_scale: float = 1.0
     threshold_start: float = 0.95
     threshold_end: float = 0.99
-    score_rank: int = 8
+    score_rank: int = 16
     temperature: float = 0.05
     gate_mode: str = "soft"
-    summary: str = "cls"
+    gate_source: str = "global"
+    summary: str = "mean"
     beta: float = 1.0
     backend: str = "auto"
     # optimisation
@@ -120,6 +124,8 @@ class TrainConfig:
         for name in ("lr", "head_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.gate_source not in GATE_SOURCES:
+            raise ValueError(f"gate_source must be one of {', '.join(GATE_SOURCES)}, got {self.gate_source!r}")
         if self.beta < 0 or self.weight_decay < 0:
             raise ValueError("beta and weight_decay must be >= 0")
 
@@ -280,6 +286,16 @@ class Trainer:
         model.eval()
         with torch.no_grad(), collect_inputs(model) as stats:
             self._pass(model, task, f"task {t}: collect bases")
+        if c.gate_source == "global" and t > 0:
+            # The global gate is computed with residual blocks off, so U_t must see the same features.
+            set_gate(model, torch.zeros(t + 1))
+            try:
+                with torch.no_grad(), collect_inputs(model) as plain:
+                    self._pass(model, task, f"task {t}: collect task bases")
+            finally:
+                set_gate(model, None)
+            for name, s in stats.items():
+                s.summary, s.summary_count = plain[name].summary, plain[name].summary_count
         end_task(model, stats)
 
     def _pass(self, model: nn.Module, task: Task, desc: str) -> None:
@@ -297,9 +313,7 @@ class Trainer:
             hits = total = 0
             loader = make_loader(task.test, c.batch_size * 2, shuffle=False)
             for x, y in tqdm(loader, desc=f"evaluate task {j}", disable=not self.progress, leave=False):
-                clear_gates(model)
-                logits = model(x)
-                gate = model_task_gate(model, len(ranges))
+                logits, gate = self._predict(model, x, len(ranges))
                 if gate is not None:
                     if c.calibrated:
                         logits = calibrate_logits(logits, gate, ranges, c.beta)
@@ -309,6 +323,22 @@ class Trainer:
                 total += len(y)
             accs.append(hits / total)
         return accs, (tid_hits / tid_total if tid_total and len(seen) > 1 else None)
+
+    def _predict(self, model: nn.Module, x: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class-incremental logits and the model's task gate for a batch."""
+        c = self.config
+        clear_gates(model)
+        if c.gate_source == "global" and num_tasks > 1:
+            set_gate(model, torch.zeros(num_tasks))
+            model.features(x)
+            gate = model_task_gate(model, num_tasks, c.temperature, hard=c.gate_mode == "hard")
+            set_gate(model, gate)
+            try:
+                return model(x), gate
+            finally:
+                set_gate(model, None)
+        logits = model(x)
+        return logits, model_task_gate(model, num_tasks, c.temperature, hard=c.gate_mode == "hard")
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, model: nn.Module, history: _History, t: int) -> None:
