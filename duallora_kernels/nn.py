@@ -38,7 +38,9 @@ from .memory import (
 from .ops import BACKENDS, dual_lora_linear
 from .ops.reference import project_onto, project_out
 
-__all__ = ["DualLoRALinear", "inject", "dual_lora_layers", "collect_inputs", "begin_task", "end_task", "set_gate"]
+__all__ = [
+    "DualLoRALinear", "inject", "dual_lora_layers", "collect_inputs", "begin_task", "end_task", "set_gate", "residual_off",
+]
 
 DEFAULT_THRESHOLDS = (0.95, 0.96, 0.97, 0.98, 0.99)
 INITS = ("pca", "random")
@@ -86,7 +88,7 @@ class DualLoRALinear(nn.Module):
         score_rank: int = 8,
         temperature: float = 0.1,
         gate_mode: str = "soft",
-        summary: str = "cls",
+        summary: str = "mean",
         orth_init: str = "pca",
         res_init: str = "pca",
         backend: str = "auto",
@@ -336,13 +338,20 @@ class DualLoRALinear(nn.Module):
             p.requires_grad_(on)
 
     @torch.no_grad()
-    def end_task(self, stats: InputStats) -> int:
+    def end_task(self, stats: InputStats, task_stats: InputStats | None = None) -> int:
         """Finish the task: fold s_o B_o A_o into W0 (outputs unchanged), freeze the residual
         block, extend M by GPM's criterion and store the task's bases U_t. Returns the number of
-        directions added to M."""
+        directions added to M.
+
+        ``stats``: the task's inputs as the trained layer sees them (M is built from its tokens).
+        ``task_stats``: the inputs U_t is built from, when they differ -- with a global gate the
+        task is recognised in a pass with the residual blocks off (:func:`residual_off`), so U_t
+        must come from such a pass; default ``stats``."""
         if not bool(self.in_task):
             raise RuntimeError("end_task() without begin_task()")
         self._check_stats(stats, "end_task")
+        if task_stats is not None:
+            self._check_stats(task_stats, "end_task")
         t = self.tasks_done
         m = self.basis if self.basis_size else None
         if self.use_orth:
@@ -363,7 +372,8 @@ class DualLoRALinear(nn.Module):
             added = new.shape[1] - self.basis_size
             self.basis = new.to(self.basis.dtype)
         self.basis_sizes = torch.cat([self.basis_sizes, self.basis_sizes.new_tensor([added])])
-        summary_gram = stats.summary if stats.summary_count else stats.tokens
+        source = task_stats or stats
+        summary_gram = source.summary if source.summary_count else source.tokens
         u_t = principal_directions(summary_gram, self.score_rank).to(self.task_bases.dtype)
         self.task_bases = torch.cat([self.task_bases, u_t[None]], 0)
         self.res_active.fill_(False)
@@ -424,9 +434,30 @@ def begin_task(module: nn.Module, stats: dict[str, InputStats], generator: torch
         layer.begin_task(_stats_for(stats, name), generator)
 
 
-def end_task(module: nn.Module, stats: dict[str, InputStats]) -> dict[str, int]:
+def end_task(
+    module: nn.Module, stats: dict[str, InputStats], task_stats: dict[str, InputStats] | None = None
+) -> dict[str, int]:
     """:meth:`DualLoRALinear.end_task` on every layer; returns the directions each added to M."""
-    return {name: layer.end_task(_stats_for(stats, name)) for name, layer in dual_lora_layers(module).items()}
+    return {
+        name: layer.end_task(_stats_for(stats, name), None if task_stats is None else _stats_for(task_stats, name))
+        for name, layer in dual_lora_layers(module).items()
+    }
+
+
+@contextlib.contextmanager
+def residual_off(module: nn.Module) -> Iterator[None]:
+    """Within the block every DualLoRALinear of ``module`` runs with its residual blocks off (and
+    still scores its input against the task bases): the first pass of a global gate, and the
+    pass that collects the task bases such a gate is compared against."""
+    layers = list(dual_lora_layers(module).values())
+    before = [layer._gate for layer in layers]
+    for layer in layers:
+        layer._gate = torch.zeros(layer._tasks_known(), device=layer.weight.device)
+    try:
+        yield
+    finally:
+        for layer, gate in zip(layers, before):
+            layer._gate = gate
 
 
 def set_gate(module: nn.Module, gate: Tensor | None) -> None:

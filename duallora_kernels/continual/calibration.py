@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from ..memory import task_gates
-from ..nn import dual_lora_layers
+from ..nn import dual_lora_layers, residual_off
 
-__all__ = ["model_task_gate", "calibrate_logits", "clear_gates"]
+__all__ = ["model_task_gate", "first_pass_gate", "calibrate_logits", "clear_gates"]
 
 _LOG_FLOOR = 1e-6  # a gate of 0 would send a task's logits to -inf: keep a finite, very low floor
 
@@ -39,6 +39,15 @@ def model_task_gate(model: nn.Module, num_tasks: int, temperature: float, hard: 
     if not scores:
         return None
     return task_gates(torch.stack(scores).mean(0), temperature, hard=hard)
+
+
+def first_pass_gate(model: nn.Module, x: Tensor, num_tasks: int, temperature: float, hard: bool = False) -> Tensor | None:
+    """The global gate: one forward of ``model.features`` with the residual blocks off, then the
+    model's task gate from the layers' scores (task bases must come from such passes too)."""
+    clear_gates(model)
+    with residual_off(model):
+        model.features(x)
+    return model_task_gate(model, num_tasks, temperature, hard)
 
 
 def calibrate_logits(logits: Tensor, gate: Tensor, label_ranges: Sequence[range], beta: float) -> Tensor:

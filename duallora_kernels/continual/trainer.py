@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._io import atomic_write, atomic_write_json
-from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task, set_gate
+from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task, residual_off, set_gate
 from . import metrics
-from .calibration import calibrate_logits, clear_gates, model_task_gate
+from .calibration import calibrate_logits, clear_gates, first_pass_gate, model_task_gate
 from .data import Task, fashion_mnist_tasks, make_loader
 
 __all__ = ["METHODS", "TrainConfig", "Trainer", "method_settings"]
@@ -91,7 +91,7 @@ class TrainConfig:
     threshold_start: float = 0.95
     threshold_end: float = 0.99
     score_rank: int = 16
-    temperature: float = 0.05
+    temperature: float = 0.02
     gate_mode: str = "soft"
     gate_source: str = "global"
     summary: str = "mean"
@@ -286,17 +286,12 @@ class Trainer:
         model.eval()
         with torch.no_grad(), collect_inputs(model) as stats:
             self._pass(model, task, f"task {t}: collect bases")
-        if c.gate_source == "global" and t > 0:
-            # The global gate is computed with residual blocks off, so U_t must see the same features.
-            set_gate(model, torch.zeros(t + 1))
-            try:
-                with torch.no_grad(), collect_inputs(model) as plain:
-                    self._pass(model, task, f"task {t}: collect task bases")
-            finally:
-                set_gate(model, None)
-            for name, s in stats.items():
-                s.summary, s.summary_count = plain[name].summary, plain[name].summary_count
-        end_task(model, stats)
+        task_stats = None
+        if c.gate_source == "global":
+            # The global gate is computed with the residual blocks off: U_t must see the same features.
+            with torch.no_grad(), residual_off(model), collect_inputs(model) as task_stats:
+                self._pass(model, task, f"task {t}: collect task bases")
+        end_task(model, stats, task_stats)
 
     def _pass(self, model: nn.Module, task: Task, desc: str) -> None:
         loader = make_loader(task.train, self.config.batch_size * 2, shuffle=False)
@@ -327,18 +322,17 @@ class Trainer:
     def _predict(self, model: nn.Module, x: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Class-incremental logits and the model's task gate for a batch."""
         c = self.config
-        clear_gates(model)
-        if c.gate_source == "global" and num_tasks > 1:
-            set_gate(model, torch.zeros(num_tasks))
-            model.features(x)
-            gate = model_task_gate(model, num_tasks, c.temperature, hard=c.gate_mode == "hard")
+        hard = c.gate_mode == "hard"
+        if c.gate_source == "global":
+            gate = first_pass_gate(model, x, num_tasks, c.temperature, hard)
             set_gate(model, gate)
             try:
                 return model(x), gate
             finally:
                 set_gate(model, None)
+        clear_gates(model)
         logits = model(x)
-        return logits, model_task_gate(model, num_tasks, c.temperature, hard=c.gate_mode == "hard")
+        return logits, model_task_gate(model, num_tasks, c.temperature, hard)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, model: nn.Module, history: _History, t: int) -> None:

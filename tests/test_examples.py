@@ -1,0 +1,28 @@
+"""The example programs in python/ run and do what they say."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_custom_task_loop_learns_and_keeps_every_task():
+    lines = _run("python/custom_task_loop.py").strip().splitlines()
+    assert len(lines) == 3
+    final = [float(a) for a in re.findall(r"'([0-9.]+)'", lines[-1])]
+    assert len(final) == 3 and min(final) >= 0.8  # three tasks, none forgotten
+
+
+def test_inject_timm_vit_trains_adapters_only():
+    out = _run("python/inject_timm_vit.py", "--depth", "1", "--img-size", "32", "--batch", "2")
+    assert "adapted 4 linear layers" in out
+    share = float(re.search(r"\(([0-9.]+)%\)", out).group(1))
+    assert 0 < share < 10
+    assert re.search(r"loss \d+\.\d+", out)
