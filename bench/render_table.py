@@ -21,8 +21,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
     from duallora_kernels import benchmark as B
+from duallora_kernels._readme import update
 
-START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 HEADLINE_RANK = 16
 
 
@@ -171,14 +171,6 @@ def render(paths: Sequence[Path], root: Path = ROOT, rank: int = HEADLINE_RANK) 
     return "\n".join(parts)
 
 
-def splice(text: str, block: str) -> str:
-    """``text`` with everything between the markers replaced by ``block``."""
-    i, j = text.find(START), text.find(END)
-    if i < 0 or j < 0 or j < i:
-        raise ValueError(f"the README has no {START} ... {END} markers (in that order)")
-    return text[: i + len(START)] + "\n" + block.rstrip("\n") + "\n" + text[j:]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="folder of *.json results")
@@ -191,17 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print:
         print(block)
         return 0
-    old = args.readme.read_text()
-    new = splice(old, block)
-    if args.check:
-        if new != old:
-            print(f"{args.readme} is out of date: run python bench/render_table.py", file=sys.stderr)
-            return 1
-        return 0
-    if new != old:
-        args.readme.write_text(new)
-        print(f"updated {args.readme}")
-    return 0
+    return update(args.readme, block, "perf-table", check=args.check, script="bench/render_table.py")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duallora_kernels import benchmark as B
+from duallora_kernels._readme import markers
 from duallora_kernels.commands import bench as bench_cmd
 from duallora_kernels.commands import profile_memory as mem_cmd
 from duallora_kernels.ops import dual_lora_linear
@@ -194,11 +195,12 @@ def test_renderer_fills_the_readme_between_the_markers(tmp_path):
     (results / "h100-2031-01-02.json").write_text(json.dumps(doc))
     (results / "broken.json").write_text("{")  # reported and left out
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{rt.START}\nold\n{rt.END}\n\ntail\n")
+    start, end = markers("perf-table")
+    readme.write_text(f"# x\n\n{start}\nold\n{end}\n\ntail\n")
     assert rt.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# x\n") and text.endswith("\ntail\n") and "old" not in text
-    section = text[text.index(rt.START):text.index(rt.END)]
+    section = text[text.index(start):text.index(end)]
     row = next(line for line in section.splitlines() if "vit_b.fc1 768→3072" in line)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:10] == ["H100 80GB HBM3, 2031-01-02", "bfloat16", "vit_b.fc1 768→3072", "12608", "16",
@@ -210,9 +212,10 @@ def test_renderer_fills_the_readme_between_the_markers(tmp_path):
 
 
 def test_renderer_needs_the_markers():
-    rt = _render_module()
+    from duallora_kernels._readme import splice
+
     with pytest.raises(ValueError, match="markers"):
-        rt.splice("no markers here", "x")
+        splice("no markers here", "x", "perf-table")
 
 
 # ----------------------------------------------------------------------------- small pieces

@@ -25,3 +25,19 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci.splitlines()
     assert "duallora train" in commands[0]
+
+
+def test_generated_tables_are_up_to_date():
+    for script in ("results/render_table.py", "bench/render_table.py"):
+        out = subprocess.run([sys.executable, script, "--check"], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+
+
+def test_committed_runs_show_duallora_ahead_of_its_ablations_and_seq_lora():
+    import json
+
+    runs = {json.loads(p.read_text())["method"]: json.loads(p.read_text())["summary"]["A_last"]
+            for p in (ROOT / "results" / "split-fmnist").glob("*/results.json")}
+    rivals = ("orth-only", "res-only", "no-calibration", "seq-lora")
+    assert set(rivals) | {"duallora", "joint"} <= set(runs)
+    assert all(runs["duallora"] > runs[m] for m in rivals), runs
