@@ -10,7 +10,9 @@ COMMANDS = ("train", "pretrain", "bench", "profile-memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="duallora", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="duallora", description="DualLoRA continual learning of vision transformers, with fused kernels."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:

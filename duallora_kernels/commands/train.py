@@ -6,9 +6,26 @@ import argparse
 import dataclasses
 import typing
 
-from ..continual.trainer import METHODS, TrainConfig
+from ..continual.trainer import GATE_SOURCES, METHODS, TrainConfig
 
 _SKIP = {"method", "targets", "train_per_class", "test_per_class"}
+_CHOICES = {"gate_mode": ("soft", "hard"), "gate_source": GATE_SOURCES, "summary": ("cls", "mean"),
+            "backend": ("auto", "triton", "torch", "cuda")}
+_HELP = {
+    "seed": "seeds the class order, the subsets and training (logged in the results)",
+    "data_root": "folder with Fashion-MNIST's IDX files (default: Debian's /usr/share/datasets/fashion-mnist)",
+    "model": "a timm ViT name; default: the self-pretrained ViT of `duallora pretrain`",
+    "checkpoint": "local .pth/.safetensors weights for --model",
+    "rank_orth": "rank of the orthogonal adapter", "rank_res": "rank of each task's residual block",
+    "threshold_start": "GPM energy threshold of the first task", "threshold_end": "... of the last task",
+    "score_rank": "principal directions kept per task for task identity",
+    "temperature": "softmax temperature of the task gate",
+    "gate_source": "global: one gate from a first pass; layer: each layer gates from its own input",
+    "summary": "per-sample summary a layer scores: mean token or class token",
+    "beta": "calibration strength (0: off)",
+    "lr": "learning rate of the adapters", "head_lr": "learning rate of the task's head",
+    "out_dir": "runs go to OUT_DIR/<method>-seed<seed>/",
+}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,8 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             continue
         kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if typing.get_args(kind) else kind
-        p.add_argument("--" + f.name.replace("_", "-"), type=base, default=f.default,
-                       help="data folder with Fashion-MNIST's IDX files" if f.name == "data_root" else None)
+        p.add_argument("--" + f.name.replace("_", "-"), type=base, default=f.default, help=_HELP.get(f.name),
+                       choices=_CHOICES.get(f.name))
     return p
 
 
