@@ -78,6 +78,17 @@ def test_layer_saved_bytes_of_frozen_and_full_finetune_layers():
     assert unfused.activation_bytes >= full.activation_bytes  # it must keep x for dA too
 
 
+def test_fused_op_saves_no_more_activation_bytes_than_the_unfused_composition():
+    # backend="triton" in the interpreter, bfloat16. The fused op keeps only x, T (m x r, in x's
+    # dtype) and the gate (m x 1, not a parameter here): no stacked A/B copies (fused_linear's
+    # "What is saved").
+    m, d, n, r = 20, 48, 40, 8
+    p = B.make_problem(B.LayerShape("custom", d, n), r, "bfloat16", "cpu", m=m, buffers=1)
+    fused, unfused = B.layer_saved_bytes("fused", p), B.layer_saved_bytes("unfused", p)
+    assert fused.activation_bytes <= unfused.activation_bytes
+    assert fused.activation_bytes == (m * d + m * r + m * 1) * 2
+
+
 # ----------------------------------------------------------------------------- the unfused baseline is honest
 def test_unfused_variant_equals_the_reference_op_forward_and_backward():
     p = B.make_problem(B.LayerShape("custom", 12, 10), 6, torch.float64, "cpu", m=9, buffers=1, seed=3)

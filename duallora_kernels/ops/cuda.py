@@ -124,7 +124,9 @@ def _cuda_forward(x, weight, bias, a, bt, gate, lay, store_t):
         x.reshape(-1, d).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), a, bt, g,
         lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale, store_t,
     )
-    return y.view(*x.shape[:-1], n), t
+    # The kernel writes T in float32; the graph keeps it in x's dtype, as the Triton op does
+    # (fused_linear's "What is saved"): an (m, r) cast, r << n.
+    return y.view(*x.shape[:-1], n), None if t is None else t.to(x.dtype)
 
 
 def _cuda_backward(dy, x, weight, a, bt, gate, t, lay, plan):
@@ -132,7 +134,7 @@ def _cuda_backward(dy, x, weight, a, bt, gate, t, lay, plan):
     g = gate.to(torch.float32).contiguous() if lay.has_gate else None
     x2 = x.reshape(-1, d).contiguous() if plan.need_da else None
     dx, da, dbt, dbias = load_extension().dual_lora_backward(
-        dy.reshape(-1, n).contiguous(), weight.contiguous(), a, bt, g, t, x2,
+        dy.reshape(-1, n).contiguous(), weight.contiguous(), a, bt, g, None if t is None else t.float(), x2,
         lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale,
         plan.da_orth_end, plan.da_res_start, plan.db_orth_end, plan.db_res_start, plan.need_dx, plan.need_dbias,
     )
