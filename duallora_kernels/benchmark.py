@@ -619,15 +619,15 @@ def flop_count(m: int, d: int, n: int, rank: int, variant: str, pass_: str) -> i
 def byte_count(m: int, d: int, n: int, rank: int, variant: str, pass_: str, elsize: int) -> int:
     """The least memory traffic of a pass: every large tensor moved once (the table in
     ``ops/fused_linear.py``). Forward: read X, W0, b; write Y. Backward: read dY, W0; write dX;
-    the low-rank variants also read X again (for dA), write T (m x r, float32) forward and read it
+    the low-rank variants also read X again (for dA), write T (m x r, x's dtype) forward and read it
     backward, and move the factors and their gradients. Unfused code moves more; its GB/s is an
     effective rate over this count."""
     fwd = elsize * (m * d + n * d + m * n + n)
     bwd = elsize * (m * n + n * d + m * d)
     if variant != "frozen":
         small = elsize * rank * (d + n)
-        fwd += small + 4 * m * rank
-        bwd += elsize * m * d + 4 * m * rank + 2 * small
+        fwd += small + elsize * m * rank
+        bwd += elsize * m * d + elsize * m * rank + 2 * small
     return fwd if pass_ == "fwd" else fwd + bwd
 
 
