@@ -22,9 +22,22 @@ from torch import Tensor
 POISON_ENV = "DUALLORA_POISON_OUTPUTS"
 
 
+#: Set to "0" to give every kernel one fixed config on a GPU instead of autotuning over its list
+#: of Hopper configs (each op module's ``_configs`` names the fixed one). Autotuning compiles and
+#: times every config of the list for each new autotuning key, which is right for real runs and
+#: far too slow for a test suite of many small shapes (bench/run_gpu_tests.sh sets it). Read when
+#: the op modules are imported: the config lists are fixed when the kernels are decorated.
+AUTOTUNE_ENV = "DUALLORA_AUTOTUNE"
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (one small fixed config then)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotuning() -> bool:
+    """False when ``DUALLORA_AUTOTUNE=0``: compiled kernels run their one fixed config."""
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

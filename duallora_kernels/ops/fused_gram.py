@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_utils import dot_mode, interpreting, mma, new_output, row_offsets, rows_view, size_bucket
+from ._kernel_utils import autotuning, dot_mode, interpreting, mma, new_output, row_offsets, rows_view, size_bucket
 from .reference import gram_reference
 
 __all__ = ["gram_triton"]
@@ -36,9 +36,13 @@ _CHUNK_QUANTUM = 256
 
 
 def _configs() -> list[triton.Config]:
+    """(BLOCK_D, BLOCK_M, num_warps, num_stages) for a GPU; one small tile under the interpreter;
+    with ``DUALLORA_AUTOTUNE=0`` (:data:`._kernel_utils.AUTOTUNE_ENV`) the list's (64, 64, 4, 4)."""
     if interpreting():
         return [triton.Config({"BLOCK_D": 32, "BLOCK_M": 32}, num_warps=4, num_stages=1)]
     shapes = [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 5)]
+    if not autotuning():
+        shapes = [(64, 64, 4, 4)]
     return [triton.Config({"BLOCK_D": bd, "BLOCK_M": bm}, num_warps=w, num_stages=s) for bd, bm, w, s in shapes]
 
 

@@ -99,7 +99,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._kernel_utils import dot_mode, interpreting, mma, new_output, pow2_at_least, row_offsets, rows_view, size_bucket
+from ._kernel_utils import (autotuning, dot_mode, interpreting, mma, new_output, pow2_at_least, row_offsets,
+                            rows_view, size_bucket)
 from .reference import adapter_matrices, dual_lora_linear_reference, project_onto, project_out
 
 __all__ = ["dual_lora_linear_triton", "fused_dual_lora_linear", "Launchers", "Layout", "GradPlan", "TRITON"]
@@ -109,9 +110,16 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _configs(tile_n: str) -> list[triton.Config]:
     """Hopper-sized tiles (BLOCK_M x tile_n x BLOCK_K); one small tile under the interpreter, where
-    benchmarking configs would only burn CPU time."""
+    benchmarking configs would only burn CPU time. With ``DUALLORA_AUTOTUNE=0``
+    (:data:`._kernel_utils.AUTOTUNE_ENV`, the compiled tests) one fixed config, 64 x 64 x 32 with
+    4 warps and 3 stages: small enough that its pipelined X, W0 and A tiles fit in shared memory
+    at every rank the tests use (R_PAD up to 128 in float32: 64 KiB forward, 104 KiB backward,
+    compiled for sm_90 by Triton 3.8), which the autotuner would otherwise ensure by dropping the
+    configs that do not fit."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, tile_n: 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    if not autotuning():
+        return [triton.Config({"BLOCK_M": 64, tile_n: 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3)]
     shapes = [  # (BLOCK_M, tile_n, BLOCK_K, num_warps, num_stages)
         (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_utils import interpreting, new_output, pow2_at_least, size_bucket
+from ._kernel_utils import autotuning, interpreting, new_output, pow2_at_least, size_bucket
 from .reference import task_scores_reference
 
 __all__ = ["task_scores_triton"]
@@ -27,9 +27,13 @@ EPS = 1e-12  # the reference's clamp on ||z||^2
 
 
 def _configs() -> list[triton.Config]:
+    """(BLOCK_B, BLOCK_D, num_warps, num_stages) for a GPU; one small tile under the interpreter;
+    with ``DUALLORA_AUTOTUNE=0`` (:data:`._kernel_utils.AUTOTUNE_ENV`) the list's (32, 64, 4, 3)."""
     if interpreting():
         return [triton.Config({"BLOCK_B": 16, "BLOCK_D": 32}, num_warps=4, num_stages=1)]
     shapes = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3)]
+    if not autotuning():
+        shapes = [(32, 64, 4, 3)]
     return [triton.Config({"BLOCK_B": bb, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bb, bd, w, s in shapes]
 
 
