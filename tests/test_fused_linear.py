@@ -1,10 +1,14 @@
 """The fused Triton DualLoRA linear (forward and backward) against the float64 reference.
 
-Runs the kernels through Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1). Every
-output buffer is NaN-poisoned before each launch (DUALLORA_POISON_OUTPUTS=1), so an element no
-program writes fails the comparison; rel_err turns any NaN/inf into inf.
+Runs the kernels through Triton's CPU interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1), or compiled on CUDA tensors under DUALLORA_TEST_DEVICE=cuda
+(bench/run_gpu_tests.sh); helpers.TEST_DEVICE is where the inputs are built. Every output buffer
+is NaN-poisoned before each launch (DUALLORA_POISON_OUTPUTS=1), so an element no program writes
+fails the comparison; rel_err turns any NaN/inf into inf.
 """
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -14,9 +18,14 @@ from hypothesis import strategies as st
 from duallora_kernels.ops import _kernel_utils, dual_lora_linear
 from duallora_kernels.ops import fused_linear as fl
 from duallora_kernels.ops.reference import adapter_matrices, column_scales, project_onto, project_out
-from helpers import dual_lora_problem, orthonormal_basis, randn, rel_err
+import helpers
+from helpers import TEST_DEVICE, rel_err
 
+# float32: IEEE tl.dot (conftest keeps torch's float32 matmul precision at "highest" on a GPU too)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+dual_lora_problem = functools.partial(helpers.dual_lora_problem, device=TEST_DEVICE)
+orthonormal_basis = functools.partial(helpers.orthonormal_basis, device=TEST_DEVICE)
+randn = functools.partial(helpers.randn, device=TEST_DEVICE)
 GRAD_NAMES = ("x", "weight", "bias", "orth_a", "orth_b", "res_a", "res_b")
 
 
@@ -100,7 +109,7 @@ def _strided(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":  # (L, B, d) storage seen as (B, L, d): rows don't collapse
         out = x.transpose(0, 1).contiguous().transpose(0, 1)
     elif layout == "col_stride":  # every other column of a wider tensor
-        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
         wide[..., ::2] = x
         out = wide[..., ::2]
     elif layout == "permuted4d":  # no 2-D or 3-D view exists: the launcher copies once
@@ -144,7 +153,7 @@ def test_empty_memory_task_one(gen):
     # Task 1: no basis at all, or a basis with zero columns; orthogonal adapter only.
     x, w, b, kw = dual_lora_problem(197, 100, 48, 8, 0, 0, 0, gen, dtype=torch.float32)
     check_against_reference(x, w, b, kw)
-    check_against_reference(x, w, b, {**kw, "basis": torch.zeros(100, 0)})
+    check_against_reference(x, w, b, {**kw, "basis": torch.zeros(100, 0, device=TEST_DEVICE)})
 
 
 def test_gates_all_zero_with_several_frozen_blocks(gen):
@@ -161,7 +170,7 @@ def test_gates_all_zero_with_several_frozen_blocks(gen):
 def test_broadcast_gate_and_expanded_output_grad(gen):
     # One gate row for the whole batch (stride 0) and dY from y.sum() (also stride 0).
     x, w, b, kw = dual_lora_problem(7, 48, 16, 3, 3, 2, 6, gen, dtype=torch.float32, lead=(2,))
-    kw["gate"] = torch.tensor([0.2, 0.0, 0.9])
+    kw["gate"] = torch.tensor([0.2, 0.0, 0.9], device=TEST_DEVICE)
     check_against_reference(x, w, b, kw, sum_loss=True)
 
 
@@ -224,7 +233,7 @@ def test_adamw_on_orthogonal_adapter_keeps_old_outputs(gen):
     basis = torch.linalg.svd(old_dirs @ randn(5, 300, gen=gen), full_matrices=False)[0][:, :5].to(dt)
     w, b = randn(n, d, gen=gen, dtype=dt, scale=d**-0.5), randn(n, gen=gen, dtype=dt)
     orth_a = randn(r, d, gen=gen, dtype=dt, requires_grad=True)
-    orth_b = torch.zeros(n, r, dtype=dt, requires_grad=True)
+    orth_b = torch.zeros(n, r, dtype=dt, device=TEST_DEVICE, requires_grad=True)
     probe = (randn(40, 5, gen=gen) @ old_dirs.T).to(dt)
 
     def layer(x):
@@ -269,7 +278,7 @@ def test_bad_input_is_refused_before_any_launch(gen, monkeypatch):
     monkeypatch.setattr(fl, "_fused_forward_kernel", NoLaunch())
     x, w, b, kw = dual_lora_problem(7, 16, 8, 2, 2, 1, 3, gen, dtype=torch.float32)
     bad = [
-        (dict(weight=w.to("meta")), ValueError, "weight is on meta but x is on cpu"),
+        (dict(weight=w.to("meta")), ValueError, f"weight is on meta but x is on {x.device}"),
         (dict(orth_b=kw["orth_b"].detach().to("meta")), ValueError, "orth_b is on meta"),
         (dict(basis=kw["basis"].to("meta")), ValueError, "basis is on meta"),
         (dict(gate=kw["gate"].to("meta")), ValueError, "gate is on meta"),
@@ -304,8 +313,8 @@ def test_cuda_backend_says_when_there_is_no_device():
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gpu_backends_match_reference(backend, dtype, gen):
-    # CUDA tensors. conftest pins TRITON_INTERPRET=1, so "triton" runs in the interpreter here too;
-    # its compiled GPU path is what bench/ exercises.
+    # CUDA tensors. By default conftest pins TRITON_INTERPRET=1, so "triton" runs in the interpreter
+    # here too; under DUALLORA_TEST_DEVICE=cuda it runs compiled, like every test of this file.
     x, w, b, kw = dual_lora_problem(197, 100, 48, 8, 8, 2, 12, gen, dtype=dtype, lead=(2,))
     x, w, b = _on("cuda", x, w, b)
     kw = dict(zip(kw, _on("cuda", *kw.values())))
@@ -315,7 +324,7 @@ def test_gpu_backends_match_reference(backend, dtype, gen):
 
 
 def test_poisoned_outputs_are_nan(monkeypatch):
-    out = _kernel_utils.new_output((3, 5), torch.bfloat16, torch.device("cpu"))
-    assert torch.isnan(out).all()
+    out = _kernel_utils.new_output((3, 5), torch.bfloat16, TEST_DEVICE)
+    assert torch.isnan(out).all() and out.device.type == TEST_DEVICE.type
     monkeypatch.delenv(_kernel_utils.POISON_ENV)
-    assert _kernel_utils.new_output((3, 5), torch.float32, torch.device("cpu")).shape == (3, 5)
+    assert _kernel_utils.new_output((3, 5), torch.float32, TEST_DEVICE).shape == (3, 5)

@@ -1,6 +1,8 @@
-"""The streaming Gram kernel against the float64 reference (Triton interpreter on the CPU)."""
+"""The streaming Gram kernel against the float64 reference (Triton interpreter on the CPU, or
+compiled on CUDA tensors under DUALLORA_TEST_DEVICE=cuda: see tests/conftest.py)."""
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -10,11 +12,13 @@ from hypothesis import strategies as st
 
 from duallora_kernels.ops import _kernel_utils, gram
 from duallora_kernels.ops.reference import gram_reference
-from helpers import randn, rel_err
+import helpers
+from helpers import TEST_DEVICE, rel_err
 
 # The kernel module shares the public function's name; reach it through sys.modules.
 gram_module = importlib.import_module("duallora_kernels.ops.fused_gram")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+randn = functools.partial(helpers.randn, device=TEST_DEVICE)
 
 
 @pytest.fixture(autouse=True)
@@ -61,15 +65,16 @@ def test_strided_input(layout, gen):
 
 
 def test_split_rows_accumulate_with_atomics(gen, monkeypatch):
-    # On a GPU long inputs are split over several programs per tile; force that path here.
+    # On a GPU long inputs are split over several programs per tile; force that path (the
+    # interpreter never splits; compiled, this forces chunks smaller than the GPU split's).
     monkeypatch.setattr(gram_module, "_row_chunk", lambda m, d, device: 64)
     check(randn(394, 48, gen=gen, dtype=torch.float32))
     check(randn(2, 197, 100, gen=gen, dtype=torch.float16))
 
 
 def test_no_rows():
-    got = gram(torch.zeros(0, 16), backend="triton")
-    assert got.dtype == torch.float32 and torch.equal(got, torch.zeros(16, 16))
+    got = gram(torch.zeros(0, 16, device=TEST_DEVICE), backend="triton")
+    assert got.dtype == torch.float32 and torch.equal(got, torch.zeros(16, 16, device=TEST_DEVICE))
 
 
 @settings(max_examples=15, deadline=None)
@@ -81,9 +86,9 @@ def test_fuzz_shapes(m, d, seed, dtype):
 
 def test_bad_input_is_refused():
     with pytest.raises(TypeError, match="x must have a floating dtype"):
-        gram(torch.ones(3, 4, dtype=torch.int32), backend="triton")
+        gram(torch.ones(3, 4, dtype=torch.int32, device=TEST_DEVICE), backend="triton")
     with pytest.raises(ValueError, match="at least one dimension"):
-        gram(torch.tensor(1.0), backend="triton")
+        gram(torch.tensor(1.0, device=TEST_DEVICE), backend="triton")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no CUDA device")
@@ -104,5 +109,5 @@ def test_cuda_backend_matches_reference(dtype, gen):
 def test_public_gram_stays_a_function_after_a_triton_call():
     import duallora_kernels.ops as ops
 
-    ops.gram(torch.randn(3, 4), backend="triton")
+    ops.gram(torch.randn(3, 4, device=TEST_DEVICE), backend="triton")
     assert callable(ops.gram)

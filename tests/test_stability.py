@@ -1,27 +1,36 @@
-"""DESIGN §4's invariants: training the orthogonal adapter never moves outputs on earlier tasks' inputs."""
+"""DESIGN §4's invariants: training the orthogonal adapter never moves outputs on earlier tasks' inputs.
+
+On helpers.TEST_DEVICE (CUDA under DUALLORA_TEST_DEVICE=cuda). The fused Triton op's version of
+this invariant, in float32, is test_fused_linear.py::test_adamw_on_orthogonal_adapter_keeps_old_outputs
+(in float64 backend="triton" runs the reference, so it would repeat the torch case here).
+"""
+import functools
+
 import pytest
 import torch
 
 from duallora_kernels import dual_lora_linear
 from duallora_kernels.memory import extend_basis
 from duallora_kernels.ops.reference import project_out
-from helpers import randn, rel_err
+import helpers
+from helpers import TEST_DEVICE, rel_err
 
 BACKENDS = ["torch"]
+randn = functools.partial(helpers.randn, device=TEST_DEVICE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adamw_on_orthogonal_adapter_leaves_old_inputs_unchanged(backend, gen):
     d, n, r, dt = 24, 16, 4, torch.float64
     # "old" task: inputs in a random 6-dim subspace; its basis by GPM's criterion
-    old_dirs = torch.linalg.qr(torch.randn(d, 6, generator=gen, dtype=dt))[0]
+    old_dirs = torch.linalg.qr(torch.randn(d, 6, generator=gen, dtype=dt))[0].to(TEST_DEVICE)
     old_x = randn(200, 6, gen=gen) @ old_dirs.T
     basis = extend_basis(None, old_x.T @ old_x, 0.999)
     assert basis.shape[1] == 6
     w = randn(n, d, gen=gen, scale=d**-0.5)
     b = randn(n, gen=gen)
     orth_a = randn(r, d, gen=gen, requires_grad=True)
-    orth_b = torch.zeros(n, r, dtype=dt, requires_grad=True)
+    orth_b = torch.zeros(n, r, dtype=dt, device=TEST_DEVICE, requires_grad=True)
     probe = randn(50, 6, gen=gen) @ old_dirs.T  # fresh inputs in span(M)
 
     def layer(x):

@@ -1,5 +1,8 @@
-"""Batched task scores ||U_t^T z||^2 / ||z||^2 against the float64 reference (Triton interpreter)."""
+"""Batched task scores ||U_t^T z||^2 / ||z||^2 against the float64 reference (Triton interpreter
+on the CPU, or compiled on CUDA tensors under DUALLORA_TEST_DEVICE=cuda: see tests/conftest.py)."""
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -8,9 +11,11 @@ from hypothesis import strategies as st
 
 from duallora_kernels.ops import _kernel_utils, task_scores
 from duallora_kernels.ops.reference import task_scores_reference
-from helpers import orthonormal_basis, randn, rel_err
+import helpers
+from helpers import TEST_DEVICE, orthonormal_basis, rel_err
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+randn = functools.partial(helpers.randn, device=TEST_DEVICE)
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +24,7 @@ def poison_outputs(monkeypatch):
 
 
 def bases(n_tasks, d, u, gen, dtype):
-    return torch.stack([orthonormal_basis(d, u, gen) for _ in range(n_tasks)]).to(dtype)
+    return torch.stack([orthonormal_basis(d, u, gen) for _ in range(n_tasks)]).to(device=TEST_DEVICE, dtype=dtype)
 
 
 def check(z, u_bases, backend="triton"):
@@ -60,14 +65,14 @@ def test_zero_summary_is_clamped_not_nan(gen):
     z = randn(4, 48, gen=gen, dtype=torch.float32)
     z[1] = 0
     got = check(z, bases(2, 48, 3, gen, torch.float32))
-    assert torch.equal(got[1], torch.zeros(2))
+    assert torch.equal(got[1], torch.zeros(2, device=TEST_DEVICE))
 
 
 def test_full_basis_scores_one_and_empty_shapes(gen):
     z = randn(5, 32, gen=gen, dtype=torch.float32)
     full = check(z, bases(2, 32, 32, gen, torch.float32))
     assert (full - 1).abs().max() <= 1e-5
-    assert task_scores(z, torch.zeros(0, 32, 4), backend="triton").shape == (5, 0)
+    assert task_scores(z, torch.zeros(0, 32, 4, device=TEST_DEVICE), backend="triton").shape == (5, 0)
     assert task_scores(z[:0], bases(2, 32, 3, gen, torch.float32), backend="triton").shape == (0, 2)
 
 
@@ -80,13 +85,13 @@ def test_fuzz_shapes(b, n_tasks, d, u, seed, dtype):
 
 
 def test_bad_input_is_refused():
-    z, u = torch.randn(2, 8), torch.randn(3, 8, 2)
-    with pytest.raises(ValueError, match="task_bases is on meta but z is on cpu"):
+    z, u = torch.randn(2, 8, device=TEST_DEVICE), torch.randn(3, 8, 2, device=TEST_DEVICE)
+    with pytest.raises(ValueError, match=f"task_bases is on meta but z is on {z.device}"):
         task_scores(z, u.to("meta"), backend="triton")
     with pytest.raises(TypeError, match="z must have a floating dtype"):
         task_scores(z.int(), u, backend="triton")
     with pytest.raises(ValueError, match=r"task_bases must have shape \(T, d, u\) with d=8"):
-        task_scores(z, torch.randn(3, 7, 2), backend="triton")
+        task_scores(z, torch.randn(3, 7, 2, device=TEST_DEVICE), backend="triton")
     with pytest.raises(ValueError, match="z must be 2-D"):
         task_scores(z[0], u, backend="triton")
 
@@ -110,5 +115,5 @@ def test_cuda_backend_matches_reference(dtype, gen):
 def test_public_task_scores_stays_a_function_after_a_triton_call():
     import duallora_kernels.ops as ops
 
-    ops.task_scores(torch.randn(2, 8), torch.randn(3, 8, 2), backend="triton")
+    ops.task_scores(torch.randn(2, 8, device=TEST_DEVICE), torch.randn(3, 8, 2, device=TEST_DEVICE), backend="triton")
     assert callable(ops.task_scores)
