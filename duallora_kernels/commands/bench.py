@@ -148,18 +148,26 @@ def print_table(rows: list[dict[str, Any]], file: Any = None) -> None:
         print(f"  {variant}: {reason}", file=file)
 
 
+def open_run(command: str, args: argparse.Namespace, settings: dict[str, Any], *, show_triton: bool) -> tuple[Any, Path, dict[str, Any]]:
+    """Start the device, choose the JSON's path and fill its metadata; say where it goes.
+    Returns (device, out path, document)."""
+    device = start(args)
+    out = args.out or B.default_out_path(device, args._suffix)
+    json_settings = {**settings, "shapes": [s.key for s in settings["shapes"]], "tokens_per_image": B.TOKENS}
+    doc = B.run_metadata(command, cli_argv(args), device, json_settings)
+    triton = f", triton {doc['versions']['triton']}" if show_triton else ""
+    print(f"device: {doc['device']['name']} ({device}); torch {doc['versions']['torch']}{triton}; writing {out}",
+          flush=True)
+    return device, out, doc
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
     except ValueError as exc:
         print(f"duallora bench: {exc}", file=sys.stderr)
         return 2
-    device = start(args)
-    out = args.out or B.default_out_path(device, args._suffix)
-    json_settings = {**settings, "shapes": [s.key for s in settings["shapes"]], "tokens_per_image": B.TOKENS}
-    doc = B.run_metadata("bench", cli_argv(args), device, json_settings)
-    print(f"device: {doc['device']['name']} ({device}); torch {doc['versions']['torch']}, "
-          f"triton {doc['versions']['triton']}; writing {out}", flush=True)
+    device, out, doc = open_run("bench", args, settings, show_triton=True)
 
     def save(rows: list[dict[str, Any]]) -> None:
         doc["results"] = rows

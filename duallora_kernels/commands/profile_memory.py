@@ -19,7 +19,7 @@ import traceback
 from typing import Any
 
 from .. import benchmark as B
-from .bench import add_common_arguments, cli_argv, finish, module_main, start
+from .bench import add_common_arguments, finish, module_main, open_run
 
 HELP = "bytes saved for backward (layer, whole ViT); GPU peak memory and largest batch per memory budget"
 SCOPES = ("layer", "vit", "step", "max-batch")
@@ -268,11 +268,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"duallora profile-memory: {exc}", file=sys.stderr)
         return 2
-    device = start(args)
-    out = args.out or B.default_out_path(device, args._suffix)
-    json_settings = {**s, "shapes": [x.key for x in s["shapes"]], "tokens_per_image": B.TOKENS}
-    doc = B.run_metadata("profile-memory", cli_argv(args), device, json_settings)
-    print(f"device: {doc['device']['name']} ({device}); torch {doc['versions']['torch']}; writing {out}", flush=True)
+    device, out, doc = open_run("profile-memory", args, s, show_triton=False)
     from tqdm.auto import tqdm
 
     total = (len(s["dtypes"]) * len(s["shapes"]) * len(s["variants"]) if "layer" in s["scopes"] else 0) + \
