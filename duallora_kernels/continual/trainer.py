@@ -287,7 +287,7 @@ class Trainer:
         with torch.no_grad(), collect_inputs(model) as stats:
             self._pass(model, task, f"task {t}: collect bases")
         task_stats = None
-        if c.gate_source == "global":
+        if c.gate_source == "global" and _has_residual_blocks(model):
             # The global gate is computed with the residual blocks off: U_t must see the same features.
             with torch.no_grad(), residual_off(model), collect_inputs(model) as task_stats:
                 self._pass(model, task, f"task {t}: collect task bases")
@@ -398,6 +398,11 @@ class Trainer:
                 "threads": torch.get_num_threads(), "argv": sys.argv,
             },
         }
+
+
+def _has_residual_blocks(model: nn.Module) -> bool:
+    """Whether any residual block exists: without one a residual-off pass would repeat the last pass."""
+    return any(bool(l.res_active) or l.frozen_tasks.numel() for l in dual_lora_layers(model).values())
 
 
 def _merge_tasks(tasks: Sequence[Task]) -> Task:
