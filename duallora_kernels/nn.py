@@ -239,8 +239,7 @@ class DualLoRALinear(nn.Module):
             self.last_scores, self.last_gate = scores.detach(), dynamic.detach()
         if self._gate is not None:
             return self._gate
-        samples = summarize(x[..., :1], self.summary).shape[0]
-        gate = torch.zeros(samples, self._tasks_known(), dtype=torch.float32, device=x.device)
+        gate = torch.zeros(_num_samples(x), self._tasks_known(), dtype=torch.float32, device=x.device)
         if dynamic is not None:
             gate[:, : self.tasks_done] = dynamic
         return gate
@@ -251,8 +250,7 @@ class DualLoRALinear(nn.Module):
         if task_gate is None or not tasks:
             return None
         g = task_gate[..., tasks]
-        samples = x.shape[:-2].numel() if x.dim() >= 3 else -1
-        if g.dim() == 2 and g.shape[0] == samples:
+        if x.dim() >= 3 and g.dim() == 2 and g.shape[0] == _num_samples(x):
             g = g.reshape(*x.shape[:-2], 1, len(tasks))  # one gate per sample, shared by its tokens
         return g
 
@@ -379,6 +377,11 @@ class DualLoRALinear(nn.Module):
         self.res_active.fill_(False)
         self.in_task.fill_(False)
         return added
+
+
+def _num_samples(x: Tensor) -> int:
+    """Samples in x as :func:`summarize` counts them: leading dims of a (..., N, d) input, rows of a 2-D one."""
+    return x.shape[:-2].numel() if x.dim() >= 3 else x.numel() // x.shape[-1]
 
 
 # ---------------------------------------------------------------------- model-level helpers
