@@ -36,7 +36,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not _triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        from ._kernel_utils import capturing
+
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and not capturing():
             raise RuntimeError(
                 f"backend='triton' got tensors on {device}: Triton runs on CUDA tensors, or on the CPU "
                 "when TRITON_INTERPRET=1 is set before triton is first imported"

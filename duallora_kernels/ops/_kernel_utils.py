@@ -135,3 +135,110 @@ def rows_view(x: Tensor) -> RowsView:
             pass
     v = x.reshape(m, d).contiguous()
     return RowsView(v, m, max(m, 1), 0, v.stride(0), v.stride(1))
+
+
+# ---------------------------------------------------------------------------------- launches
+#: Every Triton launch of the op modules goes through :func:`launch`, so that a launch can be
+#: observed without a GPU: :mod:`duallora_kernels.opcount` counts them (the cost contract's
+#: device-op budget), and the ahead-of-time compile check captures a launch's real arguments
+#: instead of running it. An observer is ``fn(kernel, grid, args, kwargs) -> bool``; it returns
+#: True to skip the launch (capture).
+_launch_observers: list = []
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, seen by the observers registered in :func:`observe_launches`."""
+    skip = False
+    for observe in list(_launch_observers):
+        skip = bool(observe(kernel, grid, args, kwargs)) or skip
+    if skip:
+        return
+    if _launch_observers and interpreting():
+        # The interpreter copies arguments with torch ops of its own; those are not the op's
+        # device work (a compiled kernel is one launch), so an observing dispatch mode must not see them.
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            kernel[grid](*args, **kwargs)
+        return
+    kernel[grid](*args, **kwargs)
+
+
+class observe_launches:
+    """Context manager: ``observer(kernel, grid, args, kwargs)`` sees every :func:`launch` within.
+
+    ``capture=True`` declares that the observer skips launches (returns True): the ops then accept
+    CPU tensors for ``backend="triton"`` without the interpreter, since nothing runs (used to
+    record real launch arguments for the ahead-of-time compile check)."""
+
+    def __init__(self, observer, capture: bool = False) -> None:
+        self.observer = observer
+        self.capture = capture
+
+    def __enter__(self):
+        _launch_observers.append(self.observer)
+        if self.capture:
+            _capturing.append(self.observer)
+        return self.observer
+
+    def __exit__(self, *exc) -> None:
+        _launch_observers.remove(self.observer)
+        if self.capture:
+            _capturing.remove(self.observer)
+
+
+_capturing: list = []
+
+
+def capturing() -> bool:
+    """True inside ``observe_launches(..., capture=True)``: launches are recorded, not run."""
+    return bool(_capturing)
+
+
+# ---------------------------------------------------------------------------------- GPU archs
+#: Opt-in shared memory per block (bytes) by compute capability (CUDA programming guide, table
+#: "Technical Specifications per Compute Capability"): A100 163 KB, RTX 3090/4090 99 KB, H100/H200 227 KB.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+#: The archs every kernel is compiled and resource-checked for (tests/test_aot_compile.py).
+ARCHS = (90, 89, 86, 80)
+_arch_override: list[int] = []
+
+
+class target_arch:
+    """Context manager: config pruning (:func:`prune_for_arch`) targets compute capability ``cap``
+    (e.g. 86) instead of the current CUDA device; how the compile check prunes for a GPU it lacks."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = int(cap)
+
+    def __enter__(self) -> int:
+        _arch_override.append(self.cap)
+        return self.cap
+
+    def __exit__(self, *exc) -> None:
+        _arch_override.pop()
+
+
+def current_arch() -> int:
+    """The compute capability configs are pruned for: :class:`target_arch`'s, else the current
+    CUDA device's, else 90 (Hopper)."""
+    if _arch_override:
+        return _arch_override[-1]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return 10 * major + minor
+    return 90
+
+
+def smem_limit(cap: int) -> int:
+    """Shared memory a block may use on compute capability ``cap`` (the nearest known arch below)."""
+    known = [c for c in sorted(SMEM_LIMIT) if c <= cap]
+    return SMEM_LIMIT[known[-1]] if known else 48 * 1024
+
+
+def kernel_name(kernel) -> str:
+    """The Python name of a (possibly autotuned / interpreted) Triton kernel."""
+    fn = kernel
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return getattr(fn, "__name__", type(kernel).__name__)

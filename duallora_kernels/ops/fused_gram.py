@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_utils import autotuning, dot_mode, interpreting, mma, new_output, row_offsets, rows_view, size_bucket
+from ._kernel_utils import (autotuning, dot_mode, interpreting, launch, mma, new_output, row_offsets, rows_view,
+                            size_bucket)
 from .reference import gram_reference
 
 __all__ = ["gram_triton"]
@@ -109,8 +110,8 @@ def gram_triton(x: Tensor) -> Tensor:
     use_atomic = splits > 1
     g = torch.zeros((d, d), dtype=torch.float32, device=x.device) if use_atomic else new_output((d, d), torch.float32, x.device)
     grid = lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(d, meta["BLOCK_D"]), splits)  # noqa: E731
-    _gram_kernel[grid](
-        xr.t, g, m, d, chunk, *xr.addressing, size_bucket(chunk),
+    launch(
+        _gram_kernel, grid, xr.t, g, m, d, chunk, *xr.addressing, size_bucket(chunk),
         USE_ATOMIC=use_atomic, DOT_MODE=dot_mode(x.dtype),
     )
     return g

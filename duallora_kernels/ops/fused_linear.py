@@ -99,7 +99,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._kernel_utils import (autotuning, dot_mode, interpreting, mma, new_output, pow2_at_least, row_offsets,
+from ._kernel_utils import (autotuning, dot_mode, interpreting, launch, mma, new_output, pow2_at_least, row_offsets,
                             rows_view, size_bucket)
 from .reference import adapter_matrices, dual_lora_linear_reference, project_onto, project_out
 
@@ -350,7 +350,8 @@ def _triton_forward(x, weight, bias, a, bt, gate, lay: Layout, store_t: bool):
     if m and n:
         g, sgm, sgg = _gate_args(lay, gate, x)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _fused_forward_kernel[grid](
+        launch(
+            _fused_forward_kernel, grid,
             xr.t, weight, x if bias is None else bias, a if has_lora else x, bt if has_lora else x, g, y,
             y if t is None else t,
             m, n, d, lay.r, lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale,
@@ -376,7 +377,8 @@ def _triton_backward(dy, x, weight, a, bt, gate, t, lay: Layout, plan: GradPlan)
     # Without dX or dA there is nothing per d-tile: one column of programs does dB/dbias.
     d_span = d if (plan.need_dx or plan.need_da) else 1
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d_span, meta["BLOCK_D"]),)  # noqa: E731
-    _fused_backward_kernel[grid](
+    launch(
+        _fused_backward_kernel, grid,
         dyr.t, weight, a if has_lora else unused, bt if has_lora else unused, g, unused if t is None else t, xr.t,
         *(unused if buf is None else buf for buf in (dx, da, dbt, dbias)),
         m, n, d, lay.r, lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_utils import autotuning, interpreting, new_output, pow2_at_least, size_bucket
+from ._kernel_utils import autotuning, interpreting, launch, new_output, pow2_at_least, size_bucket
 from .reference import task_scores_reference
 
 __all__ = ["task_scores_triton"]
@@ -85,8 +85,8 @@ def task_scores_triton(z: Tensor, task_bases: Tensor) -> Tensor:
         return out
     block_u = min(pow2_at_least(u), 64)
     grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]), n_tasks)  # noqa: E731
-    _task_scores_kernel[grid](
-        z, task_bases, out, b, d, u, EPS,
+    launch(
+        _task_scores_kernel, grid, z, task_bases, out, b, d, u, EPS,
         z.stride(0), z.stride(1), *task_bases.stride(), out.stride(0), out.stride(1), size_bucket(b),
         BLOCK_U=block_u,
     )
