@@ -26,6 +26,7 @@ from .ops.reference import project_onto, project_out
 __all__ = [
     "GramAccumulator",
     "InputStats",
+    "check_finite_stats",
     "threshold_schedule",
     "threshold_for_task",
     "principal_directions",
@@ -64,6 +65,23 @@ class InputStats:
 
     def __repr__(self) -> str:
         return f"InputStats(dim={self.dim}, tokens={self.token_count}, samples={self.summary_count})"
+
+
+def check_finite_stats(stats: InputStats, *, layer: str, task: int | None = None, when: str = "") -> None:
+    """Raise ValueError naming ``layer`` (and ``task``) when ``stats`` hold NaN or inf.
+
+    A non-finite Gram has no eigen-decomposition (``linalg.eigh`` fails as "ill-conditioned"), and
+    a basis built from it would corrupt every later task, so callers check every layer's statistics
+    before changing any basis."""
+    bad = [name for name in ("tokens", "summary") if not bool(torch.isfinite(getattr(stats, name)).all())]
+    if not bad:
+        return
+    where = f"layer {layer!r}" + (f", task {task}" if task is not None else "") + (f" ({when})" if when else "")
+    raise ValueError(
+        f"non-finite input statistics (NaN or inf in the {' and '.join(bad)} Gram matrix) at {where}: the "
+        "layer's inputs over the task's data hold NaN/inf. Check the task's data for NaN/inf values, or, if "
+        "the data is finite, training diverged (lower the learning rate). No basis was changed."
+    )
 
 
 class GramAccumulator(InputStats):
@@ -111,6 +129,9 @@ def _check_gram(gram: Tensor, name: str = "gram") -> Tensor:
     check.tensor(name, gram, ndim=2)
     if gram.shape[0] != gram.shape[1]:
         raise ValueError(f"{name} must be square (d, d), got {tuple(gram.shape)}")
+    if not bool(torch.isfinite(gram).all()):
+        raise ValueError(f"{name} holds NaN or inf: the inputs it was accumulated from are not finite "
+                         "(check the data for NaN/inf, or whether training diverged)")
     return gram.to(torch.float64)
 
 

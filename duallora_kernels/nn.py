@@ -440,11 +440,20 @@ def begin_task(module: nn.Module, stats: dict[str, InputStats], generator: torch
 def end_task(
     module: nn.Module, stats: dict[str, InputStats], task_stats: dict[str, InputStats] | None = None
 ) -> dict[str, int]:
-    """:meth:`DualLoRALinear.end_task` on every layer; returns the directions each added to M."""
-    return {
-        name: layer.end_task(_stats_for(stats, name), None if task_stats is None else _stats_for(task_stats, name))
-        for name, layer in dual_lora_layers(module).items()
-    }
+    """:meth:`DualLoRALinear.end_task` on every layer; returns the directions each added to M.
+
+    Every layer's statistics are checked first (:func:`memory.check_finite_stats`): NaN or inf in
+    any of them raises ValueError naming the layer and the task before any layer changes."""
+    from .memory import check_finite_stats
+
+    layers = dual_lora_layers(module)
+    pairs = {name: (_stats_for(stats, name), None if task_stats is None else _stats_for(task_stats, name))
+             for name in layers}
+    for name, layer in layers.items():
+        for which, s in zip(("end of task", "end of task, residual blocks off"), pairs[name]):
+            if s is not None:
+                check_finite_stats(s, layer=name, task=int(layer.tasks_done), when=which)
+    return {name: layer.end_task(*pairs[name]) for name, layer in layers.items()}
 
 
 @contextlib.contextmanager

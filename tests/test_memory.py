@@ -81,3 +81,49 @@ def test_task_scores_and_gates(gen):
     assert (soft.argmax(1) == 1).all()
     hard = memory.task_gates(scores, hard=True)
     assert torch.equal(hard, torch.nn.functional.one_hot(torch.full((4,), 1), 3).to(hard.dtype))
+
+
+# ---------------------------------------------------------------- non-finite statistics (issue 10, item 6)
+def test_non_finite_stats_name_the_layer_and_the_task():
+    stats = memory.InputStats(4)
+    stats.tokens += torch.eye(4, dtype=torch.float64)
+    memory.check_finite_stats(stats, layer="blocks.0.qkv", task=2)  # finite: no error
+    stats.summary[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf in the summary Gram matrix\) at layer 'blocks.0.qkv', task 2"):
+        memory.check_finite_stats(stats, layer="blocks.0.qkv", task=2)
+    with pytest.raises(ValueError, match="gram holds NaN or inf"):
+        memory.extend_basis(None, torch.full((4, 4), float("inf"), dtype=torch.float64), 0.9)
+    with pytest.raises(ValueError, match="gram holds NaN or inf"):
+        memory.principal_directions(stats.summary, 2)
+
+
+def test_model_end_task_refuses_nan_before_any_layer_changes(gen):
+    from torch import nn
+
+    from duallora_kernels.nn import begin_task, collect_inputs, dual_lora_layers, end_task, inject
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    inject(model, targets=["0", "1"], rank_orth=2, rank_res=2)
+    x = torch.randn(6, 3, 8, generator=gen)
+    layers = dual_lora_layers(model)
+    with torch.no_grad(), collect_inputs(model) as stats:
+        model(x)
+    begin_task(model, stats)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.orth_b.normal_()  # something to fold, so a change to the weights would show
+    with torch.no_grad(), collect_inputs(model) as stats:
+        model(x)
+    good = stats["1"].tokens[0, 0].item()
+    stats["1"].tokens[0, 0] = float("nan")  # only the second layer's statistics are bad
+    before = {n: (l.weight.clone(), l.basis.clone(), int(l.tasks_done)) for n, l in layers.items()}
+    with pytest.raises(ValueError, match=r"layer '1', task 0 \(end of task\).*No basis was changed"):
+        end_task(model, stats)
+    for n, layer in layers.items():
+        weight, basis, done = before[n]
+        assert torch.equal(layer.weight, weight) and torch.equal(layer.basis, basis)
+        assert int(layer.tasks_done) == done and bool(layer.in_task)
+    stats["1"].tokens[0, 0] = good
+    added = end_task(model, stats)  # with finite statistics the task ends normally
+    assert set(added) == {"0", "1"} and all(int(l.tasks_done) == 1 for l in layers.values())

@@ -126,3 +126,21 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
                           f"--out-dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2
     assert "error: dataset has 10 classes" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_nan_in_a_tasks_data_stops_with_the_layer_and_the_task(tmp_path, monkeypatch):
+    from duallora_kernels.continual import trainer as trainer_module
+
+    real = trainer_module.fashion_mnist_tasks
+
+    def with_nan(*args, **kwargs):
+        tasks = real(*args, **kwargs)
+        tasks[1].train.tensors[0][3, 0, 5, 5] = float("nan")  # one pixel of one image of task 1
+        return tasks
+
+    monkeypatch.setattr(trainer_module, "fashion_mnist_tasks", with_nan)
+    with pytest.raises(ValueError, match=r"non-finite input statistics .* at layer 'backbone\.blocks\.0\.attn\.qkv', "
+                                         r"task 1 \(start of task, before training\).*NaN/inf"):
+        Trainer(TrainConfig(**TINY, out_dir=str(tmp_path)), progress=False, log=lambda m: None).run()
+    state = json.loads((tmp_path / "duallora-seed0" / "checkpoint.json").read_text())
+    assert state["tasks_done"] == 1  # task 0 finished and was kept; task 1 stopped before any change

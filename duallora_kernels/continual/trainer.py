@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._io import atomic_write, atomic_write_json
+from ..memory import check_finite_stats
 from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task, residual_off, set_gate
 from . import metrics
 from .calibration import calibrate_logits, clear_gates, first_pass_gate, model_task_gate
@@ -264,6 +265,8 @@ class Trainer:
         model.eval()
         with torch.no_grad(), collect_inputs(model) as stats:
             self._pass(model, task, f"task {t}: collect inputs")
+        for name, layer_stats in stats.items():  # NaN in the data: say so, not "linalg.eigh ... ill-conditioned"
+            check_finite_stats(layer_stats, layer=name, task=t, when="start of task, before training")
         begin_task(model, stats, generator=torch.Generator().manual_seed(self._seed(t)))
         adapters = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")]
         head = list(model.heads[t].parameters())
