@@ -41,3 +41,9 @@ def test_committed_runs_show_duallora_ahead_of_its_ablations_and_seq_lora():
     rivals = ("orth-only", "res-only", "no-calibration", "seq-lora")
     assert set(rivals) | {"duallora", "joint"} <= set(runs)
     assert all(runs["duallora"] > runs[m] for m in rivals), runs
+
+
+def test_compile_table_is_up_to_date():
+    out = subprocess.run([sys.executable, "bench/render_compile_table.py", "--check"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr

@@ -1,0 +1,460 @@
+"""Compile every Triton kernel ahead of time for the GPUs the library targets, on a CPU.
+
+Why: the cost contract (DESIGN §2) promises that every kernel compiles for sm_90 (H100/H200),
+sm_89 (RTX 4090), sm_86 (RTX 3090) and sm_80 (A100) without register spills in bf16/fp16, within
+each arch's shared memory, and with wgmma on Hopper. CI has no GPU, and the interpreter the tests
+use compiles nothing, so those promises would otherwise be checked only by whoever next gets a GPU
+of each kind. Triton's compiler builds PTX and a cubin for any compute capability given an
+explicit ``GPUTarget``; ptxas and cuobjdump ship inside the triton wheel. So this module:
+
+1. captures the real launches: the public ops run on CPU tensors inside
+   ``observe_launches(..., capture=True)`` (nothing runs) at ViT-B/16 batch-64 shapes, for each
+   dtype and rank of :data:`CASES`. Whatever kernels get launched are compiled, so a new kernel
+   is covered without touching this file;
+2. for each launch and arch, takes the configs the autotuner would keep there (its own pruning
+   under :class:`._kernel_utils.target_arch`) and the ``DUALLORA_AUTOTUNE=0`` fixed config (config
+   lists are fixed at import, so that one is captured in a child process);
+3. binds the captured arguments with the JITFunction's own binder (signature, constexprs and
+   divisibility attributes exactly as a launch would specialise them; see :func:`_bind`);
+4. compiles (a process pool with ``--jobs``) and reads registers, local memory and the instruction
+   mix from the PTX and from ``cuobjdump`` on the cubin.
+
+    python -m duallora_kernels.ops.aot [--subset ci|full] [--archs 90,86] [--jobs N] [--out FILE]
+
+writes bench/results/compile-<triton version>.json (the full table; the README shows it, see
+bench/render_compile_table.py). tests/test_aot_compile.py runs the ci subset and applies
+:func:`row_problems` to it and to every committed table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ._kernel_utils import ARCHS, AUTOTUNE_ENV, kernel_name, observe_launches, smem_limit, target_arch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = 1
+#: (dtype, rank of each adapter block) compiled by the full table.
+CASES = (("bfloat16", 16), ("bfloat16", 64), ("float16", 16), ("float16", 64), ("float32", 16))
+#: (arch, dtype, rank) of the CI subset, fixed config only: one Hopper, one Ampere consumer card,
+#: one float32 case; every kernel of each. A few minutes on one core.
+CI_SUBSET = ((90, "bfloat16", 16), (86, "float16", 64), (80, "float32", 16))
+#: ViT-B/16 at batch 64 (197 tokens), its fc1 layer; a memory basis of k columns; T task bases of u.
+SHAPES = {"batch": 64, "tokens": 197, "d": 768, "n": 3072, "basis_k": 192, "frozen_blocks": 2,
+          "score_rows": 64, "tasks": 10, "task_basis_u": 64}
+LOWP = ("bfloat16", "float16")
+
+
+# ---------------------------------------------------------------------------------- capture
+def capture(dtype_name: str, rank: int) -> list[tuple[Any, tuple, dict]]:
+    """(kernel, args, kwargs) of every launch of one training step of the linear op (forward and
+    backward, every adapter kind), gram and task_scores, on CPU tensors that nothing touches:
+    only shapes, dtypes, strides and integer divisibility matter to the compiler."""
+    from . import dual_lora_linear, gram, task_scores
+
+    dt, s = getattr(torch, dtype_name), SHAPES
+    launches: list[tuple[Any, tuple, dict]] = []
+
+    def record(kernel, grid, args, kwargs) -> bool:
+        launches.append((kernel, args, kwargs))
+        return True  # skip the launch
+
+    def leaf(*shape: int, dtype: torch.dtype = dt) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype).requires_grad_()
+
+    b, L, d, n, r, frozen = s["batch"], s["tokens"], s["d"], s["n"], rank, s["frozen_blocks"]
+    with observe_launches(record, capture=True):
+        x = leaf(b, L, d)
+        y = dual_lora_linear(
+            x, torch.empty(n, d, dtype=dt), torch.empty(n, dtype=dt),
+            orth_a=leaf(r, d), orth_b=leaf(n, r), res_a=leaf(r, d), res_b=leaf(n, r),
+            frozen_a=torch.empty(frozen * r, d, dtype=dt), frozen_b=torch.empty(n, frozen * r, dtype=dt),
+            gate=torch.empty(b, L, frozen + 1), basis=torch.eye(d, s["basis_k"]), backend="triton",
+        )
+        y.backward(torch.empty_like(y))
+        gram(x.detach(), backend="triton")
+        task_scores(torch.empty(s["score_rows"], d, dtype=dt), torch.empty(s["tasks"], d, s["task_basis_u"], dtype=dt),
+                    backend="triton")
+    return launches
+
+
+def _chain(kernel) -> list:
+    """The wrappers from the launched object down to its JITFunction (last)."""
+    chain = [kernel]
+    while hasattr(chain[-1], "fn") and not hasattr(chain[-1], "params"):
+        chain.append(chain[-1].fn)
+    return chain
+
+
+def _unwrap(kernel):
+    return _chain(kernel)[-1]
+
+
+def _configs(kernel, args: tuple, kwargs: dict, arch: int | None) -> tuple[list[dict], list[dict]]:
+    """(kept, all) configs as keyword dicts: those the autotuner's pruning keeps on ``arch``
+    (all when ``arch`` is None or it has no pruner) and its whole list. A plain kernel has one
+    empty config. Heuristics wrappers add their values."""
+    kept, every = [{}], [{}]
+    for wrapper in _chain(kernel)[:-1]:
+        if hasattr(wrapper, "configs"):  # triton.autotune
+            every = [c.all_kwargs() for c in wrapper.configs]
+            if arch is None:
+                kept = every
+                continue
+            wrapper.nargs = dict(zip(wrapper.arg_names, args))
+            try:
+                with target_arch(arch):
+                    kept = [c.all_kwargs() for c in wrapper.prune_configs(dict(kwargs))]
+            finally:
+                wrapper.nargs = None
+        elif hasattr(wrapper, "values"):  # triton.heuristics: applied to the final kwargs in _bind
+            continue
+    return kept, every
+
+
+def _heuristics(kernel, args: tuple, kwargs: dict) -> dict:
+    jit = _unwrap(kernel)
+    for wrapper in _chain(kernel)[:-1]:
+        if hasattr(wrapper, "values") and not hasattr(wrapper, "configs"):
+            named = {**dict(zip(jit.arg_names, args)), **kwargs}
+            kwargs = {**kwargs, **{k: h(named) for k, h in wrapper.values.items()}}
+    return kwargs
+
+
+def _bind(jit, args: tuple, kwargs: dict, arch: int) -> dict:
+    """What a launch on ``arch`` would hand the compiler: signature, constexprs, attrs, options.
+
+    The one place that uses Triton's private binder API (``create_function_from_signature`` and
+    ``JITFunction._pack_args``), identical in Triton 3.6 and 3.8; a version that moves them fails
+    here with a clear error instead of somewhere in the middle."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    try:
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+    except (AttributeError, TypeError, ValueError) as exc:  # pragma: no cover - a Triton API change
+        import triton
+
+        raise RuntimeError(f"Triton {triton.__version__}'s launch binder changed; update aot._bind: {exc!r}") from exc
+    return {"signature": signature, "constexprs": constexprs, "attrs": attrs, "options": dict(options.__dict__)}
+
+
+def fixed_configs() -> dict[str, dict]:
+    """Kernel name -> its ``DUALLORA_AUTOTUNE=0`` config, from a child process (config lists are
+    built when the op modules are imported)."""
+    env = {**os.environ, AUTOTUNE_ENV: "0", "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-m", "duallora_kernels.ops.aot", "--print-fixed-configs"],
+                         env=env, capture_output=True, text=True, cwd=ROOT, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _print_fixed_configs() -> None:
+    fixed = {}
+    for dtype_name, rank in CASES:
+        for kernel, args, kwargs in capture(dtype_name, rank):
+            fixed.setdefault(kernel_name(kernel), _configs(kernel, args, kwargs, None)[1][0])
+    print(json.dumps(fixed))
+
+
+# ---------------------------------------------------------------------------------- jobs
+def _label(config: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items())
+
+
+def plan(subset: str, archs: tuple[int, ...], kernels: set[str] | None = None,
+         max_configs: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(jobs, pruning): one job per (case, launch, arch, config) to compile, and per (case,
+    launch, arch) the configs kept and dropped by the pruning (dropped ones are not compiled)."""
+    fixed = fixed_configs()
+    wanted = [(a, dt, r) for a, dt, r in CI_SUBSET if a in archs] if subset == "ci" else \
+        [(a, dt, r) for dt, r in CASES for a in archs]
+    jobs, pruning, seen = [], [], set()
+    for dtype_name, rank in dict.fromkeys((dt, r) for _, dt, r in wanted):
+        for kernel, args, kwargs in capture(dtype_name, rank):
+            name, jit = kernel_name(kernel), _unwrap(kernel)
+            if kernels and name not in kernels:
+                continue
+            for arch in (a for a, dt, r in wanted if (dt, r) == (dtype_name, rank)):
+                kept, every = _configs(kernel, args, kwargs, arch)
+                kept = kept[:max_configs] if max_configs else kept
+                pruning.append({"kernel": name, "dtype": dtype_name, "rank": rank, "arch": arch,
+                                "kept": [_label(c) for c in kept], "fixed": _label(fixed.get(name, {})),
+                                "dropped": [_label(c) for c in every if c not in kept]})
+                chosen = [] if subset == "ci" else list(kept)
+                if name in fixed and fixed[name] not in chosen:
+                    chosen.append(fixed[name])
+                chosen = chosen or kept[:1]
+                for config in chosen:
+                    full = _heuristics(kernel, args, {**kwargs, **config})
+                    bound = _bind(jit, args, full, arch)
+                    # Rows are per (case, launch); the same specialisation (gram at both ranks, a
+                    # kernel launched twice) is compiled once, by key.
+                    key = repr((name, arch, sorted(bound["signature"].items()), sorted(bound["constexprs"].items()),
+                                sorted(bound["attrs"].items()), sorted(map(repr, bound["options"].items()))))
+                    if (key, dtype_name, rank) in seen:
+                        continue
+                    seen.add((key, dtype_name, rank))
+                    variant = {k: v for k, v in kwargs.items() if k not in config}
+                    jobs.append({
+                        "kernel": name, "module": jit.module, "qualname": jit.fn.__qualname__,
+                        "dtype": dtype_name, "rank": rank, "arch": arch, "config": _label(config),
+                        "kept": config in kept, "kept_index": kept.index(config) if config in kept else None,
+                        "fixed": config == fixed.get(name), "variant": _label(variant),
+                        "smem_limit": smem_limit(arch), "key": key, **bound,
+                    })
+    return jobs, pruning
+
+
+# ---------------------------------------------------------------------------------- compile
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)", re.M)
+_RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+#: SASS opcodes by what they mean: tensor cores (Hopper warpgroup / Ampere-style), cp.async,
+#: TMA, global atomics, fences, local memory (spill) traffic and scalar float32 FMAs.
+SASS_OPS = {"HGMMA": ("HGMMA",), "HMMA": ("HMMA",), "LDGSTS": ("LDGSTS",), "TMA": ("UTMALDG", "UTMASTG", "UTMAREDG", "UBLKCP"),
+            "atomics": ("ATOM", "ATOMG", "RED", "REDG"), "MEMBAR": ("MEMBAR",), "FENCE": ("FENCE",),
+            "STL": ("STL",), "LDL": ("LDL",), "FFMA": ("FFMA",)}
+PTX_OPS = {"wgmma": r"\bwgmma\.mma_async", "mma_sync": r"\bmma\.sync", "cp_async": r"\bcp\.async\.c[ag]\b",
+           "tma": r"\bcp\.async\.bulk\.tensor", "atom": r"\batom\.", "red": r"\bred\."}
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(bundled) if bundled.exists() else (shutil.which(name) or name)
+
+
+def inspect_cubin(cubin: bytes) -> dict:
+    """Registers, stack/local bytes, static shared bytes and SASS opcode counts from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    regs, stack, static_shared, local = map(int, _RESOURCES.search(usage).groups())
+    ops = [m.group(1) for m in _SASS_LINE.finditer(sass)]
+    counts = {label: sum(op in names for op in ops) for label, names in SASS_OPS.items()}
+    # A fenced atomic: a GPU/system-scope MEMBAR within the few instructions before an ATOM/RED
+    # (what a default acq_rel tl.atomic_add emits); CTA-scope MEMBARs order shared memory only.
+    full = [m.group(1) + m.group(2) for m in _SASS_LINE.finditer(sass)]
+    fenced = sum(1 for i, op in enumerate(ops) if op in SASS_OPS["atomics"] and any(
+        p.startswith("MEMBAR") and (".GPU" in p or ".SYS" in p) for p in full[max(0, i - 4):i]))
+    return {"regs": regs, "stack_bytes": stack, "local_bytes": local, "static_shared_bytes": static_shared,
+            "sass": {**counts, "fenced_atomics": fenced}}
+
+
+_DOT = re.compile(r"tt\.dot (?P<args>[^:]*): tensor<(?:\d+x)+(?P<a>\w+)> \* tensor<[^>]*> -> tensor<(?P<m>\d+)x(?P<n>\d+)x")
+
+
+def _ir_facts(ttir: str) -> dict:
+    """What the kernel asks for, from its Triton IR: its dots, those tensor cores can run
+    (bf16/fp16/fp8 operands, or float32 with a TF32/bf16x-based input precision; IEEE float32
+    runs on FMA units), those of them GEMM-shaped (an output tile of at least 64 x 64, which
+    Hopper runs as wgmma), and the memory semantics its atomics request."""
+    dots = [m.groupdict() for m in _DOT.finditer(ttir)]
+    tc = [d for d in dots if d["a"] != "f32" or re.search(r"inputPrecision = (tf32|bf16x)", d["args"])]
+    gemm = [d for d in tc if int(d["m"]) >= 64 and int(d["n"]) >= 64]
+    sems = sorted(set(re.findall(r"tt\.atomic_\w+ \w+, (\w+),", ttir)))
+    return {"dots": len(dots), "tensor_core_dots": len(tc), "gemm_dots": len(gemm), "atomic_sems": sems}
+
+
+_JOB_ONLY = ("signature", "constexprs", "attrs", "options", "module", "qualname", "key")
+
+
+def compile_job(job: dict) -> dict:
+    """Compile one job (see :func:`plan`) and measure it; errors are recorded, not raised."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    row = {k: v for k, v in job.items() if k not in _JOB_ONLY}
+    jit = _unwrap(getattr(importlib.import_module(job["module"]), job["qualname"]))
+    start = time.perf_counter()
+    try:
+        src = ASTSource(jit, job["signature"], job["constexprs"], job["attrs"])
+        kernel = triton_compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
+    except Exception as exc:  # noqa: BLE001 - the table records what failed and why
+        return {**row, "compiled": False, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
+    row.update(compiled=True, error=None, compile_s=round(time.perf_counter() - start, 2),
+               shared_bytes=int(kernel.metadata.shared), num_warps=kernel.metadata.num_warps)
+    row.update(inspect_cubin(kernel.asm["cubin"]))
+    row["n_spills"] = (row["stack_bytes"] + row["local_bytes"]) // 4  # as Triton's n_spills: local bytes / 4
+    ptx = kernel.asm["ptx"]
+    row["ptx"] = {label: len(re.findall(pattern, ptx)) for label, pattern in PTX_OPS.items()}
+    row.update(_ir_facts(kernel.asm["ttir"]))
+    return row
+
+
+def run_jobs(jobs: list[dict], n_jobs: int = 1) -> Iterator[dict]:
+    """One row per job: each distinct compile key is compiled once, in this
+    process (``n_jobs`` 1) or a pool of spawned processes, and its result copied to its jobs."""
+    by_key: dict[str, list[dict]] = {}
+    for job in jobs:
+        by_key.setdefault(job["key"], []).append(job)
+
+    def fan_out(result: dict) -> list[dict]:
+        same = by_key[result.pop("key")]
+        return [{**result, **{k: v for k, v in job.items() if k not in _JOB_ONLY}} for job in same]
+
+    unique = [group[0] for group in by_key.values()]
+    if n_jobs <= 1:
+        for job in unique:
+            rows = fan_out({**compile_job(job), "key": job["key"]})
+            yield from rows
+        return
+    import multiprocessing
+
+    with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(compile_job, job): job["key"] for job in unique}
+        for future in as_completed(futures):
+            rows = fan_out({**future.result(), "key": futures[future]})
+            yield from rows
+
+
+# ---------------------------------------------------------------------------------- checks
+def row_problems(row: dict) -> list[str]:
+    """What a row breaks of the cost contract (empty: fine); the test asserts none."""
+    where = f"{row['kernel']} sm_{row['arch']} {row['dtype']} r{row['rank']} [{row['config']}]"
+    if not row.get("compiled"):
+        last = [ln for ln in str(row.get("error")).splitlines() if ln.strip()] or ["?"]
+        return [f"{where}: does not compile: {last[-1].strip()[:300]}"]
+    problems = []
+    if row["dtype"] in LOWP and (row["n_spills"] or row["sass"]["STL"] or row["sass"]["LDL"]):
+        problems.append(f"{where}: spills ({row['stack_bytes'] + row['local_bytes']} B local, "
+                        f"{row['sass']['STL']} STL / {row['sass']['LDL']} LDL)")
+    if row["shared_bytes"] > smem_limit(row["arch"]):
+        problems.append(f"{where}: {row['shared_bytes']} B shared > the {smem_limit(row['arch'])} B limit")
+    tc = row["ptx"]["wgmma"] + row["ptx"]["mma_sync"]
+    if row["tensor_core_dots"] and not (tc and row["sass"]["HGMMA"] + row["sass"]["HMMA"]):
+        problems.append(f"{where}: {row['tensor_core_dots']} tensor-core dots but no wgmma/mma.sync")
+    if row["arch"] >= 90 and row["gemm_dots"] and not (row["ptx"]["wgmma"] and row["sass"]["HGMMA"]):
+        problems.append(f"{where}: {row['gemm_dots']} GEMM-shaped dots but no wgmma on sm_90")
+    if row["arch"] < 90 and row["ptx"]["wgmma"]:
+        problems.append(f"{where}: wgmma on sm_{row['arch']}")
+    if row["atomic_sems"] == ["relaxed"] and row["sass"]["fenced_atomics"]:
+        problems.append(f"{where}: requests relaxed atomics but {row['sass']['fenced_atomics']} are fenced")
+    return problems
+
+
+#: Keys (and types) every table and every compiled row has; :func:`validate` checks them.
+DOC_KEYS = {"schema": int, "kind": str, "triton": str, "torch": str, "date": str, "git_commit": str, "command": str,
+            "subset": str, "archs": list, "smem_limits": dict, "pruning": list, "rows": list}
+ROW_KEYS = {"kernel": str, "dtype": str, "rank": int, "arch": int, "config": str, "kept": bool, "fixed": bool,
+            "variant": str, "compiled": bool}
+COMPILED_KEYS = {"regs": int, "shared_bytes": int, "stack_bytes": int, "local_bytes": int, "n_spills": int,
+                 "compile_s": float, "ptx": dict, "sass": dict, "dots": int, "tensor_core_dots": int,
+                 "gemm_dots": int, "atomic_sems": list}
+
+
+def validate(doc: Any) -> list[str]:
+    """Schema errors of a compile table (empty: valid)."""
+    if not isinstance(doc, dict):
+        return ["not a JSON object"]
+    errors = [f"{k}: missing or not {t.__name__}" for k, t in DOC_KEYS.items() if not isinstance(doc.get(k), t)]
+    if errors:
+        return errors
+    if doc["schema"] != SCHEMA or doc["kind"] != "aot-compile":
+        errors.append(f"schema {doc['schema']} / kind {doc['kind']!r}: expected {SCHEMA} / 'aot-compile'")
+    for i, row in enumerate(doc["rows"]):
+        wanted = {**ROW_KEYS, **(COMPILED_KEYS if isinstance(row, dict) and row.get("compiled") else {})}
+        errors += [f"rows[{i}].{k}: missing or not {t.__name__}" for k, t in wanted.items()
+                   if not isinstance(row.get(k) if isinstance(row, dict) else None, (float, int) if t is float else t)]
+        if isinstance(row, dict) and row.get("compiled"):
+            errors += [f"rows[{i}].sass.{k}: missing" for k in (*SASS_OPS, "fenced_atomics") if k not in row["sass"]]
+            errors += [f"rows[{i}].ptx.{k}: missing" for k in PTX_OPS if k not in row["ptx"]]
+    return errors
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def default_output() -> Path:
+    import triton
+
+    return ROOT / "bench" / "results" / f"compile-{triton.__version__}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m duallora_kernels.ops.aot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--subset", choices=("ci", "full"), default="full",
+                   help="ci: a few (arch, dtype, rank) with the fixed config; full: every case, kept configs")
+    p.add_argument("--archs", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 90,86")
+    p.add_argument("--kernels", default="", help="only these kernel names (comma-separated)")
+    p.add_argument("--max-configs", type=int, default=None, help="at most the first N kept configs per arch")
+    p.add_argument("--jobs", type=int, default=1, help="compiler processes (default 1)")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results/compile-<triton version>.json")
+    p.add_argument("--print-fixed-configs", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") != "0":
+        p.error("compiling needs TRITON_INTERPRET unset or 0 (the interpreter's kernels cannot be compiled)")
+    if args.print_fixed_configs:
+        _print_fixed_configs()
+        return 0
+    os.environ.pop(AUTOTUNE_ENV, None)  # pruning keeps every config that fits, not the first N
+    with tempfile.TemporaryDirectory(prefix="duallora-aot-cache-") as cache:
+        # A fresh Triton cache: every kernel is really compiled (and timed), and nothing is left
+        # in the user's ~/.triton for targets this machine cannot run.
+        os.environ["TRITON_CACHE_DIR"] = cache
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    import triton
+    from tqdm import tqdm
+
+    from .._io import atomic_write_json
+
+    start = time.time()
+    archs = tuple(int(a) for a in args.archs.split(","))
+    jobs, pruning = plan(args.subset, archs, set(filter(None, args.kernels.split(","))), args.max_configs)
+    rows = []
+    with tqdm(total=len(jobs), desc="compiling", unit="kernel", file=sys.stderr) as bar:
+        for row in run_jobs(jobs, args.jobs):
+            rows.append(row)
+            bar.update(1)
+    rows.sort(key=lambda r: (r["kernel"], r["dtype"], r["rank"], -r["arch"], r["kept_index"] is None,
+                             r["kept_index"] or 0, r["config"]))
+    doc = {
+        "schema": SCHEMA, "kind": "aot-compile", "triton": triton.__version__, "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "duallora_kernels")),
+        "command": "python -m duallora_kernels.ops.aot " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "subset": args.subset, "archs": list(archs), "cases": [list(c) for c in CASES], "shapes": SHAPES,
+        "smem_limits": {str(a): smem_limit(a) for a in archs}, "seconds": round(time.time() - start, 1),
+        "pruning": pruning, "rows": rows,
+    }
+    out = args.out or default_output()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, doc)
+    problems = [msg for row in rows for msg in row_problems(row)]
+    print(f"wrote {out}: {len(rows)} compiles in {doc['seconds']} s, {len(problems)} problems", file=sys.stderr)
+    for msg in problems:
+        print("  " + msg, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
