@@ -88,10 +88,23 @@ def create_vit(
         )
     image, patch = model.patch_embed.img_size, model.patch_embed.patch_size
     if image is not None and any(i % p for i, p in zip(image, patch)):
-        raise ValueError(f"img_size {tuple(image)} is not a multiple of patch_size {tuple(patch)} for {model_name!r}")
+        raise ValueError(f"img_size {tuple(image)} is not a multiple of patch_size {tuple(patch)} for {model_name!r}"
+                         + _patch_size_hint(tuple(image), tuple(patch)))
     if path is not None:
         load_vit_weights(model, load_state_dict_file(path), source=str(path))
     return model
+
+
+def _patch_size_hint(image: tuple[int, ...], patch: tuple[int, ...]) -> str:
+    """Patch sizes that divide every side of ``image`` (at least a 4x4 grid), the two closest to ``patch``."""
+    side = min(image)
+    fits = [p for p in range(2, side // 4 + 1) if all(i % p == 0 for i in image)]
+    if not fits:
+        return f": pass a patch_size that divides {side}"
+    best = sorted(sorted(fits, key=lambda p: (abs(p - max(patch)), -p))[:2])
+    sizes = " or ".join(str(p) for p in best)
+    return (f": pass a patch size that divides it, e.g. patch_size={sizes} (duallora train --patch-size {best[0]}); "
+            "a checkpoint's patch kernel is resampled to it")
 
 
 def _check_model_name(model_name: str) -> None:
@@ -268,7 +281,8 @@ class ContinualViT(nn.Module):
             the linear layers inside ``backbone.blocks`` named by ``targets`` are replaced. None: no adapters.
         targets: names (or fnmatch patterns) of the linear layers to adapt, matched against the last part of
             their qualified names. Each must match a linear layer inside ``backbone.blocks``.
-        freeze_backbone: the pre-trained weights stay frozen (DESIGN §1); only adapters and heads train.
+        freeze_backbone: the pre-trained weights stay frozen (docs/method.md, "Setting"); only adapters and
+            heads train.
 
     ``forward(x)`` returns the logits of all heads concatenated in task order: column ``j`` is global label
     ``j`` of the class-incremental split.
@@ -320,7 +334,8 @@ class ContinualViT(nn.Module):
     def add_task_head(self, num_classes: int, *, freeze_previous: bool = True) -> int:
         """Append a linear head over the next ``num_classes`` global labels; returns its task index.
 
-        Each head is trained with its own task only (DESIGN §1), so by default earlier heads are frozen.
+        Each head is trained with its own task only (docs/method.md, "Head"), so by default earlier heads are
+        frozen.
         """
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")

@@ -18,14 +18,16 @@ from duallora_kernels.nn import begin_task, collect_inputs, dual_lora_layers, in
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="vit_small_patch16_224")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--depth", type=int, default=None, help="fewer blocks for a quick try")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--rank-orth", type=int, default=8)
-    p.add_argument("--rank-res", type=int, default=4)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_small_patch16_224", help="a timm ViT name (random weights)")
+    p.add_argument("--img-size", type=int, default=224, help="input images' side")
+    p.add_argument("--depth", type=int, default=None, help="fewer blocks for a quick try (default: %(default)s, the model's own)")
+    p.add_argument("--batch", type=int, default=4, help="images in the training step")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype")
+    p.add_argument("--rank-orth", type=int, default=8, help="rank of the orthogonal adapter")
+    p.add_argument("--rank-res", type=int, default=4, help="rank of each task's residual block")
     args = p.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

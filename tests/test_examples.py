@@ -26,3 +26,10 @@ def test_inject_timm_vit_trains_adapters_only():
     share = float(re.search(r"\(([0-9.]+)%\)", out).group(1))
     assert 0 < share < 10
     assert re.search(r"loss \d+\.\d+", out)
+
+
+def test_examples_print_help_instead_of_running():
+    for script in ("python/custom_task_loop.py", "python/inject_timm_vit.py"):
+        out = _run(script, "--help")
+        assert out.startswith("usage:") and "after task" not in out and "adapted" not in out
+        assert "(default:" in out and "``" not in out

@@ -36,6 +36,17 @@ def test_sizes_are_checked():
         create_vit(**{**SMALL, "patch_size": 5})
 
 
+def test_patch_size_that_does_not_divide_the_image_suggests_ones_that_do():
+    # A vit_*_patch16 model on 28x28 Fashion-MNIST images: the first thing a new user tries.
+    with pytest.raises(ValueError, match=r"img_size \(28, 28\) is not a multiple of patch_size \(16, 16\) .*"
+                                         r"e\.g\. patch_size=4 or 7 \(duallora train --patch-size 4\)"):
+        create_vit("vit_tiny_patch16_224", img_size=28, in_chans=1, depth=1)
+    with pytest.raises(ValueError, match=r"patch_size=14 or 16 \(duallora train --patch-size 14\)"):
+        create_vit("vit_tiny_patch16_224", img_size=224, patch_size=15, depth=1)
+    with pytest.raises(ValueError, match="pass a patch_size that divides 13"):  # a prime side: nothing fits
+        create_vit("vit_tiny_patch16_224", img_size=13, patch_size=4, depth=1)
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_checkpoint_round_trip(tmp_path, gen, suffix):
     source = small_vit().eval()

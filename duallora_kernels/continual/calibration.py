@@ -1,4 +1,5 @@
-"""Task identity with confidence, and the calibration of class-incremental logits by it (DESIGN §1).
+"""Task identity with confidence, and the calibration of class-incremental logits by it (docs/method.md,
+"Task identity, confidence and calibration").
 
 Each DualLoRALinear scores its own input against every finished task's bases and keeps the
 scores (``last_scores``: samples x tasks). The model's task scores are their mean over the
