@@ -94,3 +94,17 @@ def orthonormal(name: str, basis: Tensor) -> None:
             f"{name} must have orthonormal columns (M^T M = I); max |M^T M - I| = {err:.3g} "
             f"(tolerance {orthonormal_tol(basis.dtype):.0e} for {basis.dtype})"
         )
+
+
+def orthonormal_async(name: str, basis: Tensor) -> None:
+    """``basis`` (d, k) must have orthonormal columns, checked on its device without a host sync
+    (``torch._assert_async``): the error surfaces on the CPU at once, on a GPU as a device-side
+    assert at the next synchronisation."""
+    b = basis.detach().to(torch.promote_types(basis.dtype, torch.float32))
+    gram = b.T @ b
+    err = (gram - torch.eye(b.shape[1], dtype=b.dtype, device=b.device)).abs().amax()
+    torch._assert_async(
+        err <= orthonormal_tol(basis.dtype),
+        f"{name} must have orthonormal columns (M^T M = I) within {orthonormal_tol(basis.dtype):.0e} for "
+        f"{basis.dtype}; pass an orthonormal basis (e.g. torch.linalg.qr(...).Q)",
+    )

@@ -1,6 +1,6 @@
 """``DualLoRALinear``: a drop-in ``nn.Linear`` with DualLoRA's two adapters and memory.
 
-Task lifecycle (DESIGN §1), driven from outside (the layer knows nothing of training loops)::
+Task lifecycle (docs/method.md), driven from outside (the layer knows nothing of training loops)::
 
     with collect_inputs(model) as stats:   # one pass over task t's data
         ...forward passes...
@@ -51,7 +51,7 @@ _GROWING = ("basis", "basis_sizes", "task_bases", "frozen_a", "frozen_b", "froze
 
 
 class DualLoRALinear(nn.Module):
-    """``y = x W0^T + b + s_o (x A_o^T) B_o^T + s_r ((x A_R^T) .* G) B_R^T`` (DESIGN §1).
+    """``y = x W0^T + b + s_o (x A_o^T) B_o^T + s_r ((x A_R^T) .* G) B_R^T`` (docs/method.md).
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``; W0 and b are frozen.
@@ -143,6 +143,12 @@ class DualLoRALinear(nn.Module):
         self.register_buffer("frozen_tasks", torch.zeros(0, dtype=torch.int64, device=dev))
         self.register_buffer("in_task", torch.zeros((), dtype=torch.bool, device=dev))
         self.register_buffer("res_active", torch.zeros((), dtype=torch.bool, device=dev))
+        # Host-side copies of the task state (the buffers above are its persistent form): forward
+        # reads these, so a training step never synchronises with the device to branch on state.
+        # Written with the buffers in begin_task / end_task, read back from them in load_state_dict.
+        self._in_task = False
+        self._res_active = False
+        self._frozen_task_ids: list[int] = []
         self._gate: Tensor | None = None
         self._collector: GramAccumulator | None = None
         self.last_scores: Tensor | None = None
@@ -187,7 +193,7 @@ class DualLoRALinear(nn.Module):
             f"frozen_blocks={self.frozen_tasks.numel()}",
             f"basis={self.basis_size}/{self.in_features}" if self.memory else "basis=off",
         ]
-        if bool(self.in_task):
+        if self._in_task:
             parts.append(f"training_task={self.tasks_done}")
         return ", ".join(parts)
 
@@ -199,6 +205,16 @@ class DualLoRALinear(nn.Module):
                 cur = getattr(self, name)
                 setattr(self, name, torch.empty(state_dict[key].shape, dtype=cur.dtype, device=cur.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        # The one place besides end_task where the basis changes: validate it here (a host sync,
+        # once), so that forward need not (it passes check_basis=False to the op).
+        if prefix + "basis" in state_dict:
+            try:
+                check.orthonormal(f"{prefix}basis", self.basis)
+            except ValueError as err:
+                errors.append(str(err))
+        self._in_task = bool(self.in_task)
+        self._res_active = bool(self.res_active)
+        self._frozen_task_ids = [int(t) for t in self.frozen_tasks.tolist()]
 
     # ------------------------------------------------------------------ gates
     def set_gate(self, gate: Tensor | None) -> None:
@@ -212,11 +228,11 @@ class DualLoRALinear(nn.Module):
         self._gate = gate
 
     def _tasks_known(self) -> int:
-        return self.tasks_done + int(bool(self.in_task))
+        return self.tasks_done + int(self._in_task)
 
     def _block_tasks(self) -> list[int]:
-        tasks = self.frozen_tasks.tolist()
-        if bool(self.res_active):
+        tasks = list(self._frozen_task_ids)
+        if self._res_active:
             tasks.append(self.tasks_done)
         return tasks
 
@@ -228,7 +244,7 @@ class DualLoRALinear(nn.Module):
         will when the dynamic memory recognises it. Otherwise the layer scores its input against
         every finished task's bases and keeps the scores and its own gate (``last_scores``,
         ``last_gate``) for task identification, also when ``set_gate`` fixed the gate it applies."""
-        in_task = bool(self.in_task)
+        in_task = self._in_task
         if in_task and self._gate is None:
             return None
         dynamic = None
@@ -266,18 +282,19 @@ class DualLoRALinear(nn.Module):
         task_gate = self._sample_gate(x)
         if task_gate is None:
             # training the current task: only its own residual block is on (no cross-task interaction)
-            if bool(self.res_active):
+            if self._res_active:
                 kw.update(res_a=self.res_a, res_b=self.res_b)
         else:
             gate = self._block_gate(x, task_gate)
             if gate is not None:
-                if self.frozen_tasks.numel():
+                if self._frozen_task_ids:
                     kw.update(frozen_a=self.frozen_a, frozen_b=self.frozen_b)
-                if bool(self.res_active):
+                if self._res_active:
                     kw.update(res_a=self.res_a, res_b=self.res_b)
-                kw["gate"] = gate.to(x.dtype)
+                kw["gate"] = gate  # any float dtype: the kernels read it in float32
         kw.setdefault("res_scale", self.res_scale)
-        return dual_lora_linear(x, self.weight, self.bias, backend=self.backend, **kw)
+        # The basis was validated where it was made (end_task, load_state_dict): no per-step check.
+        return dual_lora_linear(x, self.weight, self.bias, backend=self.backend, check_basis=False, **kw)
 
     # ------------------------------------------------------------------ task lifecycle
     def start_collecting(self) -> GramAccumulator:
@@ -303,7 +320,7 @@ class DualLoRALinear(nn.Module):
     def begin_task(self, stats: InputStats, generator: torch.Generator | None = None) -> None:
         """Start the next task: initialise the orthogonal adapter outside span(M) and, when M is
         not empty, a residual block inside span(M), from the task's input statistics."""
-        if bool(self.in_task):
+        if self._in_task:
             raise RuntimeError(f"task {self.tasks_done} is still in progress: call end_task() first")
         self._check_stats(stats, "begin_task")
         m = self.basis if self.basis_size else None
@@ -318,6 +335,7 @@ class DualLoRALinear(nn.Module):
         self._set_trainable(self.res_a, self.res_b, res)
         self.res_active.fill_(res)
         self.in_task.fill_(True)
+        self._res_active, self._in_task = res, True
 
     def _init_rows(self, rank: int, stats: InputStats, how: str, generator, *, exclude=None, within=None) -> Tensor:
         if how == "pca":
@@ -345,7 +363,7 @@ class DualLoRALinear(nn.Module):
         ``task_stats``: the inputs U_t is built from, when they differ -- with a global gate the
         task is recognised in a pass with the residual blocks off (:func:`residual_off`), so U_t
         must come from such a pass; default ``stats``."""
-        if not bool(self.in_task):
+        if not self._in_task:
             raise RuntimeError("end_task() without begin_task()")
         self._check_stats(stats, "end_task")
         if task_stats is not None:
@@ -357,18 +375,20 @@ class DualLoRALinear(nn.Module):
             delta = self.orth_scale * (self.orth_b.to(torch.float64) @ a_o)
             self.weight.copy_((self.weight.to(torch.float64) + delta).to(self.weight.dtype))
             self.orth_b.zero_()
-        if bool(self.res_active):
+        if self._res_active:
             self.frozen_a = torch.cat([self.frozen_a, project_onto(self.res_a, m)], 0)
             self.frozen_b = torch.cat([self.frozen_b, self.res_b.detach().clone()], 1)
             self.frozen_tasks = torch.cat([self.frozen_tasks, self.frozen_tasks.new_tensor([t])])
+            self._frozen_task_ids.append(t)
             self.res_b.zero_()
         self._set_trainable(self.orth_a, self.orth_b, False)
         self._set_trainable(self.res_a, self.res_b, False)
         added = 0
         if self.memory:
-            new = extend_basis(m, stats.tokens, self.threshold(t))
+            new = extend_basis(m, stats.tokens, self.threshold(t)).to(self.basis.dtype)
+            check.orthonormal("the extended basis", new)  # validated once here, not in every forward
             added = new.shape[1] - self.basis_size
-            self.basis = new.to(self.basis.dtype)
+            self.basis = new
         self.basis_sizes = torch.cat([self.basis_sizes, self.basis_sizes.new_tensor([added])])
         source = task_stats or stats
         summary_gram = source.summary if source.summary_count else source.tokens
@@ -376,6 +396,7 @@ class DualLoRALinear(nn.Module):
         self.task_bases = torch.cat([self.task_bases, u_t[None]], 0)
         self.res_active.fill_(False)
         self.in_task.fill_(False)
+        self._res_active = self._in_task = False
         return added
 
 

@@ -16,10 +16,17 @@ from duallora_kernels import benchmark as B
 from duallora_kernels._readme import markers
 from duallora_kernels.commands import bench as bench_cmd
 from duallora_kernels.commands import profile_memory as mem_cmd
+from duallora_kernels.opcount import FROZEN_STEP, STEP_BUDGET
 from duallora_kernels.ops import dual_lora_linear
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--img-size", "32"]
+# The unfused composition's forward+backward, by hand: forward 15 ops (the projections 2 mm + sub
+# and 2 mm; F.linear's addmm; x A_o^T, then B_o^T: 2 mm, a mul by s_o, an add; x A_r^T, * gate,
+# * s_r, B_r^T: 2 mm, 2 mul, an add), backward 20 (dX = dY W0: 1 mm; each of the 4 adapter
+# matmuls x A^T / T B^T: 2 mm; the 2 projections' mm chains: 2 mm each; 3 mul for the scales and
+# the gate, a neg for the projection's minus, 3 adds accumulating dX (3 terms) and dC_o (2 terms)).
+UNFUSED_STEP = 35
 
 
 def _render_module():
@@ -79,14 +86,14 @@ def test_layer_saved_bytes_of_frozen_and_full_finetune_layers():
 
 
 def test_fused_op_saves_no_more_activation_bytes_than_the_unfused_composition():
-    # backend="triton" in the interpreter, bfloat16. The fused op keeps only x, T (m x r, in x's
-    # dtype) and the gate (m x 1, not a parameter here): no stacked A/B copies (fused_linear's
-    # "What is saved").
+    # backend="triton" in the interpreter, bfloat16. The fused op keeps x, T (m x r, in x's dtype),
+    # the gate (m x 1, not a parameter here) and the assembled A (r x d), which spares the backward
+    # two launches; B^T is rebuilt (fused_linear's "What is saved").
     m, d, n, r = 20, 48, 40, 8
     p = B.make_problem(B.LayerShape("custom", d, n), r, "bfloat16", "cpu", m=m, buffers=1)
     fused, unfused = B.layer_saved_bytes("fused", p), B.layer_saved_bytes("unfused", p)
     assert fused.activation_bytes <= unfused.activation_bytes
-    assert fused.activation_bytes == (m * d + m * r + m * 1) * 2
+    assert fused.activation_bytes == (m * d + m * r + m * 1 + r * d) * 2
 
 
 # ----------------------------------------------------------------------------- the unfused baseline is honest
@@ -147,9 +154,26 @@ def test_bench_command_writes_a_valid_json(tmp_path, capsys):
             r = timing[(v, p)]
             assert r["status"] == "ok" and r["median_ms"] > 0 and r["tflops"] > 0 and r["m"] == 197
         assert timing[("fused", p)]["status"] == "skipped" and "CUDA" in timing[("fused", p)]["reason"]
+        compiled = timing[("unfused_compiled", p)]
+        assert compiled["status"] == "skipped" and "CUDA device only" in compiled["reason"]
+    # one op_count row per variant: the fused kernel counted through the interpreter (TRITON_INTERPRET=1 here)
+    counts = {r["variant"]: r for r in doc["results"] if r["kind"] == "op_count"}
+    assert set(counts) == set(B.VARIANTS)
+    assert counts["frozen"]["device_ops"] == FROZEN_STEP == 2 and counts["frozen"]["method"] == "opcount"
+    assert counts["unfused"]["device_ops"] == UNFUSED_STEP
+    assert counts["fused"]["status"] == "ok", counts["fused"]["reason"]
+    assert counts["fused"]["kernels"] and counts["fused"]["device_ops"] == (
+        sum(counts["fused"]["kernels"].values()) + sum(counts["fused"]["torch_ops"].values()))
+    assert counts["fused"]["syncs"] == [] and counts["fused"]["budget"] == STEP_BUDGET
+    assert counts["unfused_compiled"]["status"] == "skipped" and counts["unfused_compiled"]["device_ops"] is None
     comps = [r for r in doc["results"] if r["kind"] == "comparison"]
     assert len(comps) == 2 and all(isinstance(c["unfused_over_frozen"], float) for c in comps)
-    assert "unfused/fused" in capsys.readouterr().out
+    bwd = next(c for c in comps if c["pass"] == "fwd+bwd")
+    assert (bwd["frozen_ops"], bwd["unfused_ops"], bwd["unfused_compiled_ops"]) == (2, UNFUSED_STEP, None)
+    assert bwd["fused_ops"] == counts["fused"]["device_ops"]
+    out_text = capsys.readouterr().out
+    assert "unfused/fused" in out_text and "device operations per forward+backward" in out_text
+    assert doc["settings"]["threads"] == torch.get_num_threads() and "threads: " in out_text
 
 
 def test_profile_memory_command_writes_a_valid_json(tmp_path):
@@ -187,13 +211,19 @@ def _sample_doc() -> dict:
     doc["device"].update(type="cuda", name="NVIDIA H100 80GB HBM3", slug="h100-80gb-hbm3")
     doc["date"] = "2031-01-02T03:04:05+00:00"
     rows = []
-    for variant, ms in (("frozen", 1.0), ("fused", 1.08), ("unfused", 2.5)):
+    for variant, ms in (("frozen", 1.0), ("fused", 1.08), ("unfused", 2.5), ("unfused_compiled", 1.5)):
         rows.append({"kind": "timing", "layer": "vit_b.fc1", "shape": "768x3072", "d": 768, "n": 3072, "batch": 64,
                      "m": 12608, "rank": None if variant == "frozen" else 16, "dtype": "bfloat16", "pass": "fwd+bwd",
                      "variant": variant, "status": "ok", "reason": None, "median_ms": ms, "flops": 1, "bytes": 1,
                      "tflops": 1.0, "gbps": 1.0})
     rows.append({**rows[-1], "variant": "peft", "status": "skipped", "reason": "peft is not installed",
                  "median_ms": None, "tflops": None, "gbps": None})
+    for variant, n in (("frozen", 2), ("fused", 7), ("unfused", 35), ("unfused_compiled", 9), ("peft", None)):
+        rows.append({"kind": "op_count", "layer": "vit_b.fc1", "shape": "768x3072", "d": 768, "n": 3072, "batch": 64,
+                     "m": 12608, "rank": None if variant == "frozen" else 16, "dtype": "bfloat16", "pass": "fwd+bwd",
+                     "variant": variant, "status": "ok" if n else "skipped", "reason": None if n else "peft is not installed",
+                     "device_ops": n, "method": "torch.profiler" if n else None, "budget": None, "kernels": None,
+                     "torch_ops": None, "syncs": None})
     return {**doc, "results": rows + B.comparison_rows(rows)}
 
 
@@ -212,14 +242,32 @@ def test_renderer_fills_the_readme_between_the_markers(tmp_path):
     text = readme.read_text()
     assert text.startswith("# x\n") and text.endswith("\ntail\n") and "old" not in text
     section = text[text.index(start):text.index(end)]
-    row = next(line for line in section.splitlines() if "vit_b.fc1 768→3072" in line)
-    cells = [c.strip() for c in row.strip("|").split("|")]
+    speed, ops = [line for line in section.splitlines() if "vit_b.fc1 768→3072" in line]
+    cells = [c.strip() for c in speed.strip("|").split("|")]
     assert cells[:10] == ["H100 80GB HBM3, 2031-01-02", "bfloat16", "vit_b.fc1 768→3072", "12608", "16",
-                          "1.000", "1.080", "2.500", "-", "1.08x ✓"]
-    assert cells[10] == "2.31x ✓" and "h100-2031-01-02.json" in cells[-1]
+                          "1.000", "1.080", "2.500", "1.500", "-"]
+    assert cells[10:13] == ["1.08x ✓", "2.31x ✓", "1.39x ✓"] and "h100-2031-01-02.json" in cells[-1]
+    assert "fused/frozen (goal ≤ 1.08)" in section and "compiled/fused (goal ≥ 1.3)" in section
+    # device operations: one column per variant in B.VARIANTS' order, then the method
+    cells = [c.strip() for c in ops.strip("|").split("|")]
+    assert cells[4:] == ["16", "7", "35", "2", "-", "9", "torch.profiler", "[h100-2031-01-02.json](bench/results/h100-2031-01-02.json)"]
+    assert "fused (budget ≤ 8)" in section
     assert rt.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
     readme.write_text(text.replace("1.080", "9.999"))
     assert rt.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+
+
+def test_committed_results_of_schema_1_are_still_read_and_rendered():
+    rt = _render_module()
+    files = sorted((ROOT / "bench" / "results").glob("*.json"))
+    docs = [json.loads(f.read_text()) for f in files]
+    assert "duallora-bench/1" in B.READABLE_SCHEMAS and B.SCHEMA == "duallora-bench/2"
+    assert [B.validate_doc(d) for d in docs] == [[] for _ in docs]
+    old = [f for f, d in zip(files, docs) if d["schema"] == "duallora-bench/1" and d["command"] == "bench"]
+    assert old, "a committed /1 bench file"
+    section = rt.render(old)
+    assert "**One DualLoRA layer" in section and "Device operations" not in section  # /1 has no op counts
+    assert B.validate_doc({"schema": "duallora-bench/0"} | {k: v for k, v in docs[0].items() if k != "schema"}) != []
 
 
 def test_renderer_needs_the_markers():
@@ -285,7 +333,7 @@ def test_counts_parsers_and_devices():
     assert B.device_peaks("NVIDIA GeForce RTX 4090") is None
     assert B.device_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
     out = B.default_out_path(torch.device("cpu"), "-memory")
-    assert out.parent.name == "results" and out.name.startswith("cpu-") and out.name.endswith("-memory.json")
+    assert out.parent == Path("runs", "bench") and out.name.startswith("cpu-") and out.name.endswith("-memory.json")
 
 
 def test_quick_flag_selects_the_small_matrix():
@@ -294,3 +342,157 @@ def test_quick_flag_selects_the_small_matrix():
     s = bench_cmd.settings_from(_parse(bench_cmd, []))
     assert len(s["shapes"]) == 6 and s["ranks"] == list(B.RANKS) and s["batch"] == 64
     assert bench_cmd.run(_parse(bench_cmd, ["--variants", "fast"])) == 2
+
+
+# ----------------------------------------------------------------------------- device-operation counts
+def test_op_counts_of_the_frozen_and_unfused_steps_match_a_hand_count():
+    from duallora_kernels import bench_ops
+
+    p = B.make_problem(B.LayerShape("custom", 24, 16), 4, "float32", "cpu", m=10, buffers=1)
+    cpu = torch.device("cpu")
+    frozen = bench_ops.count_variant("frozen", p, cpu)
+    assert (frozen["status"], frozen["method"], frozen["device_ops"]) == ("ok", "opcount", FROZEN_STEP)
+    assert frozen["torch_ops"] == {"addmm": 1, "mm": 1} and frozen["rank"] is None and frozen["budget"] == 2
+    unfused = bench_ops.count_variant("unfused", p, cpu)
+    assert unfused["device_ops"] == UNFUSED_STEP
+    assert unfused["torch_ops"] == {"mm": 21, "addmm": 1, "sub": 1, "mul": 6, "add": 5, "neg": 1}
+    assert unfused["syncs"] == [] and unfused["rank"] == 4 and unfused["budget"] is None
+    compiled = bench_ops.count_variant("unfused_compiled", p, cpu)
+    assert compiled["status"] == "skipped" and "CUDA" in compiled["reason"] and compiled["device_ops"] is None
+    assert B.validate_doc({**_sample_doc(), "results": [frozen, unfused, compiled]}) == []
+
+
+def test_op_count_errors_become_error_rows(monkeypatch):
+    from duallora_kernels import bench_ops
+
+    p = B.make_problem(B.LayerShape("custom", 8, 8), 2, "float32", "cpu", m=3, buffers=1)
+
+    def broken(variant, pass_, problem):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(B, "make_step", broken)
+    row = bench_ops.count_variant("unfused", p, torch.device("cpu"))
+    assert row["status"] == "error" and row["reason"] == "RuntimeError: boom" and row["device_ops"] is None
+
+
+def test_profiler_count_keeps_kernels_memcpy_and_memset_only():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from duallora_kernels.bench_ops import device_activities
+
+    def ev(name, device=DeviceType.CUDA, kind="kernel"):
+        return SimpleNamespace(name=name, device_type=device, activity_type=kind)
+
+    events = [ev("aten::mm", DeviceType.CPU, "cpu_op"), ev("cudaLaunchKernel", DeviceType.CPU, "cuda_runtime"),
+              ev("_fwd_kernel"), ev("sm90_xmma_gemm"), ev("sm90_xmma_gemm"), ev("Memset (Device)", kind="gpu_memset"),
+              ev("Memcpy DtoD (Device -> Device)", kind="gpu_memcpy"), ev("my range", kind="gpu_user_annotation")]
+    got = device_activities(events)
+    assert got == {"_fwd_kernel": 1, "sm90_xmma_gemm": 2, "Memset (Device)": 1, "Memcpy DtoD (Device -> Device)": 1}
+    old = [SimpleNamespace(name="k", device_type=DeviceType.CUDA), SimpleNamespace(name="ProfilerStep#3", device_type=DeviceType.CUDA)]
+    assert device_activities(old) == {"k": 1}  # torch without activity types: annotations left out by name
+
+
+# ----------------------------------------------------------------------------- where results go, threads, --quick
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_commands_write_to_runs_bench_by_default_never_to_bench_results(tmp_path, monkeypatch, keep_threads):
+    results = ROOT / "bench" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--shapes", "16x24", "--batch", "1", "--dtype", "float32", "--no-progress"]
+    assert bench_cmd.run(_parse(bench_cmd, [*tiny, "--ranks", "4", "--variants", "frozen", "--passes", "fwd",
+                                            "--warmup-ms", "1", "--rep-ms", "1"])) == 0
+    assert mem_cmd.run(_parse(mem_cmd, [*tiny, "--rank", "4", "--scope", "layer", "--variants", "frozen"])) == 0
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
+    today = B._dt.date.today().isoformat()
+    assert written == [f"runs/bench/cpu-{today}-memory.json", f"runs/bench/cpu-{today}.json"]
+    assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before
+    # an explicit --out goes where it says
+    out = tmp_path / "bench" / "results" / "mine.json"
+    assert bench_cmd.run(_parse(bench_cmd, [*tiny, "--ranks", "4", "--variants", "frozen", "--passes", "fwd",
+                                            "--warmup-ms", "1", "--rep-ms", "1", "--out", str(out)])) == 0
+    assert json.loads(out.read_text())["complete"] is True
+
+
+def test_threads_are_capped_at_the_usable_cores_and_printed(monkeypatch, capsys, keep_threads, tmp_path):
+    import duallora_kernels.cli as cli
+
+    tiny = ["--shapes", "16x24", "--batch", "1", "--dtype", "float32", "--ranks", "4", "--variants", "frozen",
+            "--passes", "fwd", "--warmup-ms", "1", "--rep-ms", "1", "--no-progress", "--no-count"]
+    torch.set_num_threads(2)
+    monkeypatch.setattr(cli, "usable_cores", lambda: 1)
+    monkeypatch.setattr(bench_cmd, "usable_cores", lambda: 1)
+    assert bench_cmd.run(_parse(bench_cmd, [*tiny, "--out", str(tmp_path / "a.json")])) == 0
+    assert capsys.readouterr().out.startswith("threads: 1 (torch's choice, at most the usable cores; 1 core(s)")
+    assert torch.get_num_threads() == 1
+    assert json.loads((tmp_path / "a.json").read_text())["settings"]["threads"] == 1
+    monkeypatch.setattr(cli, "usable_cores", lambda: 2)
+    assert bench_cmd.run(_parse(bench_cmd, [*tiny, "--threads", "2", "--out", str(tmp_path / "b.json")])) == 0
+    assert capsys.readouterr().out.startswith("threads: 2 (--threads")
+    assert bench_cmd.main([*tiny, "--threads", "3", "--out", str(tmp_path / "c.json")]) == 2
+    assert "more than the 2 core(s)" in capsys.readouterr().err and not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_quick_leaves_bfloat16_out_on_a_cpu_without_bf16_matmul(monkeypatch, supported):
+    from duallora_kernels import bench_ops
+
+    monkeypatch.setattr(bench_ops, "cpu_bf16_matmul", lambda: (supported, "the CPU has no bfloat16 matmul instructions"))
+    s = bench_cmd.settings_from(_parse(bench_cmd, ["--quick", "--device", "cpu"]))
+    if supported:
+        assert s["dtypes"] == ["float32", "bfloat16"] and s["notes"] == []
+    else:
+        assert s["dtypes"] == ["float32"]
+        assert s["notes"] == ["--quick: float32 only: the CPU has no bfloat16 matmul instructions, so bfloat16 would take minutes"]
+    explicit = bench_cmd.settings_from(_parse(bench_cmd, ["--quick", "--device", "cpu", "--dtype", "bf16"]))
+    assert explicit["dtypes"] == ["bfloat16"] and explicit["notes"] == []  # an explicit --dtype is obeyed
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch):
+    from duallora_kernels.bench_ops import cpu_bf16_matmul
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cpu_bf16_matmul() == (True, "the CPU has avx512_bf16")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cpu_bf16_matmul() == (True, "the CPU has AMX")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    ok, why = cpu_bf16_matmul()
+    assert ok is False and "no bfloat16 matmul" in why
+
+
+# ----------------------------------------------------------------------------- profile-memory's printed tables
+def test_profile_memory_tables_are_narrow_and_reasons_are_notes():
+    label = "vit_base_patch16_224 (img_size=32, depth=1, embed_dim=32, num_heads=2)"
+    long_reason = "the fused Triton kernel needs a CUDA device (or TRITON_INTERPRET=1 set before launch, slow)"
+    rows = []
+    for scope, model, shape in (("layer", "vit_b.fc1", "768x3072"), ("vit", label, None)):
+        for v, act in (("frozen", 0), ("unfused", 3 * 2**20), ("full_ft", 2 * 2**20)):
+            rows.append(mem_cmd._saved_row(scope, model, shape, v, "bfloat16", 64, 12608, 16,
+                                           B.SavedBytes(act + 2**20, act, 2, 2)))
+        rows.append(mem_cmd._saved_row(scope, model, shape, "fused", "bfloat16", 64, 12608, 16,
+                                       status="skipped", reason=long_reason))
+    mem_cmd._add_ratios(rows)
+    rows.append(mem_cmd._needs_cuda_row("step_memory", {"model_label": label, "rank": 16, "step_batch": 64}, "fused", "bfloat16"))
+    import io
+
+    buf = io.StringIO()
+    mem_cmd.print_tables(rows, file=buf)
+    text = buf.getvalue()
+    lines = text.splitlines()
+    assert all(line == line.rstrip() for line in lines)  # nothing padded at the end
+    table_lines = [line for line in lines if line and not line.startswith("  ") and label not in line]
+    assert max(map(len, table_lines)) <= 80, max(table_lines, key=len)
+    assert f"  [1] skipped: {long_reason}" in lines and text.count(long_reason) == 2  # once per table, as a note
+    row = next(line for line in lines if line.startswith("vit_b.fc1 768x3072") and "unfused" in line)
+    assert row.split() == ["vit_b.fc1", "768x3072", "unfused", "4.00", "MiB", "3.00", "MiB", "-", "1.50x"]
+    assert any(line.startswith(label + ", bfloat16, batch 64, rank 16") for line in lines)
+    assert "  step_memory (fused): needs a CUDA device" in text

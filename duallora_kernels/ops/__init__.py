@@ -48,12 +48,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-# Orthonormality is checked once per basis tensor version: a check is a host sync, and a
-# layer passes the same basis on every forward.
-_checked_bases: dict[tuple, None] = {}
-
-
-def _check_basis(basis: Tensor, d: int, ref: Tensor) -> Tensor | None:
+def _check_basis(basis: Tensor, d: int, ref: Tensor, on_device: bool) -> Tensor | None:
     check.tensor("basis", basis, ndim=2)
     check.shape("basis", basis, (d, None), "(d, k): k orthonormal columns in the input space")
     check.same_device("basis", basis, ref, "x")
@@ -61,12 +56,8 @@ def _check_basis(basis: Tensor, d: int, ref: Tensor) -> Tensor | None:
         return None
     if basis.shape[1] > d:
         raise ValueError(f"basis has {basis.shape[1]} columns but can span at most d={d} dimensions")
-    key = (basis.data_ptr(), basis._version, tuple(basis.shape), basis.dtype, basis.device)
-    if key not in _checked_bases:
-        check.orthonormal("basis", basis)
-        if len(_checked_bases) > 4096:
-            _checked_bases.clear()
-        _checked_bases[key] = None
+    if on_device:
+        check.orthonormal_async("basis", basis)
     return basis
 
 
@@ -105,8 +96,9 @@ def dual_lora_linear(
     orth_scale: float = 1.0,
     res_scale: float = 1.0,
     backend: str = "auto",
+    check_basis: bool = True,
 ) -> Tensor:
-    """One DualLoRA linear layer (DESIGN §1)::
+    """One DualLoRA linear layer (docs/method.md)::
 
         Y = x W0^T + b + s_o (x A_o^T) B_o^T + s_r ((x A_R^T) .* G) B_R^T
 
@@ -128,9 +120,15 @@ def dual_lora_linear(
             r_r columns are scaled by ``res_scale * gate[..., j]``. None means all ones. Gates
             are not differentiated.
         basis: the memory M (d, k) with orthonormal columns; None or k = 0 means empty
-            (task 1). Any float dtype; projections are formed in at least float32.
+            (task 1). Any float dtype; projections are formed in at least float32. It is a
+            constant of the op: it gets no gradient (in every backend), even if it requires one.
         orth_scale: s_o. res_scale: s_r.
         backend: "auto" | "triton" | "torch" | "cuda" (see :func:`resolve_backend`).
+        check_basis: verify ``M^T M = I`` on every call, on the device (``torch._assert_async``:
+            no host synchronisation; on a GPU a failure is a device-side assert, on the CPU a
+            RuntimeError). Costs a few small device ops per call, so callers that validate the
+            basis where it is made pass False: :class:`duallora_kernels.nn.DualLoRALinear` checks
+            it in ``end_task`` and ``load_state_dict``.
 
     Returns:
         Y (..., n) in x's dtype.
@@ -157,10 +155,11 @@ def dual_lora_linear(
     if frozen_a is not None and (frozen_a.requires_grad or frozen_b.requires_grad):
         raise ValueError("frozen_a / frozen_b must not require grad: pass the training block as res_a / res_b")
     if basis is not None:
-        basis = _check_basis(basis, d, x)
+        basis = _check_basis(basis, d, x, on_device=check_basis and x.device.type != "meta")
+        if basis is not None:
+            basis = basis.detach()
     if res_a is not None and basis is None:
         raise ValueError("res_a (a training residual block) needs a non-empty basis: it lives in span(M)")
-    rows = x.numel() // d if d else 0
     gate2 = None
     r_resid = r_train + r_frozen
     if gate is not None:
@@ -178,12 +177,13 @@ def dual_lora_linear(
                     f"rows: gate needs one column per block of equal rank"
                 )
             try:
-                gate2 = gate.detach().expand(*x.shape[:-1], blocks).reshape(rows, blocks)
+                # A broadcast view, never a copy: the kernels read it through its strides.
+                gate2 = gate.detach().expand(*x.shape[:-1], blocks)
             except RuntimeError:
                 raise ValueError(
                     f"gate of shape {tuple(gate.shape)} does not broadcast to x's rows {tuple(x.shape[:-1])} + ({blocks},)"
                 ) from None
-    impl = _dual_lora_impl(resolve_backend(backend, x.device))
+    impl = _dual_lora_impl("torch" if x.device.type == "meta" else resolve_backend(backend, x.device))
     return impl(
         x, weight, bias,
         orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a, frozen_b=frozen_b,

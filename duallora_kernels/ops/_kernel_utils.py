@@ -23,10 +23,12 @@ POISON_ENV = "DUALLORA_POISON_OUTPUTS"
 
 
 #: Set to "0" to give every kernel one fixed config on a GPU instead of autotuning over its list
-#: of Hopper configs (each op module's ``_configs`` names the fixed one). Autotuning compiles and
-#: times every config of the list for each new autotuning key, which is right for real runs and
-#: far too slow for a test suite of many small shapes (bench/run_gpu_tests.sh sets it). Read when
-#: the op modules are imported: the config lists are fixed when the kernels are decorated.
+#: of configs (each op module's ``_configs`` names the fixed one), or to N >= 1 to autotune over the
+#: first N configs that the per-arch pruning keeps (the GPU script's "at most two configs per
+#: kernel"); unset: every config the pruning keeps. Autotuning compiles and times every config for
+#: each new autotuning key, which is right for real runs and far too slow for a test suite of many
+#: small shapes (bench/run_gpu.sh sets it). Read when the op modules are imported (the config
+#: lists are fixed when the kernels are decorated) and when configs are pruned.
 AUTOTUNE_ENV = "DUALLORA_AUTOTUNE"
 
 
@@ -37,7 +39,18 @@ def interpreting() -> bool:
 
 def autotuning() -> bool:
     """False when ``DUALLORA_AUTOTUNE=0``: compiled kernels run their one fixed config."""
-    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+    return autotune_limit() != 0
+
+
+def autotune_limit() -> int | None:
+    """``DUALLORA_AUTOTUNE`` as a number of configs: 0 = the fixed one, N = the first N kept by
+    pruning, None (unset or empty) = all of them."""
+    raw = os.environ.get(AUTOTUNE_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{AUTOTUNE_ENV}={raw!r}: use 0 (one fixed config), N >= 1 (the first N configs) or leave it unset")
+    return int(raw)
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -23,13 +23,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .reference import task_scores_reference
+from .reference import TINY_NORM, task_scores_reference
 
 __all__ = ["dual_lora_linear_cuda", "gram_cuda", "task_scores_cuda", "load_extension", "build_extension", "CSRC"]
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("bindings.cpp", "memory_ops.cu", "fused_linear.cu")
-EPS = 1e-12  # task_scores_reference's clamp on ||z||^2
+# csrc/memory_ops.cu divides by max(||z||^2, eps): with eps = float32's smallest normal it scores
+# like the reference down to that norm (below it the reference gives 0 and the kernel 0 / eps = 0
+# for an all-zero z).
+EPS = TINY_NORM
 _SMEM_ROW_LIMIT = 48 * 1024  # task_scores stages one z row in (static-limit) shared memory
 
 _ext = None
@@ -103,7 +106,8 @@ def gram_cuda(x: Tensor) -> Tensor:
     blocks = tiles * (tiles + 1) // 2
     target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
     splits = max(1, min(-(-target // blocks), -(-m // 256)))
-    return ext.gram(x2, max(1, -(-m // splits)))
+    g = ext.gram(x2, max(1, -(-m // splits)))
+    return (g + g.T) * 0.5  # both triangles are summed with atomics: make (i, j) and (j, i) one value
 
 
 def task_scores_cuda(z: Tensor, task_bases: Tensor) -> Tensor:
@@ -113,13 +117,18 @@ def task_scores_cuda(z: Tensor, task_bases: Tensor) -> Tensor:
     _require_cuda("task_bases", task_bases)
     wd = torch.promote_types(z.dtype, torch.float32)
     if z.shape[1] * torch.finfo(wd).bits // 8 > _SMEM_ROW_LIMIT:
-        return task_scores_reference(z, task_bases, eps=EPS)  # a z row does not fit the kernel's smem
+        return task_scores_reference(z, task_bases)  # a z row does not fit the kernel's smem
     return ext.task_scores(z.to(wd).contiguous(), task_bases.to(wd).contiguous(), EPS)
+
+
+def _gate_rows(gate, lay, d_rows: int):
+    # The Triton kernels read the (broadcast) gate through its strides; these kernels want (m, G) float32.
+    return gate.reshape(d_rows, gate.shape[-1]).to(torch.float32).contiguous() if lay.has_gate else None
 
 
 def _cuda_forward(x, weight, bias, a, bt, gate, lay, store_t):
     n, d = weight.shape
-    g = gate.to(torch.float32).contiguous() if lay.has_gate else None
+    g = _gate_rows(gate, lay, x.numel() // d)
     y, t = load_extension().dual_lora_forward(
         x.reshape(-1, d).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), a, bt, g,
         lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale, store_t,
@@ -129,16 +138,20 @@ def _cuda_forward(x, weight, bias, a, bt, gate, lay, store_t):
     return y.view(*x.shape[:-1], n), None if t is None else t.to(x.dtype)
 
 
-def _cuda_backward(dy, x, weight, a, bt, gate, t, lay, plan):
+def _cuda_backward(dy, x, weight, a, bt, gate, t, lay, plan, grad):
     n, d = weight.shape
-    g = gate.to(torch.float32).contiguous() if lay.has_gate else None
+    g = _gate_rows(gate, lay, dy.numel() // n)
     x2 = x.reshape(-1, d).contiguous() if plan.need_da else None
     dx, da, dbt, dbias = load_extension().dual_lora_backward(
         dy.reshape(-1, n).contiguous(), weight.contiguous(), a, bt, g, None if t is None else t.float(), x2,
         lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale,
         plan.da_orth_end, plan.da_res_start, plan.db_orth_end, plan.db_res_start, plan.need_dx, plan.need_dbias,
     )
-    return dx, da, dbt, dbias
+    r = lay.r
+    for sums, start, size in ((da, 0, r * d), (dbt, r * d, r * n), (dbias, r * d + r * n, n)):
+        if sums is not None:
+            grad[start:start + size].copy_(sums.reshape(-1))
+    return dx
 
 
 def dual_lora_linear_cuda(

@@ -4,7 +4,10 @@ Used to collect a layer's input statistics for its bases in the same pass that r
 over a task's data. One launch; each program owns one (BLOCK_D x BLOCK_D) output tile on or
 above the diagonal and streams a chunk of rows through it, accumulating in float32. Only the
 upper triangle is computed: an off-diagonal tile is stored twice (as itself and transposed),
-halving the flops of a plain ``x.T @ x``.
+halving the flops of a plain ``x.T @ x``. The result is exactly symmetric by construction (the
+eigendecomposition downstream assumes it): a diagonal tile is symmetrised as ``(G + G^T) / 2``
+before it is stored, and when row chunks are summed with atomics only the upper triangle is
+summed and then mirrored.
 
 Passes: x is read once in the GEMM sense (each row block is loaded by the ~(d/BLOCK_D)^2/2
 programs of the tiles it feeds, which run side by side and share it through L2); the (d, d)
@@ -25,8 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_utils import (autotuning, dot_mode, interpreting, launch, mma, new_output, row_offsets, rows_view,
-                            size_bucket)
+from ._kernel_utils import (autotune_limit, current_arch, dot_mode, interpreting, launch, mma, new_output,
+                            row_offsets, rows_view, size_bucket, smem_limit)
 from .reference import gram_reference
 
 __all__ = ["gram_triton"]
@@ -36,18 +39,48 @@ __all__ = ["gram_triton"]
 _CHUNK_QUANTUM = 256
 
 
+#: (BLOCK_D, BLOCK_M, num_warps, num_stages) in order of preference. IEEE float32 dots keep their
+#: operands in registers (FMA), so float32 gets small tiles of its own.
+LOWP_SHAPES = [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 5)]
+FP32_SHAPES = [(64, 32, 4, 3), (64, 64, 4, 3)]
+FIXED_SHAPE = (64, 32, 4, 3)
+
+
 def _configs() -> list[triton.Config]:
-    """(BLOCK_D, BLOCK_M, num_warps, num_stages) for a GPU; one small tile under the interpreter;
-    with ``DUALLORA_AUTOTUNE=0`` (:data:`._kernel_utils.AUTOTUNE_ENV`) the list's (64, 64, 4, 4)."""
+    """Every config either dtype may use (:func:`_prune` picks per dtype and arch); one small tile
+    under the interpreter; with ``DUALLORA_AUTOTUNE=0`` (:data:`._kernel_utils.AUTOTUNE_ENV`)
+    :data:`FIXED_SHAPE`."""
     if interpreting():
         return [triton.Config({"BLOCK_D": 32, "BLOCK_M": 32}, num_warps=4, num_stages=1)]
-    shapes = [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 5)]
-    if not autotuning():
-        shapes = [(64, 64, 4, 4)]
+    shapes = [FIXED_SHAPE] if autotune_limit() == 0 else list(dict.fromkeys(LOWP_SHAPES + FP32_SHAPES))
     return [triton.Config({"BLOCK_D": bd, "BLOCK_M": bm}, num_warps=w, num_stages=s) for bd, bm, w, s in shapes]
 
 
-@triton.autotune(configs=_configs(), key=["d", "chunk_bucket", "USE_ATOMIC"], reset_to_zero=["g_ptr"])
+def plan_resources(shape: tuple[int, int, int, int], elsize: int) -> tuple[int, int]:
+    """(shared memory bytes, float32 accumulator registers per thread) of a config: two pipelined
+    (BLOCK_D x BLOCK_M) operand tiles per stage; one (BLOCK_D x BLOCK_D) accumulator."""
+    bd, bm, warps, stages = shape
+    return 2 * bd * bm * elsize * stages, bd * bd // (32 * warps)
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    if len(configs) <= 1:
+        return configs
+    x = named_args["x_ptr"]
+    wanted = FP32_SHAPES if x.dtype == torch.float32 else LOWP_SHAPES
+    limit = smem_limit(current_arch())
+
+    def shape(c: triton.Config) -> tuple[int, int, int, int]:
+        return c.kwargs["BLOCK_D"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages
+
+    keep = sorted((c for c in configs if shape(c) in wanted), key=lambda c: wanted.index(shape(c)))
+    keep = [c for c in keep if plan_resources(shape(c), x.element_size())[0] <= limit] or keep[-1:]
+    n = autotune_limit()
+    return keep[:n] if n else keep
+
+
+@triton.autotune(configs=_configs(), key=["d", "chunk_bucket", "USE_ATOMIC"], reset_to_zero=["g_ptr"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _gram_kernel(
     x_ptr, g_ptr, m, d, chunk, rows_per_batch, stride_xb, stride_xm, stride_xk, chunk_bucket,
@@ -73,15 +106,17 @@ def _gram_kernel(
         acc = mma(xi_t, xj, acc, DOT_MODE)
     mask = ci_ok[:, None] & cj_ok[None, :]
     upper = g_ptr + ci[:, None] * d + cj[None, :]
-    lower = g_ptr + cj[None, :] * d + ci[:, None]
     if USE_ATOMIC:
-        tl.atomic_add(upper, acc, mask=mask)
-        if ti != tj:
-            tl.atomic_add(lower, acc, mask=mask)
+        # Only the upper tiles are summed; the launcher mirrors them once all chunks are in, so
+        # (i, j) and (j, i) are one float, not two sums whose atomics arrived in different orders.
+        tl.atomic_add(upper, acc, mask=mask, sem="relaxed")
     else:
+        if ti == tj:
+            # X_i^T X_i from tensor cores (or any BLAS) is not bitwise symmetric; a + b == b + a is.
+            acc = (acc + tl.trans(acc)) * 0.5
         tl.store(upper, acc, mask=mask)
         if ti != tj:
-            tl.store(lower, acc, mask=mask)
+            tl.store(g_ptr + cj[None, :] * d + ci[:, None], acc, mask=mask)
 
 
 def _row_chunk(m: int, d: int, device: torch.device) -> int:
@@ -114,4 +149,6 @@ def gram_triton(x: Tensor) -> Tensor:
         _gram_kernel, grid, xr.t, g, m, d, chunk, *xr.addressing, size_bucket(chunk),
         USE_ATOMIC=use_atomic, DOT_MODE=dot_mode(x.dtype),
     )
+    if use_atomic:
+        g = g.triu() + g.triu(1).T  # mirror the summed upper triangle: exactly symmetric
     return g

@@ -1,11 +1,19 @@
-"""Fused Triton forward and backward of the DualLoRA linear layer (DESIGN §2).
+"""Fused Triton forward and backward of the DualLoRA linear layer (the contract of
+:func:`duallora_kernels.ops.dual_lora_linear`; the method in docs/method.md).
 
 The op is ``Y = X W0^T + b + ((X A^T) .* S) B^T`` with ``A = [A_o; A_frozen; A_r]`` (r, d),
 ``B`` (n, r) and the per-row, per-column scale ``S`` (orth_scale on the orthogonal columns,
-``res_scale * gate[row, block]`` on the residual ones). ``A`` and ``B`` are stacked in torch
-(:func:`.reference.adapter_matrices`: r*d*k flops, negligible), in forward and again in backward
-(they are not saved, see "What is saved"), and the gate is read inside the kernels, so ``S``
-never exists in memory.
+``res_scale * gate[row, block]`` on the residual ones). ``A`` and ``B^T`` are assembled, with the
+memory projections, by the small kernels of :mod:`.adapter_prep` (one launch, two with a basis),
+and the gate is read inside the kernels through its own strides (a per-sample gate broadcast
+over tokens is never copied), so ``S`` never exists in memory.
+
+Device operations of one training step (the cost contract, counted by tests/test_cost_contract.py
+with :mod:`duallora_kernels.opcount`; the frozen ``nn.Linear`` takes 2): forward = coefficients
+``[C_o; C_r] M`` + assembly of A, B^T + the fused forward kernel; backward = one memset of the
+float32 gradient sums + the fused backward kernel + coefficients ``[dA_o; dA_r] M`` + the
+projection/cast of every adapter gradient. 7 with a basis, 5 without (task 1). Nothing reads a
+device value on the host.
 
 Forward, one kernel: each program owns a (BLOCK_M, BLOCK_N) tile of Y. Its K-loop streams the
 X and W0 tiles and, from the same X tile, also accumulates ``T = X A^T`` for its rows; after the
@@ -17,12 +25,38 @@ Backward, one kernel: each program owns a (BLOCK_M, BLOCK_D) tile of dX. Its N-l
 dY tiles and accumulates ``dY W0`` and ``dY B`` together; then ``U = (dY B) .* S`` and
 ``dX = dY W0 + U A``. From the data it already holds it also accumulates, with float32 atomics:
 ``dA += U^T X_tile`` (the program loads the X tile at the same (rows, d-cols) as its dX tile),
-and, in the programs of d-tile 0 only (so each dY tile is counted once), ``dB += dY^T (T .* S)``
-and ``dbias += colsum(dY)``. Only the rows/columns of trainable blocks are accumulated: frozen
-blocks take part in dX (they must) but get no gradient, and cost no extra read of X or dY.
-The memory projection is applied to dA in torch before the gradient leaves the op:
+and ``dB += dY^T (T .* S)`` and ``dbias += colsum(dY)`` for the N-chunks dealt to it: chunk j of
+a row block goes to the program of d-tile ``j mod tiles_d``, so each dY tile is counted once and
+that work (a dot and atomics per chunk) is spread over all d-tiles instead of making the d-tile-0
+programs the kernel's tail. The atomics are ``sem="relaxed"``: plain float32 adds whose order
+does not matter, without the ``acq_rel`` default's fence (``MEMBAR.ALL.GPU`` before every
+atomic in the SASS). Only the rows/columns of trainable blocks are accumulated: frozen blocks
+take part in dX (they must) but get no gradient, and cost no extra read of X or dY. The memory
+projection is applied to dA before the gradient leaves the op (:func:`.adapter_prep.project_grads`):
 ``d orth_a = dA_o (I - M M^T)`` and ``d res_a = dA_r M M^T`` -- the chain rule through the maps
 ``A_o = C_o (I - M M^T)`` and ``A_r = C_r M M^T`` that the forward uses.
+
+Low-rank work per tile. ``T = X A^T`` is recomputed by each of the n/BLOCK_N programs of a row
+block in forward, and ``dY B`` by each of the d/BLOCK_D programs in backward: R_PAD/BLOCK_N
+extra tensor-core work. The alternative is a separate shrink pass (one more launch, one more
+read of X, or of dY). Estimated on an H100 SXM (989 TFLOP/s bf16 dense, 3.35 TB/s), ViT-B/16
+batch 64 (m = 12,608), 128-wide tiles, in microseconds (recompute vs. the separate pass, before
+that pass's launch cost of ~3 us):
+
+    ======  ==========================  ==========================
+    layer   forward r=16 / r=64         backward r=16 / r=64
+    ======  ==========================  ==========================
+    qkv     5.3 vs 5.9 / 21.3 vs 6.3    4.7 vs 17.3 / 18.8 vs 17.3
+    proj    1.6 vs 5.9 /  6.3 vs 6.3    1.6 vs  5.8 /  6.3 vs  5.8
+    fc1     7.2 vs 5.9 / 28.8 vs 6.3    6.3 vs 23.1 / 25.1 vs 23.1
+    fc2     6.3 vs 23.2 / 25.1 vs 23.6  7.2 vs  5.8 / 28.8 vs  5.8
+    ======  ==========================  ==========================
+
+(a GEMM of the layer is 15-60 us). At rank 16, the headline rank, recomputing is within a
+microsecond of the pass or far ahead, and saves a launch: kept. At rank 64 a separate pass would
+win by ~15-20 us in the forward of qkv/fc1 and the backward of fc2; not built yet (no GPU has
+measured either), and the estimate is the formula ``R_PAD * n / BLOCK_N`` extra MMA work against
+``m * d`` bytes more read, so a measured run should decide it.
 
 Passes over the large tensors (m x d, m x n, n x d). "Read once" means one streaming pass, as
 in any tiled GEMM: a tile of X is loaded by each of the n/BLOCK_N programs of its row block (the
@@ -54,16 +88,15 @@ which the backward only makes when dA is wanted; storing T costs m*r bytes per e
 dtype (r << n: a few percent of Y, r/d of x) and saves that pass whenever only the B factors
 train. (Not measured on a GPU yet.)
 
-What is saved for backward: the only tensor the op allocates and keeps is T (m x r, x's dtype;
-only when dB is needed). Everything else is saved as the caller's own tensor, never as a copy:
-x (only when dA or dW0 is needed), W0, the gate as passed (m x G) and C_o, B_o, C_r, B_r, the
-frozen blocks and the basis (parameters and buffers in a layer). The stacked A (r x d) and
-B^T (r x n) are not saved: backward rebuilds them by the same function of the same tensors, so
-they are bit-identical to the forward's and the gradients are exactly those of saving them
-(a parameter changed in place in between makes autograd's version check raise, instead of the
-backward silently using stale copies). The activation bytes are thus x + T + the gate, i.e. full
-fine-tuning's x plus m*(r + G) elements, and less than the unfused PyTorch composition's, which
-also keeps its projected A copies and its (x A^T) products.
+What is saved for backward: the tensors the op allocates and keeps are T (m x r, x's dtype; only
+when dB is needed) and the assembled A (r x d: rebuilding it in backward would cost two more
+launches with a basis). Everything else is saved as the caller's own tensor, never as a copy: x
+(only when dA or dW0 is needed), W0, the gate as passed (a broadcast view), the basis and the B
+factors, from which the backward's first launch rebuilds B^T while it clears the gradient sums
+(no launch of its own; a B factor changed in place in between makes autograd's version check
+raise, instead of the backward silently using a stale copy). The activation bytes are thus
+x + T + A (+ the gate), i.e. full fine-tuning's x plus m*r + r*d elements, no more than the
+unfused PyTorch composition's, which keeps its projected A copies and its (x A^T) products.
 
 Design decisions:
 
@@ -99,8 +132,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._kernel_utils import (autotuning, dot_mode, interpreting, launch, mma, new_output, pow2_at_least, row_offsets,
-                            rows_view, size_bucket)
+from . import adapter_prep
+from ._kernel_utils import (autotune_limit, current_arch, dot_mode, interpreting, launch, mma, new_output,
+                            pow2_at_least, row_offsets, rows_view, size_bucket, smem_limit)
 from .reference import adapter_matrices, dual_lora_linear_reference, project_onto, project_out
 
 __all__ = ["dual_lora_linear_triton", "fused_dual_lora_linear", "Launchers", "Layout", "GradPlan", "TRITON"]
@@ -108,32 +142,83 @@ __all__ = ["dual_lora_linear_triton", "fused_dual_lora_linear", "Launchers", "La
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+#: Tile shapes (BLOCK_M, tile_n, BLOCK_K, num_warps, num_stages), in order of preference (the first
+#: N survive ``DUALLORA_AUTOTUNE=N``). bf16/fp16 use Hopper-sized tiles; the 256x128 tile (spills
+#: under Triton 3.8 in backward) and 128x128x32 with 4 warps (252-255 registers) are gone.
+LOWP_SHAPES = [
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 32, 4, 5),
+]
+#: IEEE float32 tl.dot runs on FMA units with every operand in registers: the Hopper tiles spilled
+#: 1.7-24 KB per thread and took 16-91 s each to compile. Small tiles of their own.
+FP32_SHAPES = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
+#: DUALLORA_AUTOTUNE=0: one fixed config (compiled tests), small enough to fit every arch and rank.
+FIXED_SHAPE = (64, 64, 32, 4, 3)
+#: Accumulator registers per thread a config may plan for (tile and low-rank accumulators in
+#: float32, spread over 32 * num_warps threads); above it ptxas spills. bf16/fp16 wgmma/mma.sync
+#: keep operands in shared memory, IEEE float32 FMA keeps them in registers too, hence less.
+_ACC_REGS = {"lowp": 136, "fp32": 64}
+
+
 def _configs(tile_n: str) -> list[triton.Config]:
-    """Hopper-sized tiles (BLOCK_M x tile_n x BLOCK_K); one small tile under the interpreter, where
-    benchmarking configs would only burn CPU time. With ``DUALLORA_AUTOTUNE=0``
-    (:data:`._kernel_utils.AUTOTUNE_ENV`, the compiled tests) one fixed config, 64 x 64 x 32 with
-    4 warps and 3 stages: small enough that its pipelined X, W0 and A tiles fit in shared memory
-    at every rank the tests use (R_PAD up to 128 in float32: 64 KiB forward, 104 KiB backward,
-    compiled for sm_90 by Triton 3.8), which the autotuner would otherwise ensure by dropping the
-    configs that do not fit."""
+    """Every config either dtype may use; :func:`_prune` keeps the ones for the call's dtype and
+    arch. One small tile under the interpreter, where benchmarking configs would only burn CPU
+    time; with ``DUALLORA_AUTOTUNE=0`` (:data:`._kernel_utils.AUTOTUNE_ENV`, the compiled tests)
+    :data:`FIXED_SHAPE`, which fits every arch at every rank the tests use."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, tile_n: 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    if not autotuning():
-        return [triton.Config({"BLOCK_M": 64, tile_n: 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3)]
-    shapes = [  # (BLOCK_M, tile_n, BLOCK_K, num_warps, num_stages)
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 64, 32, 4, 5),
-    ]
+    shapes = [FIXED_SHAPE] if autotune_limit() == 0 else list(dict.fromkeys(LOWP_SHAPES + FP32_SHAPES))
     return [
         triton.Config({"BLOCK_M": bm, tile_n: bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
     ]
+
+
+def _shape(cfg: triton.Config, tile_n: str) -> tuple[int, int, int, int, int]:
+    kw = cfg.kwargs
+    return kw["BLOCK_M"], kw[tile_n], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages
+
+
+def plan_resources(shape: tuple[int, int, int, int, int], *, backward: bool, r_pad: int, elsize: int) -> tuple[int, int]:
+    """(shared memory bytes, float32 accumulator registers per thread) a config plans for: the
+    pipelined operand tiles (X, W0 and A, or dY, W0 and B^T) times the stages, plus the low-rank
+    epilogue's tile; the (BLOCK_M x tile) accumulator and the low-rank accumulators (forward T;
+    backward U, T .* S and S). An estimate to prune by before compiling; tests/test_aot_compile.py
+    checks the compiled kernels against the arch limits."""
+    bm, bn, bk, warps, stages = shape
+    pipelined = (bm * bk + bk * bn + bk * r_pad) * elsize * stages
+    epilogue = r_pad * bn * elsize + (bm * r_pad * elsize if backward else 0)
+    acc = bm * bn + (3 if backward else 1) * bm * r_pad
+    return pipelined + epilogue, acc // (32 * warps)
+
+
+def _pruner(tile_n: str, backward: bool):
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        if len(configs) <= 1:
+            return configs
+        ref = named_args["w_ptr"]
+        fp32 = ref.dtype == torch.float32
+        wanted = FP32_SHAPES if fp32 else LOWP_SHAPES
+        limit = smem_limit(current_arch())
+        keep = []
+        for cfg in sorted(configs, key=lambda c: wanted.index(_shape(c, tile_n)) if _shape(c, tile_n) in wanted else 99):
+            shape = _shape(cfg, tile_n)
+            if shape not in wanted:
+                continue
+            smem, regs = plan_resources(shape, backward=backward, r_pad=kwargs["R_PAD"], elsize=ref.element_size())
+            if smem <= limit and regs <= _ACC_REGS["fp32" if fp32 else "lowp"]:
+                keep.append(cfg)
+        if not keep:  # nothing planned fits (a huge rank): the smallest tile, which the compiler may still fit
+            keep = [min(configs, key=lambda c: plan_resources(_shape(c, tile_n), backward=backward,
+                                                              r_pad=kwargs["R_PAD"], elsize=ref.element_size())[0])]
+        limit_n = autotune_limit()
+        return keep[:limit_n] if limit_n else keep
+
+    return prune
 
 
 @triton.jit
@@ -149,28 +234,31 @@ def _tile_ids(pid, m, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _scales(gate_ptr, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk, orth_scale, res_scale,
-            HAS_GATE: tl.constexpr):
+def _scales(gate_ptr, g_rows_per_batch, stride_gb, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk,
+            orth_scale, res_scale, HAS_GATE: tl.constexpr):
     # S for (rows x padded ranks), float32. Padding columns get 0 so they contribute nothing
-    # even if a padded operand were not masked.
+    # even if a padded operand were not masked. The gate is read through its own strides (a
+    # per-sample gate broadcast over the tokens has a 0 token stride): it is never copied.
     is_orth = ranks < r_orth
     is_res = (ranks >= r_orth) & (ranks < r)
     if HAS_GATE:
         block = tl.maximum(ranks - r_orth, 0) // r_blk
-        g_ptrs = gate_ptr + rows.to(tl.int64)[:, None] * stride_gm + block[None, :] * stride_gg
+        g_rows = gate_ptr + row_offsets(rows, g_rows_per_batch, stride_gb, stride_gm)
+        g_ptrs = g_rows[:, None] + block[None, :] * stride_gg
         res = res_scale * tl.load(g_ptrs, mask=(rows < m)[:, None] & is_res[None, :], other=0.0).to(tl.float32)
     else:
         res = tl.zeros((rows.shape[0], ranks.shape[0]), tl.float32) + res_scale
     return tl.where(is_orth[None, :], orth_scale, tl.where(is_res[None, :], res, 0.0))
 
 
-@triton.autotune(configs=_configs("BLOCK_N"), key=["m_bucket", "n", "d", "R_PAD"])
+@triton.autotune(configs=_configs("BLOCK_N"), key=["m_bucket", "n", "d", "R_PAD"],
+                 prune_configs_by={"early_config_prune": _pruner("BLOCK_N", backward=False)})
 @triton.jit
 def _fused_forward_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, bt_ptr, gate_ptr, y_ptr, t_ptr,
     m, n, d, r, r_orth, r_blk, orth_scale, res_scale,
     x_rows_per_batch, stride_xb, stride_xm, stride_xk,
-    stride_wn, stride_wk, stride_gm, stride_gg, m_bucket,
+    stride_wn, stride_wk, g_rows_per_batch, stride_gb, stride_gm, stride_gg, m_bucket,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_GATE: tl.constexpr, STORE_T: tl.constexpr,
     R_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -196,7 +284,8 @@ def _fused_forward_kernel(
                       mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = mma(x, w_t, acc, DOT_MODE)
         if HAS_LORA:
-            # The same X tile feeds the low-rank path: this is what saves a second pass over X.
+            # The same X tile feeds the low-rank path: this is what saves a second pass over X
+            # (recomputed by every n-tile of the row block: see "Low-rank work per tile").
             a_t = tl.load(a_ptr + ranks[None, :] * d + ks[:, None], mask=rank_ok[None, :] & k_ok[:, None], other=0.0)
             t = mma(x, a_t, t, DOT_MODE)
 
@@ -205,8 +294,8 @@ def _fused_forward_kernel(
             if pid_n == 0:
                 t_ptrs = t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :]
                 tl.store(t_ptrs, t.to(t_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
-        ts = t * _scales(gate_ptr, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk, orth_scale, res_scale,
-                         HAS_GATE)
+        ts = t * _scales(gate_ptr, g_rows_per_batch, stride_gb, stride_gm, stride_gg, rows, ranks, m, r, r_orth,
+                         r_blk, orth_scale, res_scale, HAS_GATE)
         b_t = tl.load(bt_ptr + ranks[:, None] * n + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mma(ts.to(b_t.dtype), b_t, acc, DOT_MODE)
     if HAS_BIAS:
@@ -216,24 +305,26 @@ def _fused_forward_kernel(
 
 
 @triton.autotune(configs=_configs("BLOCK_D"), key=["m_bucket", "n", "d", "R_PAD"],
-                 reset_to_zero=["da_ptr", "dbt_ptr", "dbias_ptr"])
+                 prune_configs_by={"early_config_prune": _pruner("BLOCK_D", backward=True)},
+                 reset_to_zero=["grad_ptr"])
 @triton.jit
 def _fused_backward_kernel(
-    dy_ptr, w_ptr, a_ptr, bt_ptr, gate_ptr, t_ptr, x_ptr,
-    dx_ptr, da_ptr, dbt_ptr, dbias_ptr,
-    m, n, d, r, r_orth, r_blk, orth_scale, res_scale,
+    dy_ptr, w_ptr, a_ptr, bt_ptr, gate_ptr, t_ptr, x_ptr, dx_ptr, grad_ptr,
+    m, n, d, r, r_orth, r_blk, orth_scale, res_scale, d_span,
     da_orth_end, da_res_start, db_orth_end, db_res_start,
     dy_rows_per_batch, stride_dyb, stride_dym, stride_dyn,
     x_rows_per_batch, stride_xb, stride_xm, stride_xk,
-    stride_wn, stride_wk, stride_gm, stride_gg, m_bucket,
+    stride_wn, stride_wk, g_rows_per_batch, stride_gb, stride_gm, stride_gg, m_bucket,
     HAS_LORA: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
     NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr,
     R_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # BLOCK_K is the N-loop's step (the reduction dimension of dY W0 and dY B). dA (r, d) and
-    # dB^T (r, n) are float32 buffers that the programs add into.
-    pid_m, pid_d = _tile_ids(tl.program_id(0), m, d, BLOCK_M, BLOCK_D, GROUP_M)
+    # BLOCK_K is the N-loop's step (the reduction dimension of dY W0 and dY B). grad is one
+    # zeroed float32 buffer that the programs add into: dA (r, d), then dB^T (r, n), then dbias (n,).
+    # d_span: d, or 1 when neither dX nor dA is wanted (one column of programs then does dB/dbias).
+    pid_m, pid_d = _tile_ids(tl.program_id(0), m, d_span, BLOCK_M, BLOCK_D, GROUP_M)
+    tiles_d = tl.cdiv(d_span, BLOCK_D)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     ranks = tl.arange(0, R_PAD)
@@ -241,17 +332,18 @@ def _fused_backward_kernel(
     col_ok = cols < d
     rank_ok = ranks < r
     dy_rows = dy_ptr + row_offsets(rows, dy_rows_per_batch, stride_dyb, stride_dym)
-    # Only d-tile 0 adds into dB and dbias, so every dY tile is counted exactly once.
-    owns_db = pid_d == 0
+    da_ptr = grad_ptr
+    dbt_ptr = grad_ptr + r * d
+    dbias_ptr = grad_ptr + r * d + r * n
 
     if HAS_LORA:
-        s = _scales(gate_ptr, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk, orth_scale, res_scale, HAS_GATE)
+        s = _scales(gate_ptr, g_rows_per_batch, stride_gb, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk,
+                    orth_scale, res_scale, HAS_GATE)
     if NEED_DB:
         db_ranks = (ranks < db_orth_end) | ((ranks >= db_res_start) & rank_ok)
-        # Only the d-tile-0 programs use T; the others' masked-off load touches no memory.
-        t_mask = row_ok[:, None] & rank_ok[None, :] & owns_db
-        t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :], mask=t_mask, other=0.0)
-        ts = t.to(tl.float32) * s
+        t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :],
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        ts = (t.to(tl.float32) * s).to(dy_ptr.dtype.element_ty)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     u = tl.zeros((BLOCK_M, R_PAD), tl.float32)
@@ -266,12 +358,16 @@ def _fused_backward_kernel(
         if HAS_LORA:
             b = tl.load(bt_ptr + ranks[None, :] * n + ns[:, None], mask=rank_ok[None, :] & n_ok[:, None], other=0.0)
             u = mma(dy, b, u, DOT_MODE)
-        if owns_db:
+        # dB and dbias need each dY tile once per row block: the N-chunks are dealt round-robin
+        # to the row block's d-tiles, so that work (a dot and atomics) is spread over all of them
+        # instead of loading the programs of one d-tile (which then set the kernel's tail).
+        if (n0 // BLOCK_K) % tiles_d == pid_d:
             if NEED_DB:
-                dbt = mma(tl.trans(ts.to(dy.dtype)), dy, tl.zeros((R_PAD, BLOCK_K), tl.float32), DOT_MODE)
-                tl.atomic_add(dbt_ptr + ranks[:, None] * n + ns[None, :], dbt, mask=db_ranks[:, None] & n_ok[None, :])
+                dbt = mma(tl.trans(ts), dy, tl.zeros((R_PAD, BLOCK_K), tl.float32), DOT_MODE)
+                tl.atomic_add(dbt_ptr + ranks[:, None] * n + ns[None, :], dbt, mask=db_ranks[:, None] & n_ok[None, :],
+                              sem="relaxed")
             if NEED_DBIAS:
-                tl.atomic_add(dbias_ptr + ns, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok)
+                tl.atomic_add(dbias_ptr + ns, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok, sem="relaxed")
 
     if HAS_LORA:
         u = u * s
@@ -285,7 +381,8 @@ def _fused_backward_kernel(
             x = tl.load(x_rows[:, None] + cols[None, :] * stride_xk, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             da = mma(tl.trans(u.to(x.dtype)), x, tl.zeros((R_PAD, BLOCK_D), tl.float32), DOT_MODE)
             da_ranks = (ranks < da_orth_end) | ((ranks >= da_res_start) & rank_ok)
-            tl.atomic_add(da_ptr + ranks[:, None] * d + cols[None, :], da, mask=da_ranks[:, None] & col_ok[None, :])
+            tl.atomic_add(da_ptr + ranks[:, None] * d + cols[None, :], da, mask=da_ranks[:, None] & col_ok[None, :],
+                          sem="relaxed")
     if NEED_DX:
         dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :]
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -301,7 +398,7 @@ class Layout:
         self.r_res0 = self.r - r_train  # the training residual block is rows r_res0..r
         r_resid = self.r - r_orth
         self.has_gate = gate is not None and r_resid > 0
-        self.r_blk = r_resid // gate.shape[1] if self.has_gate else 1
+        self.r_blk = r_resid // gate.shape[-1] if self.has_gate else 1
         self.r_pad = pow2_at_least(self.r)
         self.orth_scale, self.res_scale = orth_scale, res_scale
 
@@ -331,13 +428,25 @@ class Launchers(NamedTuple):
     """A kernel implementation of the op (Triton here, CUDA in :mod:`.cuda`), for :class:`_DualLoRALinear`.
 
     ``forward(x, weight, bias, a, bt, gate, lay, store_t) -> (Y (..., n), T (m, r) in x's dtype or None)``;
-    ``backward(dy, x, weight, a, bt, gate, t, lay, plan) -> (dX (m, d) | None, dA (r, d) | None,
-    dB^T (r, n) | None, dbias (n,) | None)``, the last three float32 and filled only in the
-    plan's rows. backward is called only when the plan needs dX, dA or dB, and m > 0.
+    ``backward(dy, x, weight, a, bt, gate, t, lay, plan, grad) -> dX (m, d) | None``, adding dA, dB^T
+    and dbias into ``grad``, one zeroed float32 buffer (r*d + r*n + n: dA (r, d), dB^T (r, n),
+    dbias (n,)), only in the plan's rows. ``gate`` is x.shape[:-1] + (G,) (a broadcast view) or None.
+    backward is called only when the plan needs dX, dA or dB, and m > 0.
+    ``assemble`` and ``project_grads``: the small-matrix steps (:mod:`.adapter_prep`'s signatures);
+    None runs them in torch.
     """
 
     forward: Callable
     backward: Callable
+    assemble: Callable | None = None
+    project_grads: Callable | None = None
+
+
+def _gate_args(lay: Layout, gate: Tensor | None, like: Tensor) -> tuple:
+    if lay.has_gate:
+        gv = rows_view(gate)
+        return (gv.t, gv.rows_per_batch, gv.stride_batch, gv.stride_row, gv.stride_col)
+    return (like, 1, 0, 0, 0)  # never read: HAS_GATE is off
 
 
 def _triton_forward(x, weight, bias, a, bt, gate, lay: Layout, store_t: bool):
@@ -348,64 +457,83 @@ def _triton_forward(x, weight, bias, a, bt, gate, lay: Layout, store_t: bool):
     has_lora = a is not None
     t = new_output((m, lay.r), x.dtype, x.device) if has_lora and store_t else None
     if m and n:
-        g, sgm, sgg = _gate_args(lay, gate, x)
+        g, *g_addr = _gate_args(lay, gate, x)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         launch(
             _fused_forward_kernel, grid,
             xr.t, weight, x if bias is None else bias, a if has_lora else x, bt if has_lora else x, g, y,
             y if t is None else t,
             m, n, d, lay.r, lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale,
-            *xr.addressing, weight.stride(0), weight.stride(1), sgm, sgg, size_bucket(m),
+            *xr.addressing, weight.stride(0), weight.stride(1), *g_addr, size_bucket(m),
             HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_GATE=lay.has_gate, STORE_T=t is not None,
             R_PAD=lay.r_pad, DOT_MODE=dot_mode(x.dtype),
         )
     return y.view(*x.shape[:-1], n), t
 
 
-def _triton_backward(dy, x, weight, a, bt, gate, t, lay: Layout, plan: GradPlan):
+def _triton_backward(dy, x, weight, a, bt, gate, t, lay: Layout, plan: GradPlan, grad: Tensor):
     n, d = weight.shape
     dyr = rows_view(dy)
     m, dev = dyr.m, dy.device
     dx = new_output((m, d), dy.dtype, dev) if plan.need_dx else None
-    da = torch.zeros((lay.r, d), dtype=torch.float32, device=dev) if plan.need_da else None
-    dbt = torch.zeros((lay.r, n), dtype=torch.float32, device=dev) if plan.need_db else None
-    dbias = torch.zeros((n,), dtype=torch.float32, device=dev) if plan.need_dbias else None
     has_lora = a is not None
     xr = rows_view(x) if plan.need_da else dyr  # dyr: a stand-in that NEED_DA=False never reads
-    g, sgm, sgg = _gate_args(lay, gate, dy)
-    unused = torch.zeros(1, dtype=torch.float32, device=dev)  # for the buffers a flag turns off
+    g, *g_addr = _gate_args(lay, gate, dy)
     # Without dX or dA there is nothing per d-tile: one column of programs does dB/dbias.
     d_span = d if (plan.need_dx or plan.need_da) else 1
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d_span, meta["BLOCK_D"]),)  # noqa: E731
     launch(
         _fused_backward_kernel, grid,
-        dyr.t, weight, a if has_lora else unused, bt if has_lora else unused, g, unused if t is None else t, xr.t,
-        *(unused if buf is None else buf for buf in (dx, da, dbt, dbias)),
-        m, n, d, lay.r, lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale,
+        dyr.t, weight, a if has_lora else grad, bt if has_lora else grad, g, grad if t is None else t, xr.t,
+        grad if dx is None else dx, grad,
+        m, n, d, lay.r, lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale, d_span,
         plan.da_orth_end, plan.da_res_start, plan.db_orth_end, plan.db_res_start,
-        *dyr.addressing, *xr.addressing, weight.stride(0), weight.stride(1), sgm, sgg, size_bucket(m),
+        *dyr.addressing, *xr.addressing, weight.stride(0), weight.stride(1), *g_addr, size_bucket(m),
         HAS_LORA=has_lora, HAS_GATE=lay.has_gate, NEED_DX=plan.need_dx, NEED_DA=plan.need_da,
         NEED_DB=plan.need_db, NEED_DBIAS=plan.need_dbias, R_PAD=lay.r_pad, DOT_MODE=dot_mode(dy.dtype),
     )
-    return dx, da, dbt, dbias
+    return dx
 
 
-def _gate_args(lay: Layout, gate: Tensor | None, like: Tensor) -> tuple[Tensor, int, int]:
-    if lay.has_gate:
-        return gate, gate.stride(0), gate.stride(1)
-    return like, 0, 0  # never read: HAS_GATE is off
+TRITON = Launchers(_triton_forward, _triton_backward, adapter_prep.assemble, adapter_prep.project_grads)
 
 
-TRITON = Launchers(_triton_forward, _triton_backward)
+def _assemble_torch(orth_a, orth_b, frozen_a, frozen_b, res_a, res_b, basis, *, d, n, dtype, device,
+                    r_orth=0, r_frozen=0, r_res=0, write_a=True, zero=None):
+    """:func:`.adapter_prep.assemble` in torch ops (the CUDA backend's path)."""
+    if zero is not None:
+        zero.zero_()
+    if not write_a:
+        bt = torch.cat([b.t() for b in (orth_b, frozen_b, res_b) if b is not None and b.shape[1]], 0)
+        return None, bt.to(dtype).contiguous(), r_orth, r_res
+    a, b, r_orth, r_res = adapter_matrices(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, basis)
+    return a.contiguous(), b.t().contiguous(), r_orth, r_res
 
 
-def _stack(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale, res_scale):
-    """A (r, d) and B^T (r, n), contiguous, formed without autograd, and the call's layout."""
+def _project_grads_torch(da, dbt, dbias, basis, *, r_orth, r_res0, need, dtypes):
+    """:func:`.adapter_prep.project_grads` in torch ops (the CUDA backend's path)."""
+    need_oa, need_ra, need_ob, need_rb, need_bias = need
+    return (
+        project_out(da[:r_orth], basis).to(dtypes[0]) if need_oa else None,
+        project_onto(da[r_res0:], basis).to(dtypes[1]) if need_ra else None,
+        dbt[:r_orth].t().to(dtypes[2]).contiguous() if need_ob else None,
+        dbt[r_res0:].t().to(dtypes[3]).contiguous() if need_rb else None,
+        dbias.to(dtypes[4]) if need_bias else None,
+    )
+
+
+def _stack(kernels: Launchers, x: Tensor, weight: Tensor, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate,
+           basis, orth_scale, res_scale):
+    """A (r, d) and B^T (r, n), contiguous in x's dtype, formed without autograd, and the call's layout."""
+    if orth_a is None and res_a is None and (frozen_a is None or frozen_a.shape[0] == 0):
+        return None, None, Layout(None, 0, 0, gate, orth_scale, res_scale)
+    if frozen_a is not None and frozen_a.shape[0] == 0:
+        frozen_a = frozen_b = None
+    n, d = weight.shape
+    assemble = kernels.assemble or _assemble_torch
     with torch.no_grad():
-        a, b, r_orth, r_train = adapter_matrices(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, basis)
-        bt = None
-        if a is not None:
-            a, bt = a.contiguous(), b.t().contiguous()
+        a, bt, r_orth, r_train = assemble(orth_a, orth_b, frozen_a, frozen_b, res_a, res_b, basis,
+                                          d=d, n=n, dtype=x.dtype, device=x.device)
     return a, bt, Layout(a, r_orth, r_train, gate, orth_scale, res_scale)
 
 
@@ -413,25 +541,26 @@ class _DualLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels: Launchers, x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate,
                 basis, orth_scale, res_scale):
-        adapters = (orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis)
-        a, bt, lay = _stack(*adapters, orth_scale, res_scale)
+        a, bt, lay = _stack(kernels, x, weight, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
+                            orth_scale, res_scale)
         need = ctx.needs_input_grad  # offset by one: kernels comes first
         need_a = a is not None and (need[4] or need[6])
         need_b = a is not None and (need[5] or need[7])
         y, t = kernels.forward(x, weight, bias, a, bt, gate, lay, store_t=need_b)
         ctx.kernels, ctx.lay, ctx.x_shape, ctx.has_bias = kernels, lay, x.shape, bias is not None
-        ctx.scales = orth_scale, res_scale
-        # Not a and bt: they are fresh (r, d) + (r, n) copies, rebuilt in backward from the tensors
-        # the caller holds anyway (parameters, buffers; the gate as passed), so that the graph keeps
-        # only x and T alive (see "What is saved" in the module docstring).
-        ctx.save_for_backward(x if need_a or need[2] else None, weight, t, *adapters)
+        ctx.dtypes = tuple(x.dtype if p is None else p.dtype for p in (orth_a, res_a, orth_b, res_b, bias))
+        # A is kept (r*d elements) rather than rebuilt, which would cost two launches with a basis;
+        # B^T is rebuilt from the B factors (the caller's own tensors) by the launch that also
+        # clears the gradient sums, so it costs nothing (see "What is saved").
+        if frozen_a is None or frozen_a.shape[0] == 0:
+            frozen_b = None
+        ctx.save_for_backward(x if need_a or need[2] else None, weight, t, a, gate, basis, orth_b, frozen_b, res_b)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, t, *adapters = ctx.saved_tensors
-        gate, basis = adapters[-2:]
+        x, weight, t, a, gate, basis, orth_b, frozen_b, res_b = ctx.saved_tensors
         lay: Layout = ctx.lay
         _, nx, nw, nbias, noa, nob, nra, nrb = ctx.needs_input_grad[:8]
         n, d = weight.shape
@@ -444,28 +573,37 @@ class _DualLoRALinear(torch.autograd.Function):
             need_dbias=ctx.has_bias and nbias, r=r,
         )
         m = dy.numel() // n if n else 0
-        dx = da = dbt = dbias = None
+        dx = None
+        # One float32 buffer for every sum the kernel accumulates (dA, dB^T, dbias), zeroed by the
+        # launch that rebuilds B^T (or by one memset when there is no low-rank path).
+        sums = plan.need_da or plan.need_db or plan.need_dbias
+        grad = torch.empty(r * d + r * n + n if sums else 1, dtype=torch.float32, device=dy.device)
+        bt = None
+        if lora:
+            assemble = ctx.kernels.assemble or _assemble_torch
+            _, bt, _, _ = assemble(None, orth_b, None, frozen_b, None, res_b, None, d=d, n=n, dtype=a.dtype,
+                                   device=a.device, r_orth=lay.r_orth, r_frozen=lay.r_res0 - lay.r_orth,
+                                   r_res=r - lay.r_res0, write_a=False, zero=grad if sums else None)
+        elif sums:
+            grad.zero_()
         if (plan.need_dx or plan.need_da or plan.need_db) and m:
-            # The same function of the same tensors as in forward: bit-identical A and B^T.
-            a, bt, _ = _stack(*adapters, *ctx.scales)
-            dx, da, dbt, dbias = ctx.kernels.backward(dy, x, weight, a, bt, gate, t, lay, plan)
-        elif plan.need_dbias:
-            dbias = dy.reshape(-1, n).sum(0, dtype=torch.float32)
-        if m == 0:  # no rows, no launch: the gradients are zeros
-            f32 = dict(dtype=torch.float32, device=dy.device)
-            dx = dy.new_zeros((0, d)) if plan.need_dx else None
-            da = torch.zeros((r, d), **f32) if plan.need_da else None
-            dbt = torch.zeros((r, n), **f32) if plan.need_db else None
+            dx = ctx.kernels.backward(dy, x, weight, a, bt, gate, t, lay, plan, grad)
+        elif plan.need_dbias and m:
+            grad[r * d + r * n:] = dy.reshape(-1, n).sum(0, dtype=torch.float32)
+        if plan.need_dx and dx is None:  # no rows, no launch
+            dx = dy.new_zeros((0, d))
 
-        dtype = dy.dtype
         g_x = dx.view(ctx.x_shape) if plan.need_dx else None
-        g_w = (dy.reshape(-1, n).T @ x.reshape(-1, d)).to(dtype) if nw else None
-        g_bias = dbias.to(dtype) if plan.need_dbias else None
-        # The chain rule through A_o = C_o (I - M M^T) and A_r = C_r M M^T: project dA.
-        g_oa = project_out(da[: lay.r_orth], basis).to(dtype) if plan.da_orth_end else None
-        g_ra = project_onto(da[lay.r_res0:], basis).to(dtype) if plan.da_res_start < r else None
-        g_ob = dbt[: lay.r_orth].t().to(dtype).contiguous() if plan.db_orth_end else None
-        g_rb = dbt[lay.r_res0:].t().to(dtype).contiguous() if plan.db_res_start < r else None
+        g_w = (dy.reshape(-1, n).T @ x.reshape(-1, d)).to(dy.dtype) if nw else None
+        need = (bool(plan.da_orth_end), plan.da_res_start < r, bool(plan.db_orth_end), plan.db_res_start < r,
+                plan.need_dbias)
+        g_oa = g_ra = g_ob = g_rb = g_bias = None
+        if any(need):
+            project = ctx.kernels.project_grads or _project_grads_torch
+            g_oa, g_ra, g_ob, g_rb, g_bias = project(
+                grad[: r * d].view(r, d), grad[r * d: r * d + r * n].view(r, n), grad[r * d + r * n:], basis,
+                r_orth=lay.r_orth, r_res0=lay.r_res0, need=need, dtypes=ctx.dtypes,
+            )
         return None, g_x, g_w, g_bias, g_oa, g_ob, g_ra, g_rb, None, None, None, None, None, None
 
 
@@ -479,7 +617,7 @@ def fused_dual_lora_linear(kernels: Launchers, x: Tensor, weight: Tensor, bias: 
     params = (x, weight, bias, a_kw["orth_a"], a_kw["orth_b"], a_kw["res_a"], a_kw["res_b"])
     if not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
         # Inference: no autograd node, and no T kept for a backward that will not come.
-        a, bt, lay = _stack(*a_kw.values(), orth_scale, res_scale)
+        a, bt, lay = _stack(kernels, x, weight, *a_kw.values(), orth_scale, res_scale)
         return kernels.forward(x, weight, bias, a, bt, a_kw["gate"], lay, store_t=False)[0]
     return _DualLoRALinear.apply(kernels, x, weight, bias, *a_kw.values(), orth_scale, res_scale)
 
@@ -503,7 +641,8 @@ def dual_lora_linear_triton(
     """The fused Triton implementation of :func:`.reference.dual_lora_linear_reference`.
 
     Same arguments and result (validated by :func:`duallora_kernels.ops.dual_lora_linear`;
-    ``gate`` is (m, G) or None). float64 inputs run the reference (see the module docstring).
+    ``gate`` is x.shape[:-1] + (G,), e.g. a broadcast view, or None). float64 inputs run the
+    reference (see the module docstring).
     """
     return fused_dual_lora_linear(
         TRITON, x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a,

@@ -18,29 +18,44 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_utils import autotuning, interpreting, launch, new_output, pow2_at_least, size_bucket
-from .reference import task_scores_reference
+from ._kernel_utils import (autotune_limit, current_arch, interpreting, launch, new_output, pow2_at_least, size_bucket,
+                            smem_limit)
+from .reference import TINY_NORM, task_scores_reference
 
 __all__ = ["task_scores_triton"]
 
-EPS = 1e-12  # the reference's clamp on ||z||^2
 
 
 def _configs() -> list[triton.Config]:
-    """(BLOCK_B, BLOCK_D, num_warps, num_stages) for a GPU; one small tile under the interpreter;
-    with ``DUALLORA_AUTOTUNE=0`` (:data:`._kernel_utils.AUTOTUNE_ENV`) the list's (32, 64, 4, 3)."""
+    """(BLOCK_B, BLOCK_D, num_warps, num_stages) for a GPU, in order of preference; one small tile
+    under the interpreter; with ``DUALLORA_AUTOTUNE=0`` (:data:`._kernel_utils.AUTOTUNE_ENV`)
+    (32, 64, 4, 3), with N the first N that :func:`_prune` keeps for the arch."""
     if interpreting():
         return [triton.Config({"BLOCK_B": 16, "BLOCK_D": 32}, num_warps=4, num_stages=1)]
     shapes = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3)]
-    if not autotuning():
+    if autotune_limit() == 0:
         shapes = [(32, 64, 4, 3)]
     return [triton.Config({"BLOCK_B": bb, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bb, bd, w, s in shapes]
 
 
-@triton.autotune(configs=_configs(), key=["b_bucket", "d", "u", "BLOCK_U"])
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    # Pipelined z (BLOCK_B x BLOCK_D) and basis (BLOCK_D x BLOCK_U) tiles per stage must fit the arch.
+    if len(configs) <= 1:
+        return configs
+    z, u = named_args["z_ptr"], named_args["u_ptr"]
+    limit = smem_limit(current_arch())
+    keep = [c for c in configs
+            if c.num_stages * c.kwargs["BLOCK_D"] * (c.kwargs["BLOCK_B"] * z.element_size()
+                                                     + kwargs["BLOCK_U"] * u.element_size()) <= limit] or configs[:1]
+    n = autotune_limit()
+    return keep[:n] if n else keep
+
+
+@triton.autotune(configs=_configs(), key=["b_bucket", "d", "u", "BLOCK_U"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _task_scores_kernel(
-    z_ptr, u_ptr, out_ptr, b, d, u, eps,
+    z_ptr, u_ptr, out_ptr, b, d, u, tiny,
     stride_zb, stride_zd, stride_ut, stride_ud, stride_uu, stride_ob, stride_ot, b_bucket,
     BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -69,15 +84,17 @@ def _task_scores_kernel(
             proj = tl.dot(z.to(tl.float32), ub.to(tl.float32), proj, input_precision="ieee")
         energy += tl.sum(proj * proj, axis=1)
 
-    score = energy / tl.maximum(norm, eps)
+    # Scale-invariant down to float32's smallest normal ||z||^2; below it (an all-zero z) the score is 0.
+    ok = norm >= tiny
+    score = tl.where(ok, energy / tl.where(ok, norm, 1.0), 0.0)
     tl.store(out_ptr + rows.to(tl.int64) * stride_ob + task * stride_ot, score, mask=row_ok)
 
 
 def task_scores_triton(z: Tensor, task_bases: Tensor) -> Tensor:
     """(b, T) scores of summaries z (b, d) against bases (T, d, u); see
-    :func:`.reference.task_scores_reference` (same dtype rule and eps clamp)."""
+    :func:`.reference.task_scores_reference` (same dtype rule and small-norm rule)."""
     if z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return task_scores_reference(z, task_bases, eps=EPS)
+        return task_scores_reference(z, task_bases)
     b, d = z.shape
     n_tasks, _, u = task_bases.shape
     out = new_output((b, n_tasks), torch.float32, z.device)
@@ -86,7 +103,7 @@ def task_scores_triton(z: Tensor, task_bases: Tensor) -> Tensor:
     block_u = min(pow2_at_least(u), 64)
     grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]), n_tasks)  # noqa: E731
     launch(
-        _task_scores_kernel, grid, z, task_bases, out, b, d, u, EPS,
+        _task_scores_kernel, grid, z, task_bases, out, b, d, u, TINY_NORM,
         z.stride(0), z.stride(1), *task_bases.stride(), out.stride(0), out.stride(1), size_bucket(b),
         BLOCK_U=block_u,
     )

@@ -128,10 +128,14 @@ def dual_lora_linear_reference(
 ) -> Tensor:
     """``Y = x W0^T + b + ((x A^T) .* S) B^T`` in plain PyTorch (see ``duallora_kernels.ops.dual_lora_linear``).
 
-    ``gate`` here is already (m, G) with m = x.numel() // d, or None.
+    ``gate`` here broadcasts to x.shape[:-1] + (G,), or is None. The basis is a constant (no gradient).
     """
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
+    if basis is not None:
+        basis = basis.detach()
+    if gate is not None:
+        gate = gate.expand(*x.shape[:-1], gate.shape[-1]).reshape(x2.shape[0], gate.shape[-1])
     y = x2 @ weight.T
     if bias is not None:
         y = y + bias
@@ -143,18 +147,27 @@ def dual_lora_linear_reference(
 
 
 def gram_reference(x: Tensor) -> Tensor:
-    """``x^T x`` over all rows of x (..., d), accumulated in float32 (float64 for float64 input)."""
+    """``x^T x`` over all rows of x (..., d), accumulated in float32 (float64 for float64 input).
+    Exactly symmetric: ``x.T @ x`` is not bitwise symmetric in every BLAS, ``(G + G^T) / 2`` is."""
     x2 = x.reshape(-1, x.shape[-1]).to(_proj_dtype(x.dtype))
-    return x2.T @ x2
+    g = x2.T @ x2
+    return (g + g.T) * 0.5
 
 
-def task_scores_reference(z: Tensor, task_bases: Tensor, eps: float = 1e-12) -> Tensor:
+#: ||z||^2 below this scores 0 (float32's smallest normal number): scores are scale-invariant above it.
+TINY_NORM = torch.finfo(torch.float32).tiny
+
+
+def task_scores_reference(z: Tensor, task_bases: Tensor) -> Tensor:
     """Normalised projection energies ``||U_t^T z||^2 / ||z||^2`` for all tasks.
 
     z: (b, d) summaries; task_bases: (T, d, u) orthonormal columns per task. Returns (b, T) in
-    float32 (float64 for float64 input), each entry in [0, 1].
+    float32 (float64 for float64 input), each entry in [0, 1]. Scale-invariant: any z with
+    ``||z||^2 >= TINY_NORM`` (1.2e-38) scores as z / ||z|| does; a smaller (e.g. all-zero) z scores 0.
     """
     wd = _proj_dtype(z.dtype)
     zf = z.to(wd)
     proj = torch.einsum("bd,tdu->btu", zf, task_bases.to(wd))
-    return proj.square().sum(-1) / zf.square().sum(-1, keepdim=True).clamp_min(eps)
+    norm = zf.square().sum(-1, keepdim=True)
+    ok = norm >= TINY_NORM
+    return torch.where(ok, proj.square().sum(-1) / torch.where(ok, norm, 1.0), 0.0)

@@ -1,0 +1,156 @@
+"""The cost contract that a CPU can check (README, "Cost contract"): device operations per training
+step, no host synchronisation, the basis validated on the device, and the op's edge cases.
+
+Device operations are counted by :mod:`duallora_kernels.opcount` (Triton launches plus torch ops
+that do device work; views and allocations launch nothing). The fused op runs in Triton's
+interpreter here; a compiled kernel is one launch, as the counter counts it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from duallora_kernels.nn import DualLoRALinear
+from duallora_kernels.ops import dual_lora_linear, task_scores
+from duallora_kernels.ops.reference import dual_lora_linear_reference
+from duallora_kernels.opcount import FROZEN_STEP, STEP_BUDGET, count_device_ops
+import helpers
+from helpers import rel_err
+
+BF16 = torch.bfloat16
+
+
+def _full_problem(gen, dtype=BF16, lead=(2,), m=24, d=48, n=40, k=12):
+    """Basis, orthogonal adapter, training residual block, two frozen blocks and a gate."""
+    x, w, b, kw = helpers.dual_lora_problem(m, d, n, r_o=4, r_r=3, frozen_blocks=2, k=k, gen=gen, dtype=dtype,
+                                            lead=lead)
+    b.requires_grad_(False)  # a frozen layer's bias, as in DualLoRALinear
+    kw["basis"] = kw["basis"].float()
+    return x, w, b, kw
+
+
+def _step(fn, x, dy):
+    x.grad = None
+    y = fn()
+    y.backward(dy)
+    return y
+
+
+def test_training_step_of_the_fused_op_stays_within_the_device_op_budget(gen):
+    x, w, b, kw = _full_problem(gen)
+    dy = torch.randn(*x.shape[:-1], w.shape[0], generator=gen).to(BF16)
+    fused = lambda: dual_lora_linear(x, w, b, backend="triton", check_basis=False, **kw)  # noqa: E731
+    _step(fused, x, dy)  # first call: autotuning / compilation, not steady state
+    for p in kw.values():
+        if isinstance(p, torch.Tensor):
+            p.grad = None
+    with count_device_ops() as ops:
+        _step(fused, x, dy)
+    assert not ops.syncs, ops
+    assert ops.total <= STEP_BUDGET, ops
+    # What the budget buys: the forward and backward kernels and the small-matrix steps around them.
+    assert ops.kernels["_fused_forward_kernel"] == 1 and ops.kernels["_fused_backward_kernel"] == 1, ops
+
+    linear = nn.Linear(w.shape[1], w.shape[0]).to(BF16).requires_grad_(False)
+    with count_device_ops() as frozen:
+        _step(lambda: linear(x), x, dy)
+    assert frozen.total == FROZEN_STEP and not frozen.syncs, frozen
+
+
+def test_training_step_of_a_layer_has_no_host_sync_and_fits_the_budget(gen):
+    torch.manual_seed(0)
+    d, n = 48, 40
+    layer = DualLoRALinear.from_linear(nn.Linear(d, n), rank_orth=4, rank_res=3, backend="triton")
+    for t in range(4):  # tasks 1 and 2 leave frozen residual blocks (task 0 has none: M was empty); task 3 trains
+        x = torch.randn(2, 16, d) + 2 * torch.eye(d)[t]
+        with torch.no_grad():
+            layer.start_collecting(); layer(x); stats = layer.stop_collecting()
+        layer.begin_task(stats)
+        if t < 3:
+            with torch.no_grad():
+                layer.start_collecting(); layer(x); stats = layer.stop_collecting()
+            layer.end_task(stats)
+    assert layer.frozen_a.shape[0] == 2 * 3 and layer.basis_size > 0
+    x = torch.randn(2, 16, d, requires_grad=True)
+    dy = torch.randn(2, 16, n)
+    _step(lambda: layer(x), x, dy)
+    layer.zero_grad(set_to_none=True)
+    with count_device_ops() as ops:
+        _step(lambda: layer(x), x, dy)
+    assert not ops.syncs, ops
+    assert ops.total <= STEP_BUDGET, ops
+    # the same with the gate fixed from outside (a global gate): frozen blocks and the gate join the op
+    layer.set_gate(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    layer.zero_grad(set_to_none=True)
+    with count_device_ops() as ops:
+        _step(lambda: layer(x), x, dy)
+    assert not ops.syncs and ops.total <= STEP_BUDGET, ops
+
+
+def test_a_recycled_address_does_not_skip_the_basis_check(gen):
+    # Finding 2 of issue 8: the old address-keyed cache accepted a bad basis that landed where a
+    # checked one had been. The check now runs on the device on every call.
+    d = 64
+    x = torch.randn(5, d, generator=gen)
+    w = torch.randn(8, d, generator=gen)
+    a, b_ = torch.randn(2, d, generator=gen), torch.randn(8, 2, generator=gen)
+    for _ in range(20):
+        good = torch.linalg.qr(torch.randn(d, 16, generator=gen))[0]
+        dual_lora_linear(x, w, orth_a=a, orth_b=b_, basis=good, backend="torch")
+        del good
+        with pytest.raises(RuntimeError, match="basis must have orthonormal columns"):
+            dual_lora_linear(x, w, orth_a=a, orth_b=b_, basis=torch.randn(d, 16, generator=gen), backend="torch")
+    basis = torch.linalg.qr(torch.randn(d, 16, generator=gen))[0]
+    dual_lora_linear(x, w, orth_a=a, orth_b=b_, basis=basis, backend="torch")
+    basis.data[0, 0] += 1.0  # changed in place, behind autograd's back
+    with pytest.raises(RuntimeError, match="basis must have orthonormal columns"):
+        dual_lora_linear(x, w, orth_a=a, orth_b=b_, basis=basis, backend="torch")
+
+
+def test_layer_validates_a_loaded_basis(gen):
+    layer = DualLoRALinear(16, 8, rank_orth=2, rank_res=2)
+    state = layer.state_dict()
+    state["basis"] = torch.randn(16, 3, generator=gen)
+    with pytest.raises(RuntimeError, match="basis must have orthonormal columns"):
+        layer.load_state_dict(state)
+
+
+def test_task_scores_are_scale_invariant_down_to_tiny_norms(gen):
+    u = helpers.orthonormal_basis(32, 4, gen, torch.float32)
+    z = torch.stack([1e-7 * u[:, 0], 1e-18 * u[:, 1], torch.zeros(32), u[:, 2] + u[:, 3]])
+    other = helpers.orthonormal_basis(32, 4, gen, torch.float32)
+    bases = torch.stack([u, other])
+    for backend in ("torch", "triton"):
+        s = task_scores(z, bases, backend=backend)
+        assert torch.allclose(s[:3, 0], torch.tensor([1.0, 1.0, 0.0]), atol=1e-5), (backend, s)
+        assert abs(s[3, 0].item() - 1.0) < 1e-5 and s[2, 1].item() == 0.0, (backend, s)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_basis_gets_no_gradient_in_any_backend(backend, gen):
+    x, w, b, kw = _full_problem(gen, dtype=torch.float32)
+    kw["basis"].requires_grad_(True)
+    y = dual_lora_linear(x, w, b, backend=backend, **kw)
+    y.sum().backward()
+    assert kw["basis"].grad is None
+    assert kw["orth_a"].grad is not None
+
+
+def test_meta_tensors_give_a_meta_result(gen):
+    x, w, b, kw = _full_problem(gen, dtype=torch.float32)
+    meta = {k: (v.detach().to("meta") if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    y = dual_lora_linear(x.detach().to("meta"), w.to("meta"), b.to("meta"), **meta)
+    assert y.device.type == "meta" and y.shape == (*x.shape[:-1], w.shape[0])
+
+
+def test_gate_broadcast_per_sample_is_read_in_place(gen):
+    # One gate per sample shared by its tokens: (B, 1, G) against x (B, L, d). The kernels read it
+    # through a 0 token stride; the result must equal the reference with the gate materialised.
+    x, w, b, kw = _full_problem(gen, dtype=torch.float32, lead=(3,), m=10)
+    kw["gate"] = torch.rand(3, 1, 3, generator=gen)
+    got = dual_lora_linear(x, w, b, backend="triton", **kw)
+    full = {**kw, "gate": kw["gate"].expand(3, 10, 3).contiguous()}
+    to64 = lambda t: t.detach().double() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    ref = dual_lora_linear_reference(to64(x), to64(w), to64(b), **{k: to64(v) for k, v in full.items()})
+    assert rel_err(got, ref) <= 1e-5
