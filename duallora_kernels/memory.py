@@ -1,4 +1,5 @@
-"""The memory of DualLoRA (DESIGN §1): input statistics, bases, projections, task scores and gates.
+"""The memory of DualLoRA (docs/method.md, "Memory" and "Dynamic memory"): input statistics, bases,
+projections, task scores and gates.
 
 Nothing here knows about layers or training loops: functions take Gram matrices and bases
 and return bases, scores and gates.

@@ -1,5 +1,6 @@
 """Self-pretraining on a tiny budget: what is written, atomically, and reused from the cache."""
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -103,10 +104,67 @@ def test_command_line(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="duallora")
     sub = parser.add_subparsers(dest="command")
     command.add_parser(sub)
-    args = parser.parse_args(["pretrain", "--cache-dir", str(tmp_path), "--max-steps", "1", "--no-progress"])
-    assert command.run(args) == 0
+    argv = ["pretrain", "--cache-dir", str(tmp_path), "--max-steps", "1", "--no-progress", "--threads", "1"]
+    before = torch.get_num_threads()
+    try:
+        assert command.run(parser.parse_args(argv)) == 0
+    finally:
+        torch.set_num_threads(before)
     out = capsys.readouterr().out
     assert "self-pretrained ViT" in out and "MNIST held-out accuracy" in out
+    assert "duallora pretrain: 1 CPU thread(s)" in out and "on 1 thread(s)" in out
+    assert "not the shipped backbone's settings" in out
     info = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert info["create_vit"] == pt.DEFAULT_CONFIG.create_vit_kwargs() and info["metrics"]["steps"] == 1
+    assert info["metrics"]["threads"] == 1 and info["hardware"]["cpu"]
     assert command.run(parser.parse_args(["pretrain", "--cache-dir", str(tmp_path), "--epochs", "0"])) == 2
+
+
+def test_command_says_whether_the_rebuild_matches_the_shipped_backbone(tmp_path, capsys, monkeypatch):
+    parser = argparse.ArgumentParser(prog="duallora")
+    command.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["pretrain", "--cache-dir", str(tmp_path), "--max-steps", "1", "--no-progress"])
+    assert command.run(args) == 0
+    weights = next(tmp_path.glob("*.safetensors"))
+    capsys.readouterr()
+    # Pretend this (cached) build has the shipped backbone's settings: same bytes, then other bytes.
+    monkeypatch.setattr(pt, "SHIPPED_NAME", weights.stem)
+    monkeypatch.setattr(pt, "SHIPPED_SHA256", pt.sha256_of(weights))
+    assert command.run(args) == 0
+    assert "matches the backbone shipped with the package byte for byte" in capsys.readouterr().out
+    monkeypatch.setattr(pt, "SHIPPED_SHA256", "0" * 64)
+    assert command.run(args) == 0
+    out = capsys.readouterr().out
+    assert "differs from the backbone shipped with the package" in out and "not across machines" in out
+    assert f"--checkpoint {weights}" in out  # how to train on the rebuilt backbone instead
+
+
+def test_the_shipped_backbone_is_checked_and_is_the_default_of_train(monkeypatch):
+    from duallora_kernels.continual.trainer import TrainConfig, Trainer
+
+    weights = pt.shipped_backbone()
+    assert weights.stem == pt.SHIPPED_NAME == pt.cache_paths(seed=0)[0].stem  # the default settings' cache key
+    assert pt.sha256_of(weights) == pt.SHIPPED_SHA256
+    info = read_pretrained_info(weights)
+    assert info["sha256"] == pt.SHIPPED_SHA256 and info["pretrain"] == dataclasses.asdict(pt.DEFAULT_CONFIG)
+    assert weights.stat().st_size < 4 << 20  # small enough to ship
+    trainer = Trainer(TrainConfig(), progress=False, log=lambda m: None)
+    backbone = trainer._backbone()
+    assert trainer.backbone_sha256 == pt.SHIPPED_SHA256 and weights.name in trainer.backbone_label
+    assert backbone.embed_dim == info["create_vit"]["embed_dim"]
+    monkeypatch.setattr(pt, "SHIPPED_SHA256", "f" * 64)  # as if the file had been damaged or replaced
+    with pytest.raises(ValueError, match="damaged or was replaced"):
+        pt.shipped_backbone()
+
+
+def test_package_data_ships_the_backbone():
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["duallora_kernels"]
+    weights = pt.shipped_backbone()
+    for path in (weights, weights.with_suffix(".json")):
+        rel = path.relative_to(root / "duallora_kernels").as_posix()
+        assert any(fnmatch(rel, g) for g in globs), (rel, globs)

@@ -144,3 +144,68 @@ def test_nan_in_a_tasks_data_stops_with_the_layer_and_the_task(tmp_path, monkeyp
         Trainer(TrainConfig(**TINY, out_dir=str(tmp_path)), progress=False, log=lambda m: None).run()
     state = json.loads((tmp_path / "duallora-seed0" / "checkpoint.json").read_text())
     assert state["tasks_done"] == 1  # task 0 finished and was kept; task 1 stopped before any change
+
+
+def test_a_new_run_moves_the_earlier_runs_outputs_aside(tmp_path, monkeypatch):
+    cfg = TrainConfig(**TINY, out_dir=str(tmp_path))
+    first = Trainer(cfg, progress=False, log=lambda m: None).run()
+    run = tmp_path / "duallora-seed0"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert set(before) == {"results.json", "results.png", "checkpoint.json", "task-2.safetensors"}
+
+    def stop_in_task_0(self, model, tasks, t):
+        raise KeyboardInterrupt  # Ctrl-C (or a kill) inside the new run's first task
+
+    monkeypatch.setattr(Trainer, "_train_task", stop_in_task_0)
+    logs = []
+    trainer = Trainer(TrainConfig(**{**TINY, "epochs": 2}, out_dir=str(tmp_path)), progress=False, log=logs.append)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert trainer.where_stopped() == "interrupted in task 0 of 3 of run duallora-seed0 (no task finished yet)"
+    # Nothing of the earlier run is left where a reader would take it for the new run's ...
+    assert sorted(p.name for p in run.iterdir()) == ["previous"]
+    # ... it is all in previous/, unchanged, and the log says so.
+    assert {p.name: p.read_bytes() for p in (run / "previous").iterdir()} == before
+    assert any("moved an earlier run's" in m and "results.json" in m for m in logs)
+    assert json.loads(before["results.json"])["accuracy_matrix"] == first["accuracy_matrix"]
+
+
+def test_resuming_a_finished_run_keeps_its_results(tmp_path):
+    cfg = TrainConfig(**TINY, out_dir=str(tmp_path))
+    first = Trainer(cfg, progress=False, log=lambda m: None).run()
+    again = Trainer(cfg, progress=False, log=lambda m: None).run(resume=True)
+    assert again["accuracy_matrix"] == first["accuracy_matrix"]
+    assert not (tmp_path / "duallora-seed0" / "previous").exists()
+
+
+def test_results_record_backbone_hash_hardware_and_a_legend_with_each_tasks_classes(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from safetensors.torch import save_file
+
+    from duallora_kernels.continual.pretrain import sha256_of
+    from duallora_kernels.vit import create_vit
+
+    backbone = create_vit("vit_tiny_patch16_224", img_size=28, patch_size=7, depth=1, embed_dim=16, num_heads=2,
+                          in_chans=1)
+    ckpt = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(ckpt))
+    legends = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()])
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    results = Trainer(TrainConfig(**TINY, checkpoint=str(ckpt), out_dir=str(tmp_path / "out")), progress=False,
+                      log=lambda m: None).run()
+    assert results["backbone_sha256"] == sha256_of(ckpt) and len(results["backbone_sha256"]) == 64
+    env = results["environment"]
+    assert env["cpu"] and env["gpu"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    assert env["threads"] == torch.get_num_threads() and env["usable_cores"] >= 1
+    (c0, c1), (c2, c3) = results["class_order"][:2]
+    from duallora_kernels.continual.data import FASHION_MNIST_CLASSES as names
+
+    assert legends[0][:2] == [f"task 0: {c0} {names[c0]}, {c1} {names[c1]}", f"task 1: {c2} {names[c2]}, {c3} {names[c3]}"]
+    assert metrics.task_labels(2, [[4, 6], [2, 7]]) == ["task 0: classes 4, 6", "task 1: classes 2, 7"]
+    assert metrics.task_labels(2) == ["task 0", "task 1"]

@@ -1,59 +1,160 @@
-"""``duallora train``: the class-incremental benchmark (default: Split Fashion-MNIST, 5 tasks x 2
-classes, on the self-pretrained ViT), one method or several, same data and seed."""
+"""`duallora train`: the class-incremental benchmark (default: Split Fashion-MNIST, 5 tasks x 2
+classes, on the self-pretrained ViT shipped with the package), one method or several, same data and seed.
+
+Options that a run would ignore are refused before anything runs (:func:`configs_from_args`)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import sys
 import typing
 
+from ..cli import INTERRUPTED, HelpFormatter, add_threads_option, apply_threads
 from ..continual.trainer import GATE_SOURCES, METHODS, TrainConfig
 
+DESCRIPTION = (
+    "Run the class-incremental benchmark: by default DualLoRA on Split Fashion-MNIST (5 tasks x 2 classes, "
+    "class order shuffled by --seed) on the self-pretrained ViT shipped with the package. After every task: "
+    "the accuracy matrix, task-identity accuracy and a checkpoint; --resume continues from the last finished "
+    "task (Ctrl-C prints the exact command). Writes OUT_DIR/<method>-seed<seed>/results.json and results.png. "
+    "Options a run would not use (e.g. --checkpoint without --model) are refused."
+)
 _SKIP = {"method", "targets", "train_per_class", "test_per_class"}
 _CHOICES = {"gate_mode": ("soft", "hard"), "gate_source": GATE_SOURCES, "summary": ("cls", "mean"),
             "backend": ("auto", "triton", "torch", "cuda")}
 _HELP = {
     "seed": "seeds the class order, the subsets and training (logged in the results)",
     "data_root": "folder with Fashion-MNIST's IDX files (default: Debian's /usr/share/datasets/fashion-mnist)",
-    "model": "a timm ViT name; default: the self-pretrained ViT of `duallora pretrain`",
-    "checkpoint": "local .pth/.safetensors weights for --model",
-    "rank_orth": "rank of the orthogonal adapter", "rank_res": "rank of each task's residual block",
-    "threshold_start": "GPM energy threshold of the first task", "threshold_end": "... of the last task",
+    "num_tasks": "number of tasks the classes are split into",
+    "classes_per_task": "classes in each task",
+    "model": "a timm ViT name, e.g. vit_small_patch16_224 (default: the self-pretrained ViT shipped with the "
+             "package, see `duallora pretrain`)",
+    "checkpoint": "local .pth/.safetensors weights for --model (default: none, --model starts from random "
+                  "weights)",
+    "img_size": "input size of --model; Fashion-MNIST images are 28x28",
+    "patch_size": "patch size of --model; must divide --img-size, e.g. 4 or 7 for 28 (default: the model's own)",
+    "depth": "number of blocks of --model (default: the model's own)",
+    "embed_dim": "width of --model (default: the model's own)",
+    "num_heads": "attention heads of --model (default: the model's own)",
+    "rank_orth": "rank of the orthogonal adapter",
+    "rank_res": "rank of each task's residual block",
+    "orth_scale": "scale s_o of the orthogonal adapter's output",
+    "res_scale": "scale s_r of the residual blocks' output",
+    "threshold_start": "GPM energy threshold of the first task",
+    "threshold_end": "GPM energy threshold of the last task (linear in between)",
     "score_rank": "principal directions kept per task for task identity",
     "temperature": "softmax temperature of the task gate",
-    "gate_source": "global: one gate from a first pass; layer: each layer gates from its own input",
+    "gate_mode": "soft: softmax over tasks; hard: one-hot of the best-scoring task",
+    "gate_source": "global: one gate from a first pass with the residual blocks off; layer: each layer gates from "
+                   "its own input",
     "summary": "per-sample summary a layer scores: mean token or class token",
     "beta": "calibration strength (0: off)",
-    "lr": "learning rate of the adapters", "head_lr": "learning rate of the task's head",
+    "backend": "auto: Triton on CUDA tensors, the PyTorch reference on the CPU; triton on the CPU needs "
+               "TRITON_INTERPRET=1; cuda: the CUDA C++ kernels",
+    "epochs": "passes over each task's training data",
+    "batch_size": "training batch size (passes without gradients use twice as many)",
+    "lr": "learning rate of the adapters",
+    "head_lr": "learning rate of the task's head",
+    "weight_decay": "AdamW weight decay",
     "out_dir": "runs go to OUT_DIR/<method>-seed<seed>/",
+    "run_name": "the run's folder under OUT_DIR (default: <method>-seed<seed>); one method only",
 }
+_METAVAR = {"data_root": "DIR", "out_dir": "DIR", "checkpoint": "FILE", "model": "NAME", "run_name": "NAME"}
+# Options only the timm model of --model uses: the shipped backbone has its own weights and sizes.
+_MODEL_ONLY = ("checkpoint", "img_size", "patch_size", "depth", "embed_dim", "num_heads")
+# What each method does not use, and why (an option given only to methods that ignore it is refused).
+_NO_RES = "has no residual blocks"
+_NO_MEMORY = "keeps no memory basis"
+_NO_CALIBRATION = "does not calibrate"
+_ONE_TASK = "trains one task holding every class (no task identity)"
+_IGNORED: dict[str, dict[str, str]] = {
+    "orth-only": {"rank_res": _NO_RES, "res_scale": _NO_RES},
+    "res-only": {"rank_orth": "has no orthogonal adapter", "orth_scale": "has no orthogonal adapter"},
+    "no-calibration": {"beta": _NO_CALIBRATION},
+    "seq-lora": {"rank_res": _NO_RES, "res_scale": _NO_RES, "threshold_start": _NO_MEMORY,
+                 "threshold_end": _NO_MEMORY, "beta": _NO_CALIBRATION},
+    "joint": {name: _ONE_TASK for name in ("rank_res", "res_scale", "threshold_start", "threshold_end", "beta",
+                                           "score_rank", "temperature", "gate_mode", "gate_source", "summary")},
+}
+
+
+class _RecordsGiven:
+    """Mixin for store actions: also records that the option was given (in ``namespace._given``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace._given = set(getattr(namespace, "_given", ())) | {self.dest}
+
+
+class _Given(_RecordsGiven, argparse._StoreAction):
+    pass
+
+
+class _GivenFlag(_RecordsGiven, argparse._StoreTrueAction):
+    pass
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="run the continual-learning benchmark (default: DualLoRA on Split Fashion-MNIST)",
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=DESCRIPTION, formatter_class=HelpFormatter,
     )
+    p.register("action", None, _Given)
+    p.register("action", "store", _Given)
+    p.register("action", "store_true", _GivenFlag)
     p.add_argument("--method", default="duallora",
                    help=f"one of {', '.join(METHODS)}; a comma-separated list; or 'all'")
-    p.add_argument("--full", action="store_true", help="use all of Fashion-MNIST (default: a per-class subset)")
-    p.add_argument("--train-per-class", type=int, default=TrainConfig.train_per_class)
-    p.add_argument("--test-per-class", type=int, default=TrainConfig.test_per_class)
-    p.add_argument("--targets", default=",".join(TrainConfig.targets), help="linear layers to adapt, by name")
+    p.add_argument("--full", action="store_true",
+                   help="use all of Fashion-MNIST instead of --train-per-class/--test-per-class images per class")
+    p.add_argument("--train-per-class", type=int, default=TrainConfig.train_per_class,
+                   help="training images per class (a seeded subset)")
+    p.add_argument("--test-per-class", type=int, default=TrainConfig.test_per_class,
+                   help="test images per class (a seeded subset)")
+    p.add_argument("--targets", default=",".join(TrainConfig.targets),
+                   help="linear layers to adapt, by name, comma-separated")
     p.add_argument("--resume", action="store_true", help="continue from the run's last finished task")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads_option(p)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in _SKIP:
             continue
         kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if typing.get_args(kind) else kind
-        p.add_argument("--" + f.name.replace("_", "-"), type=base, default=f.default, help=_HELP.get(f.name),
-                       choices=_CHOICES.get(f.name))
+        p.add_argument("--" + f.name.replace("_", "-"), type=base, default=f.default, help=_HELP[f.name],
+                       choices=_CHOICES.get(f.name), metavar=_METAVAR.get(f.name))
     return p
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
+    """One TrainConfig per method; ValueError for settings a run would not use, before anything runs."""
     methods = list(METHODS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
+    given = set(getattr(args, "_given", ()))
+    if args.model is None:
+        unused = [_flag(n) for n in _MODEL_ONLY if n in given]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} only apply with --model: the default backbone (the shipped self-pretrained "
+                "ViT) has its own weights and sizes. Add --model NAME (e.g. --model vit_small_patch16_224 "
+                "--checkpoint weights.safetensors --patch-size 4) or leave them out"
+            )
+    if args.full:
+        unused = [_flag(n) for n in ("train_per_class", "test_per_class") if n in given]
+        if unused:
+            raise ValueError(f"--full uses every image, so {' and '.join(unused)} would be ignored: give one or the other")
+    if args.run_name is not None and len(methods) > 1:
+        raise ValueError(f"--run-name names one run, but --method {args.method} starts {len(methods)}: "
+                         "each would overwrite the last. Leave --run-name out (runs are named <method>-seed<seed>)")
+    for name in sorted(given):
+        reasons = [_IGNORED.get(m, {}).get(name) for m in methods]
+        if methods and all(reasons):
+            why = "; ".join(sorted({f"{m} {r}" for m, r in zip(methods, reasons)}))
+            raise ValueError(f"{_flag(name)} is not used by --method {args.method} ({why}): leave it out")
     common = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in _SKIP}
     common["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     common["train_per_class"] = None if args.full else args.train_per_class
@@ -61,18 +162,35 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     return [TrainConfig(method=m, **common) for m in methods]
 
 
+def resume_command(argv: typing.Sequence[str]) -> str:
+    """The command line that continues an interrupted ``duallora train`` with these arguments."""
+    rest = list(argv)
+    if "--resume" not in rest:
+        rest.append("--resume")
+    return shlex.join(["duallora", "train", *rest])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..continual.trainer import Trainer
 
     configs = configs_from_args(args)  # every method's settings are checked before any runs
+    threads = apply_threads(args.threads)
+    from ..cli import usable_cores
+
+    print(f"duallora train: {threads} CPU thread(s) ({usable_cores()} core(s) usable by this process; "
+          "--threads N to change)", flush=True)
     for config in configs:
-        Trainer(config, progress=not args.no_progress).run(resume=args.resume)
+        trainer = Trainer(config, progress=not args.no_progress)
+        try:
+            trainer.run(resume=args.resume)
+        except KeyboardInterrupt:
+            print(f"duallora train: {trainer.where_stopped()}; continue with: "
+                  f"{resume_command(getattr(args, '_argv', sys.argv[1:]))}", file=sys.stderr, flush=True)
+            return INTERRUPTED
     return 0
 
 
 if __name__ == "__main__":  # python -m duallora_kernels.commands.train ... (without the other subcommands)
-    import sys
+    from ..cli import main
 
-    parser = argparse.ArgumentParser(prog="duallora")
-    add_parser(parser.add_subparsers(dest="command"))
-    sys.exit(run(parser.parse_args(["train", *sys.argv[1:]])))
+    sys.exit(main(["train", *sys.argv[1:]]))

