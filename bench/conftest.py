@@ -32,7 +32,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--bench-ranks", default=None, help="total adapter ranks, comma-separated")
     g.addoption("--bench-dtypes", default=None, help="float32, bfloat16, float16, comma-separated")
     g.addoption("--bench-batch", type=int, default=None, help="images per batch (m = batch x 197)")
-    g.addoption("--bench-variants", default=",".join(B.VARIANTS), help="subset of fused,unfused,frozen,peft")
+    g.addoption("--bench-variants", default=",".join(B.VARIANTS), help=f"subset of {','.join(B.VARIANTS)}")
     g.addoption("--bench-threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
 
 

@@ -86,17 +86,62 @@ def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int =
             seen.add(key)
             rows.append([
                 _with_note(doc), c["dtype"], f"{c['layer']} {c['d']}→{c['n']}", c["m"], c["rank"],
-                _ms(c["frozen_ms"]), _ms(c["fused_ms"]), _ms(c["unfused_ms"]), _ms(c["peft_ms"]),
+                _ms(c["frozen_ms"]), _ms(c["fused_ms"]), _ms(c["unfused_ms"]), _ms(c.get("unfused_compiled_ms")),
+                _ms(c["peft_ms"]),
                 _x(c["fused_over_frozen"], c.get("goal_fused_over_frozen")),
                 _x(c["unfused_over_fused"], c.get("goal_unfused_over_fused")),
+                _x(c.get("unfused_compiled_over_fused"), c.get("goal_unfused_compiled_over_fused")),
                 _x(c.get("unfused_over_frozen")), _source(path, root),
             ])
     if not rows:
         return None
-    headers = ["device, date", "dtype", "layer d→n", "m", "r", "frozen ms", "fused ms", "unfused ms", "peft ms",
-               "fused/frozen (goal ≤ 1.10)", "unfused/fused (goal ≥ 2)", "unfused/frozen", "source"]
+    headers = ["device, date", "dtype", "layer d→n", "m", "r", "frozen ms", "fused ms", "unfused ms", "compiled ms",
+               "peft ms", f"fused/frozen (goal {_goal('fused_over_frozen')})",
+               f"unfused/fused (goal {_goal('unfused_over_fused')})",
+               f"compiled/fused (goal {_goal('unfused_compiled_over_fused')})", "unfused/frozen", "source"]
     return ("**One DualLoRA layer, forward+backward** (median ms; rank "
-            f"{rank} or the file's largest; every rank is in the JSON; '-' = not run on that device, see the file's reasons)\n\n"
+            f"{rank} or the file's largest; every rank is in the JSON; compiled = the unfused composition under "
+            "torch.compile, GPU only; '-' = not run on that device, see the file's reasons)\n\n"
+            + B.format_table(headers, rows, markdown=True))
+
+
+def _goal(name: str) -> str:
+    op, bound, _ = B.GOALS[name]
+    return f"{'≤' if op == '<=' else '≥'} {bound:g}"
+
+
+def ops_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int = HEADLINE_RANK) -> str | None:
+    """Device operations of one forward+backward per variant (``op_count`` rows; files of schema
+    /1 have none)."""
+    from duallora_kernels.opcount import FROZEN_STEP, STEP_BUDGET
+
+    variants = [v for v in B.VARIANTS]
+    rows = []
+    for path, doc in docs:
+        counts = [r for r in doc["results"] if r["kind"] == "op_count"]
+        ranks = sorted({r["rank"] for r in counts if r["rank"] is not None})
+        if not ranks:
+            continue
+        pick = rank if rank in ranks else ranks[-1]
+        got = {(r["shape"], r["batch"], r["dtype"], r["variant"]): r for r in counts if r["rank"] in (None, pick)}
+        cases = dict.fromkeys((r["layer"], r["d"], r["n"], r["shape"], r["batch"], r["m"], r["dtype"]) for r in counts)
+        for layer, d, n, shape, batch, m, dtype in cases:
+            def cell(v: str) -> str:
+                r = got.get((shape, batch, dtype, v))
+                return "-" if r is None or r["status"] != "ok" else str(r["device_ops"])
+
+            methods = sorted({r["method"] for (s_, b_, dt_, _), r in got.items()
+                              if (s_, b_, dt_) == (shape, batch, dtype) and r["method"]})
+            rows.append([_with_note(doc), dtype, f"{layer} {d}→{n}", m, pick, *(cell(v) for v in variants),
+                         ", ".join(methods) or "-", _source(path, root)])
+    if not rows:
+        return None
+    names = {"fused": f"fused (budget ≤ {STEP_BUDGET})", "frozen": f"frozen (= {FROZEN_STEP})", "unfused_compiled": "compiled"}
+    headers = ["device, date", "dtype", "layer d→n", "m", "r", *(names.get(v, v) for v in variants), "counted by", "source"]
+    return ("**Device operations of one forward+backward** (kernels and torch ops that launch device work, memsets "
+            "included, views and allocations aside; `opcount` = a TorchDispatchMode plus the Triton launch hook, on "
+            "the CPU; `torch.profiler` = the CUDA kernel/memcpy/memset activities of one step after a warm-up, on a GPU, "
+            "where autograd's backward threads are out of a dispatch mode's reach)\n\n"
             + B.format_table(headers, rows, markdown=True))
 
 
@@ -164,7 +209,7 @@ def render(paths: Sequence[Path], root: Path = ROOT, rank: int = HEADLINE_RANK) 
     if not docs:
         parts.append("No results in bench/results/ yet: see bench/README.md for the commands.")
         return "\n".join(parts)
-    for t in [speed_table(docs, root, rank), saved_table(docs, root), *step_tables(docs, root)]:
+    for t in [speed_table(docs, root, rank), ops_table(docs, root, rank), saved_table(docs, root), *step_tables(docs, root)]:
         if t:
             parts += [t, ""]
     parts.append("How each number is measured, and the commands that produce them: [bench/README.md](bench/README.md).")

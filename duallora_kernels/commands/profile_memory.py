@@ -232,16 +232,38 @@ def profile_models(s: dict[str, Any], device: Any, bar: Any, save: Any = None) -
 
 
 def print_tables(rows: list[dict[str, Any]], file: Any = None) -> None:
+    """The results as narrow tables: one per (scope, model, dtype, batch) with what they share in
+    its heading, and the reasons of skipped or failed rows as numbered notes below it, so that no
+    column is padded to the longest label or reason."""
     saved = [r for r in rows if r["kind"] == "saved_bytes"]
-    if saved:
-        print("\nbytes saved for backward (activation bytes: parameters and buffers left out)", file=file)
-        headers = ["scope", "layer/model", "dtype", "batch", "variant", "saved", "activations", "act/frozen",
-                   "act/full_ft", "note"]
-        print(B.format_table(headers, [[
-            r["scope"], r["model"] if r["shape"] is None else f"{r['model']} {r['shape']}", r["dtype"], r["batch"],
-            r["variant"], B.format_bytes(r["saved_bytes"]), B.format_bytes(r["activation_bytes"]),
-            B.fmt_ratio(r["activation_over_frozen"]), B.fmt_ratio(r["activation_over_full_ft"]),
-            "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"] for r in saved]), file=file)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in saved:
+        groups.setdefault((r["scope"], r["model"] if r["shape"] is None else None, r["dtype"], r["batch"], r["rank"]), []).append(r)
+    if groups:
+        print("\nbytes saved for backward (activations: parameters and buffers left out)", file=file)
+    for (scope, model, dtype, batch, rank), group in groups.items():
+        what = "one layer" if scope == "layer" else model
+        print(f"\n{what}, {dtype}, batch {batch}, rank {rank}", file=file)
+        reasons: list[str] = []
+
+        def note(r: dict[str, Any]) -> str:
+            text = f"{r['status']}: {r['reason']}"
+            if text not in reasons:
+                reasons.append(text)
+            return f"{r['status']} [{reasons.index(text) + 1}]"
+
+        table = []
+        for r in group:
+            first = [f"{r['model']} {r['shape']}", r["variant"]] if scope == "layer" else [r["variant"]]
+            if r["status"] != "ok":
+                table.append([*first, note(r), None, None, None])
+                continue
+            table.append([*first, B.format_bytes(r["saved_bytes"]), B.format_bytes(r["activation_bytes"]),
+                          B.fmt_ratio(r["activation_over_frozen"]), B.fmt_ratio(r["activation_over_full_ft"])])
+        headers = ["variant", "saved", "activations", "act/frozen", "act/full_ft"]
+        print(B.format_table(["layer", *headers] if scope == "layer" else headers, table), file=file)
+        for i, text in enumerate(reasons, 1):
+            print(f"  [{i}] {text}", file=file)
     steps = [r for r in rows if r["kind"] == "step_memory" and r["status"] == "ok"]
     if steps:
         print("\ntraining step", file=file)
@@ -257,9 +279,16 @@ def print_tables(rows: list[dict[str, Any]], file: Any = None) -> None:
         print("\nlargest training batch under a memory budget", file=file)
         print(B.format_table(["budget", "dtype", *variants], [
             [f"{g:g} GiB", dt, *(got.get((v, g, dt)) for v in variants)] for dt in dtypes for g in budgets]), file=file)
-    notes = {(r["kind"], r.get("variant"), r["reason"]) for r in rows if r.get("status") != "ok" and r["kind"] != "saved_bytes"}
-    for kind, variant, reason in sorted(notes, key=str):
-        print(f"  {kind} {variant}: {reason}", file=file)
+    notes: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if r.get("status") != "ok" and r["kind"] != "saved_bytes":
+            variants = notes.setdefault((r["kind"], r["reason"]), [])
+            if r["variant"] not in variants:
+                variants.append(r["variant"])
+    if notes:
+        print("\nnot measured:", file=file)
+    for (kind, reason), variants in notes.items():
+        print(f"  {kind} ({', '.join(variants)}): {reason}", file=file)
 
 
 def run(args: argparse.Namespace) -> int:
