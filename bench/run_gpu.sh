@@ -1,41 +1,211 @@
 #!/usr/bin/env bash
-# The GPU results of bench/README.md in one go, on an H100/H200 (or any CUDA GPU), most important
-# first, each step under a time limit so a slow step cannot eat the others' time (every command
-# rewrites its JSON as it goes; a cut-short file has "complete": false and keeps its rows):
-#   1. the goal's cases: bfloat16, the four ViT-B/16 layers, rank 16, batch 64   -> <slug>-<date>-headline.json
-#   2. the memory profile (saved bytes, training step, largest batch per budget) -> <slug>-<date>-memory.json
-#   3. the full matrix: six shapes, ranks 4..64, float32 and bfloat16           -> <slug>-<date>.json
-#   4. the README table
+# The GPU run of bench/README.md as ONE command that fits a lent GPU machine: at most 600 s for
+# the command, a fresh machine (python3, torch and triton, timm/peft/pytest-benchmark, no internet,
+# this package NOT installed: it runs from the tree through PYTHONPATH), and only the files
+# written under $OUT come back (at most 8), plus the last 12,000 characters of output.
 #
-#   bash bench/run_gpu.sh                              # from the repository root
-#   PY=/path/to/python bash bench/run_gpu.sh
-#   DUALLORA_GIT_COMMIT=<sha> bash bench/run_gpu.sh    # where the copy has no .git: the commit for the JSON
-# `python -m duallora_kernels.commands.bench ...` is `duallora bench ...` without importing the other
-# subcommands (and so without their dependencies).
+# In priority order, each step under its own `timeout`, each writing under $OUT as it goes (the
+# commands rewrite their JSON after every variant, so a step cut off at its limit still returns
+# what finished, marked "complete": false):
+#   1. setup         the device, versions and commit; the device slug that names the files
+#   2. kernel-tests  the Triton kernel tests compiled on the GPU (fixed configs, DUALLORA_AUTOTUNE=0;
+#                    the backend="cuda" tests deselected: the CUDA extension has its own issue)
+#   3. headline      bf16, the four ViT-B/16 layers, rank 16, batch 64: frozen / fused /
+#                    torch.compile'd unfused / unfused / PEFT, with device-op counts;
+#                    at most two autotune configs per kernel (DUALLORA_AUTOTUNE=2)
+#   4. memory        saved bytes (the four layers, a whole ViT-B/16) and the ViT-B/16 step's peak memory
+# The limits add up to under 8 minutes (the dry run prints the sum). At the end: one summary line
+# per step, also in $OUT/summary.txt. Exit status: 0 when every step exited 0, else 1.
+#
+#   OUT=/some/dir bash bench/run_gpu.sh                   # from anywhere; default OUT: runs/gpu-<UTC time>
+#   DRY_RUN=1 bash bench/run_gpu.sh   (or --dry-run)      # print the plan: steps, limits, commands, outputs
+#   STEPS=setup,kernel-tests bash bench/run_gpu.sh        # a subset (the order stays the priority order)
+#   DUALLORA_GIT_COMMIT=<sha> bash bench/run_gpu.sh       # where the copy has no .git: the commit for the files
+#   bash bench/run_gpu.sh --collect DIR                   # back home: copy DIR's results into bench/results/
+#                                                         # and regenerate the README table
+# Limits (seconds): SETUP_LIMIT TESTS_LIMIT HEADLINE_LIMIT MEMORY_LIMIT; WORKERS (pytest-xdist
+# processes when xdist imports; 0: none); PY (default python3); DUALLORA_TEST_SEED.
 set -u
 cd "$(dirname "$0")/.."
-PY=${PY:-python}
-DATE=$(date +%F)
-SLUG=$($PY -c "import torch; from duallora_kernels.benchmark import device_slug; print(device_slug(torch.cuda.get_device_name()))")
-HEADLINE_LIMIT=${HEADLINE_LIMIT:-150}
-MEMORY_LIMIT=${MEMORY_LIMIT:-240}
-MATRIX_LIMIT=${MATRIX_LIMIT:-420}
+ROOT=$PWD
 
-$PY -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)"
+DRY_RUN=${DRY_RUN:-0}
+COLLECT=
+while [ $# -gt 0 ]; do
+    case $1 in
+        --dry-run|-n) DRY_RUN=1 ;;
+        --collect) COLLECT=${2:?--collect needs the folder the files came back in}; shift ;;
+        -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "run_gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
 
-timeout "$HEADLINE_LIMIT" $PY -m duallora_kernels.commands.bench --no-progress \
-    --dtype bfloat16 --shapes vit_b.proj,vit_b.qkv,vit_b.fc1,vit_b.fc2 --ranks 16 --batch 64 \
-    --out "bench/results/$SLUG-$DATE-headline.json"
-echo "bench (headline): exit $?"
+# ----------------------------------------------------------------------------- back home: collect
+if [ -n "$COLLECT" ]; then
+    if [ -z "${PY:-}" ]; then PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python; fi
+    shopt -s nullglob
+    files=("$COLLECT"/*.json "$COLLECT"/*-kernel-tests.txt)
+    if [ ${#files[@]} = 0 ]; then
+        echo "run_gpu.sh --collect: no *.json or *-kernel-tests.txt in $COLLECT" >&2
+        exit 1
+    fi
+    mkdir -p bench/results
+    for f in "${files[@]}"; do
+        cp -v "$f" bench/results/
+    done
+    "$PY" bench/render_table.py && echo "then: git add ${files[*]/#$COLLECT/bench/results} README.md"
+    exit $?
+fi
 
-timeout "$MEMORY_LIMIT" $PY -m duallora_kernels.commands.profile_memory --no-progress \
-    --dtype bfloat16 --rank 16 --batch 64 --vit-batch 64 --step-batch 64 --budgets 8,12,16,24 \
-    --out "bench/results/$SLUG-$DATE-memory.json"
-echo "profile-memory: exit $?"
+PY=${PY:-python3}
+DATE=$(date -u +%F)
+OUT=${OUT:-$ROOT/runs/gpu-$(date -u +%Y%m%dT%H%M%S)}
+case $OUT in /*) ;; *) OUT=$ROOT/$OUT ;; esac
+STEPS=${STEPS:-setup,kernel-tests,headline,memory}
+SETUP_LIMIT=${SETUP_LIMIT:-30}
+TESTS_LIMIT=${TESTS_LIMIT:-135}
+HEADLINE_LIMIT=${HEADLINE_LIMIT:-185}
+MEMORY_LIMIT=${MEMORY_LIMIT:-95}
+WORKERS=${WORKERS:-8}
+SLUG=${SLUG:-<device-slug>}   # set by the setup step from the device's name
+XDIST=                         # "-n $WORKERS " once the setup step found pytest-xdist
+XDIST_KNOWN=0
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export DUALLORA_TEST_SEED=${DUALLORA_TEST_SEED:-$(( (RANDOM << 16) | RANDOM ))}
 
-timeout "$MATRIX_LIMIT" $PY -m duallora_kernels.commands.bench --no-progress \
-    --dtype bfloat16,float32 --ranks 4,8,16,32,64 --batch 64 \
-    --out "bench/results/$SLUG-$DATE.json"
-echo "bench (full matrix): exit $?"
+LAYERS=vit_b.proj,vit_b.qkv,vit_b.fc1,vit_b.fc2
+TEST_FILES="tests/test_fused_linear.py tests/test_gram.py tests/test_task_scores.py tests/test_stability.py"
+SETUP_PY='import platform, torch, triton
+from duallora_kernels.benchmark import device_slug
+name = torch.cuda.get_device_name()
+print(f"device: {name} (capability {torch.cuda.get_device_capability()}), {torch.cuda.device_count()} GPU(s)")
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, python {platform.python_version()}")
+print("slug:", device_slug(name))'
 
-$PY bench/render_table.py
+# The steps: name, limit, seconds to stop after the limit's signal, signal, outputs, command.
+# Commands are built from $SLUG, known after the setup step, hence a function.
+plan() {
+    local p=$OUT/$SLUG-$DATE xdist=$XDIST
+    [ "$XDIST_KNOWN" = 0 ] && [ "$WORKERS" != 0 ] && xdist="[-n $WORKERS if pytest-xdist imports] "
+    STEP_NAMES=(setup kernel-tests headline memory)
+    STEP_LIMITS=("$SETUP_LIMIT" "$TESTS_LIMIT" "$HEADLINE_LIMIT" "$MEMORY_LIMIT")
+    STEP_GRACE=(5 10 5 5)
+    STEP_SIGNAL=(TERM INT TERM TERM)
+    STEP_OUTPUTS=("$OUT/run_gpu.log" "$p-kernel-tests.txt" "$p-headline.json" "$p-memory.json")
+    STEP_CMDS=(
+        "$PY -c '<the device, versions and slug: SETUP_PY in this script>'"
+        "DUALLORA_TEST_DEVICE=cuda TRITON_INTERPRET=0 DUALLORA_AUTOTUNE=0 $PY -m pytest -q -rs --tb=short --durations=10 $xdist-k 'not cuda_backend and not (gpu_backends and cuda)' $TEST_FILES"
+        "DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.bench --no-progress --dtype bfloat16 --shapes $LAYERS --ranks 16 --batch 64 --variants frozen,fused,unfused_compiled,unfused,peft --out $p-headline.json"
+        "DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.profile_memory --no-progress --scope layer,vit,step --dtype bfloat16 --rank 16 --shapes $LAYERS --batch 64 --vit-batch 64 --step-batch 64 --out $p-memory.json"
+    )
+}
+
+selected() { case ",setup,$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }  # setup always runs
+
+print_plan() {
+    plan
+    local i total=0 grace=0
+    local what="run_gpu.sh plan"
+    [ "$DRY_RUN" = 1 ] && what="$what (dry run: nothing runs)"
+    echo "$what"
+    echo "OUT=$OUT"
+    echo "python: $PY; PYTHONPATH=$PYTHONPATH; date $DATE (UTC)"
+    for i in "${!STEP_NAMES[@]}"; do
+        selected "${STEP_NAMES[$i]}" || continue
+        echo "step $((i + 1)) ${STEP_NAMES[$i]}: limit ${STEP_LIMITS[$i]} s (+${STEP_GRACE[$i]} s to stop), signal ${STEP_SIGNAL[$i]}"
+        echo "  command: ${STEP_CMDS[$i]}"
+        echo "  writes: ${STEP_OUTPUTS[$i]}"
+        total=$((total + STEP_LIMITS[$i])); grace=$((grace + STEP_GRACE[$i]))
+    done
+    echo "also writes: $OUT/run_gpu.log (everything printed), $OUT/summary.txt (one line per step)"
+    echo "total: $total s of limits + $grace s to stop = $((total + grace)) s"
+}
+
+if [ "$DRY_RUN" = 1 ]; then
+    print_plan
+    exit 0
+fi
+
+SUMMARY=()
+FAILED=0
+note() {  # one summary line per step
+    SUMMARY+=("$1")
+}
+
+run_step() {  # index: run step i of the plan under its limit; output to the log (and its file for tests)
+    local i=$1 name=${STEP_NAMES[$1]} limit=${STEP_LIMITS[$1]} rc
+    echo
+    echo "== step $((i + 1)) $name (limit ${limit} s): ${STEP_CMDS[$i]}"
+    SECONDS=0
+    if [ "$name" = kernel-tests ]; then  # the log file: the header, then pytest's output as it comes
+        cat "$HEADER" >"${STEP_OUTPUTS[$i]}"
+        timeout -s "${STEP_SIGNAL[$i]}" -k "${STEP_GRACE[$i]}" "$limit" bash -c "${STEP_CMDS[$i]}" 2>&1 | tee -a "${STEP_OUTPUTS[$i]}"
+        rc=${PIPESTATUS[0]}
+        echo "pytest: exit $rc after ${SECONDS} s (limit ${limit} s)" >>"${STEP_OUTPUTS[$i]}"
+    else
+        timeout -s "${STEP_SIGNAL[$i]}" -k "${STEP_GRACE[$i]}" "$limit" bash -c "${STEP_CMDS[$i]}"
+        rc=$?
+    fi
+    local how="exit $rc"
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && how="cut off at its limit (exit $rc)"
+    local got=-
+    [ -e "${STEP_OUTPUTS[$i]}" ] && got=${STEP_OUTPUTS[$i]}
+    [ "$rc" = 0 ] || FAILED=1
+    note "$name: $how after ${SECONDS} s (limit ${limit} s) -> $got"
+}
+
+main() {
+    HEADER=$(mktemp)
+    if COMMIT=$(git rev-parse HEAD 2>/dev/null); then
+        [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && COMMIT="$COMMIT (tree dirty)"
+    else
+        COMMIT="${DUALLORA_GIT_COMMIT:-unknown} (no .git here; DUALLORA_GIT_COMMIT)"
+    fi
+    print_plan
+    echo
+    echo "== step 1 setup (limit ${SETUP_LIMIT} s)"
+    SECONDS=0
+    local setup rc
+    setup=$(timeout -k 5 "$SETUP_LIMIT" "$PY" -c "$SETUP_PY" 2>&1)
+    rc=$?
+    echo "$setup"
+    if [ "$rc" != 0 ]; then
+        note "setup: exit $rc after ${SECONDS} s: no CUDA device or no torch/triton for $PY (above); nothing else ran"
+        finish
+        return 1
+    fi
+    SLUG=$(printf '%s\n' "$setup" | sed -n 's/^slug: //p')
+    if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n $WORKERS "; fi
+    XDIST_KNOWN=1
+    plan
+    {
+        echo "# duallora kernel tests, compiled on a GPU: bash bench/run_gpu.sh (step kernel-tests)"
+        echo "# date: $(date -u '+%F %T') UTC"
+        echo "# git commit: $COMMIT"
+        printf '%s\n' "$setup" | grep -v '^slug: ' | sed 's/^/# /'
+        command -v nvidia-smi >/dev/null && echo "# driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1)"
+        echo "# env: DUALLORA_TEST_SEED=$DUALLORA_TEST_SEED; xdist: ${XDIST:-off}"
+        echo "# command: ${STEP_CMDS[1]}"
+        echo
+    } >"$HEADER"
+    cat "$HEADER"
+    note "setup: exit 0 after ${SECONDS} s (limit ${SETUP_LIMIT} s) -> $SLUG, commit $COMMIT"
+    local i
+    for i in 1 2 3; do
+        if selected "${STEP_NAMES[$i]}"; then run_step "$i"; else note "${STEP_NAMES[$i]}: not run (STEPS=$STEPS)"; fi
+    done
+    rm -f "$HEADER"
+    finish
+    return "$FAILED"
+}
+
+finish() {
+    echo
+    echo "== summary (files under $OUT: copy them home with: bash bench/run_gpu.sh --collect <that folder>)"
+    printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+}
+
+mkdir -p "$OUT" || exit 1
+main 2>&1 | tee "$OUT/run_gpu.log"
+exit "${PIPESTATUS[0]}"
