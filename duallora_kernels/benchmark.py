@@ -6,7 +6,8 @@ What is compared, on one DualLoRA layer (W0 (n, d) frozen, bias frozen, x (m, d)
 the state of a training step in task 2: trainable orthogonal adapter C_o/B_o, trainable residual
 block C_r/B_r, memory basis M (d, k), a per-row gate):
 
-* ``fused``: :func:`duallora_kernels.ops.dual_lora_linear` with ``backend="triton"``.
+* ``fused``: :func:`duallora_kernels.ops.dual_lora_linear` with ``backend="triton"`` and
+  ``check_basis=False``, as DualLoRALinear calls it.
 * ``unfused``: the same function written in plain PyTorch the way a user would write it
   (:func:`unfused_dual_lora_linear`): the projections ``A_o = C_o - (C_o M) M^T`` and
   ``A_r = (C_r M) M^T`` as a separate step, then
@@ -531,7 +532,10 @@ def layer_forward(variant: str, problem: LayerProblem) -> tuple[Callable[[Tensor
     if variant == "fused":
         from .ops import dual_lora_linear
 
-        kw: dict[str, Any] = dict(orth_a=p.orth_a, orth_b=p.orth_b, basis=p.basis, orth_scale=p.orth_scale)
+        # check_basis=False: as DualLoRALinear does, the basis is validated where it is made (here:
+        # a QR), not on every call; the unfused variant does not check it either.
+        kw: dict[str, Any] = dict(orth_a=p.orth_a, orth_b=p.orth_b, basis=p.basis, orth_scale=p.orth_scale,
+                                  check_basis=False)
         if p.res_a is not None:
             kw.update(res_a=p.res_a, res_b=p.res_b, gate=p.gate, res_scale=p.res_scale)
         return (lambda x: dual_lora_linear(x, p.weight, p.bias, backend="triton", **kw)), p.adapters

@@ -165,6 +165,8 @@ def test_bench_command_writes_a_valid_json(tmp_path, capsys):
     assert counts["fused"]["kernels"] and counts["fused"]["device_ops"] == (
         sum(counts["fused"]["kernels"].values()) + sum(counts["fused"]["torch_ops"].values()))
     assert counts["fused"]["syncs"] == [] and counts["fused"]["budget"] == STEP_BUDGET
+    # the layer's step (the basis validated where it is made, check_basis=False), as the budget counts it
+    assert counts["fused"]["device_ops"] <= STEP_BUDGET and "_assert_async" not in counts["fused"]["torch_ops"]
     assert counts["unfused_compiled"]["status"] == "skipped" and counts["unfused_compiled"]["device_ops"] is None
     comps = [r for r in doc["results"] if r["kind"] == "comparison"]
     assert len(comps) == 2 and all(isinstance(c["unfused_over_frozen"], float) for c in comps)
