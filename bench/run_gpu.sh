@@ -17,7 +17,7 @@
 # The limits add up to under 8 minutes (the dry run prints the sum). At the end: one summary line
 # per step, also in $OUT/summary.txt. Exit status: 0 when every step exited 0, else 1.
 #
-#   OUT=/some/dir bash bench/run_gpu.sh                   # from anywhere; default OUT: runs/gpu-<UTC time>
+#   OUT=/some/dir bash bench/run_gpu.sh                   # from anywhere; default OUT: <repo>/runs/gpu-<UTC time>
 #   DRY_RUN=1 bash bench/run_gpu.sh   (or --dry-run)      # print the plan: steps, limits, commands, outputs
 #   STEPS=setup,kernel-tests bash bench/run_gpu.sh        # a subset (the order stays the priority order)
 #   DUALLORA_GIT_COMMIT=<sha> bash bench/run_gpu.sh       # where the copy has no .git: the commit for the files
@@ -26,8 +26,10 @@
 # Limits (seconds): SETUP_LIMIT TESTS_LIMIT HEADLINE_LIMIT MEMORY_LIMIT; WORKERS (pytest-xdist
 # processes when xdist imports; 0: none); PY (default python3); DUALLORA_TEST_SEED.
 set -u
+START=$PWD  # relative OUT and --collect paths are relative to where the script was started
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+abs() { case $1 in /*) echo "$1" ;; *) echo "$START/$1" ;; esac; }
 
 DRY_RUN=${DRY_RUN:-0}
 COLLECT=
@@ -42,26 +44,31 @@ while [ $# -gt 0 ]; do
 done
 
 # ----------------------------------------------------------------------------- back home: collect
+# RESULTS_DIR (default bench/results) and README_FILE (default README.md) are for tests.
 if [ -n "$COLLECT" ]; then
     if [ -z "${PY:-}" ]; then PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python; fi
+    COLLECT=$(abs "$COLLECT")
+    RESULTS_DIR=${RESULTS_DIR:-bench/results}
+    README_FILE=${README_FILE:-README.md}
     shopt -s nullglob
     files=("$COLLECT"/*.json "$COLLECT"/*-kernel-tests.txt)
     if [ ${#files[@]} = 0 ]; then
         echo "run_gpu.sh --collect: no *.json or *-kernel-tests.txt in $COLLECT" >&2
         exit 1
     fi
-    mkdir -p bench/results
+    mkdir -p "$RESULTS_DIR"
     for f in "${files[@]}"; do
-        cp -v "$f" bench/results/
+        cp -v "$f" "$RESULTS_DIR/" || exit 1
     done
-    "$PY" bench/render_table.py && echo "then: git add ${files[*]/#$COLLECT/bench/results} README.md"
-    exit $?
+    "$PY" bench/render_table.py --results "$RESULTS_DIR" --readme "$README_FILE" || exit 1
+    echo "then: git add ${files[*]/#$COLLECT/$RESULTS_DIR} $README_FILE"
+    exit 0
 fi
 
 PY=${PY:-python3}
 DATE=$(date -u +%F)
 OUT=${OUT:-$ROOT/runs/gpu-$(date -u +%Y%m%dT%H%M%S)}
-case $OUT in /*) ;; *) OUT=$ROOT/$OUT ;; esac
+OUT=$(abs "$OUT")
 STEPS=${STEPS:-setup,kernel-tests,headline,memory}
 SETUP_LIMIT=${SETUP_LIMIT:-30}
 TESTS_LIMIT=${TESTS_LIMIT:-135}

@@ -165,3 +165,30 @@ def test_bench_readme_gives_the_plans_limits(tmp_path):
         assert f"| {s['n']} {s['name']} | {s['limit']} s (+{s['grace']}" in text, s["name"]
     limits, grace = sum(s["limit"] for s in steps), sum(s["grace"] for s in steps)
     assert f"{limits} s of limits plus {grace} s to stop: {limits + grace} s at most" in text
+
+
+def test_collect_copies_the_returned_files_and_renders_the_table(tmp_path):
+    import sys
+
+    from duallora_kernels._readme import markers
+
+    back = tmp_path / "back"
+    back.mkdir()
+    src = ROOT / "bench" / "results" / "cpu-2026-11-30.json"
+    shutil.copy(src, back / "h200-2031-01-02-headline.json")
+    (back / "h200-2031-01-02-kernel-tests.txt").write_text("# log\n3 passed\n")
+    (back / "run_gpu.log").write_text("not collected\n")
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    start, end = markers("perf-table")
+    readme.write_text(f"# x\n{start}\nold\n{end}\n")
+    proc = subprocess.run(["bash", str(SCRIPT), "--collect", "back"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=_env(tmp_path / "unused", PY=sys.executable, RESULTS_DIR=str(results),
+                                                README_FILE=str(readme)))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in results.iterdir()) == ["h200-2031-01-02-headline.json", "h200-2031-01-02-kernel-tests.txt"]
+    text = readme.read_text()
+    assert "old" not in text and "h200-2031-01-02-headline.json" in text and "vit_b.fc1 768→3072" in text
+    assert f"then: git add {results}/h200-2031-01-02-headline.json" in proc.stdout
+    empty = subprocess.run(["bash", str(SCRIPT), "--collect", str(tmp_path / "nothing")], capture_output=True,
+                           text=True, timeout=60, env=_env(tmp_path / "unused", RESULTS_DIR=str(results)))
+    assert empty.returncode == 1 and "no *.json" in empty.stderr
