@@ -1228,7 +1228,9 @@ def run_metadata(command: str, argv: Sequence[str], device: torch.device, settin
             "cuda": torch.version.cuda,
         },
         "settings": {"float32_matmul_precision": torch.get_float32_matmul_precision(),
-                     "triton_interpret": _triton_interpreting(), **settings},
+                     "triton_interpret": _triton_interpreting(),
+                     # configs autotuned per kernel: unset = all, 0 = the fixed one, N = the first N
+                     "duallora_autotune": os.environ.get("DUALLORA_AUTOTUNE") or None, **settings},
         "complete": False,
         "results": [],
     }

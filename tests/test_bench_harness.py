@@ -135,7 +135,8 @@ def test_unfused_vit_equals_the_dual_lora_vit():
 
 
 # ----------------------------------------------------------------------------- JSON from the commands
-def test_bench_command_writes_a_valid_json(tmp_path, capsys):
+def test_bench_command_writes_a_valid_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DUALLORA_AUTOTUNE", "2")  # recorded: the fused timings depend on it
     out = tmp_path / "b.json"
     args = _parse(bench_cmd, ["--shapes", "16x24", "--ranks", "4", "--batch", "1", "--dtype", "float32",
                               "--warmup-ms", "1", "--rep-ms", "2", "--no-progress", "--out", str(out)])
@@ -176,6 +177,7 @@ def test_bench_command_writes_a_valid_json(tmp_path, capsys):
     out_text = capsys.readouterr().out
     assert "unfused/fused" in out_text and "device operations per forward+backward" in out_text
     assert doc["settings"]["threads"] == torch.get_num_threads() and "threads: " in out_text
+    assert doc["settings"]["duallora_autotune"] == "2"
 
 
 def test_profile_memory_command_writes_a_valid_json(tmp_path):
