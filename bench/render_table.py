@@ -128,7 +128,12 @@ def ops_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int = H
         for layer, d, n, shape, batch, m, dtype in cases:
             def cell(v: str) -> str:
                 r = got.get((shape, batch, dtype, v))
-                return "-" if r is None or r["status"] != "ok" else str(r["device_ops"])
+                if r is None or r["status"] != "ok":
+                    return "-"
+                n = r["device_ops"]
+                if v == "fused":
+                    return f"{n} {'✓' if n <= STEP_BUDGET else '✗'}"
+                return f"{n} {'✓' if n == FROZEN_STEP else '✗'}" if v == "frozen" else str(n)
 
             methods = sorted({r["method"] for (s_, b_, dt_, _), r in got.items()
                               if (s_, b_, dt_) == (shape, batch, dtype) and r["method"]})

@@ -254,11 +254,21 @@ def test_renderer_fills_the_readme_between_the_markers(tmp_path):
     assert "fused/frozen (goal ≤ 1.08)" in section and "compiled/fused (goal ≥ 1.3)" in section
     # device operations: one column per variant in B.VARIANTS' order, then the method
     cells = [c.strip() for c in ops.strip("|").split("|")]
-    assert cells[4:] == ["16", "7", "35", "2", "-", "9", "torch.profiler", "[h100-2031-01-02.json](bench/results/h100-2031-01-02.json)"]
+    assert cells[4:] == ["16", "7 ✓", "35", "2 ✓", "-", "9", "torch.profiler", "[h100-2031-01-02.json](bench/results/h100-2031-01-02.json)"]
     assert "fused (budget ≤ 8)" in section
     assert rt.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
     readme.write_text(text.replace("1.080", "9.999"))
     assert rt.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+
+
+def test_ops_table_marks_the_budgets():
+    rt = _render_module()
+    doc = _sample_doc()
+    for r in doc["results"]:
+        if r["kind"] == "op_count" and r["variant"] in ("fused", "frozen"):
+            r["device_ops"] = {"fused": 9, "frozen": 3}[r["variant"]]
+    row = next(line for line in rt.ops_table([(ROOT / "x.json", doc)], ROOT).splitlines() if "vit_b.fc1" in line)
+    assert [c.strip() for c in row.strip("|").split("|")][5:8] == ["9 ✗", "35", "3 ✗"]
 
 
 def test_committed_results_of_schema_1_are_still_read_and_rendered():
