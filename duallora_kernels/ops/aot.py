@@ -60,17 +60,18 @@ LOWP = ("bfloat16", "float16")
 
 
 # ---------------------------------------------------------------------------------- capture
-def capture(dtype_name: str, rank: int) -> list[tuple[Any, tuple, dict]]:
-    """(kernel, args, kwargs) of every launch of one training step of the linear op (forward and
+def capture(dtype_name: str, rank: int) -> list[tuple[str, Any, tuple, dict]]:
+    """(phase, kernel, args, kwargs) of every launch of one training step of the linear op (forward and
     backward, every adapter kind), gram and task_scores, on CPU tensors that nothing touches:
     only shapes, dtypes, strides and integer divisibility matter to the compiler."""
     from . import dual_lora_linear, gram, task_scores
 
     dt, s = getattr(torch, dtype_name), SHAPES
-    launches: list[tuple[Any, tuple, dict]] = []
+    launches: list[tuple[str, Any, tuple, dict]] = []
+    phase = "forward"
 
     def record(kernel, grid, args, kwargs) -> bool:
-        launches.append((kernel, args, kwargs))
+        launches.append((phase, kernel, args, kwargs))
         return True  # skip the launch
 
     def leaf(*shape: int, dtype: torch.dtype = dt) -> torch.Tensor:
@@ -85,8 +86,11 @@ def capture(dtype_name: str, rank: int) -> list[tuple[Any, tuple, dict]]:
             frozen_a=torch.empty(frozen * r, d, dtype=dt), frozen_b=torch.empty(n, frozen * r, dtype=dt),
             gate=torch.empty(b, L, frozen + 1), basis=torch.eye(d, s["basis_k"]), backend="triton",
         )
+        phase = "backward"
         y.backward(torch.empty_like(y))
+        phase = "gram"
         gram(x.detach(), backend="triton")
+        phase = "task_scores"
         task_scores(torch.empty(s["score_rows"], d, dtype=dt), torch.empty(s["tasks"], d, s["task_basis_u"], dtype=dt),
                     backend="triton")
     return launches
@@ -105,28 +109,26 @@ def _unwrap(kernel):
 
 
 def _configs(kernel, args: tuple, kwargs: dict, arch: int | None) -> tuple[list[dict], list[dict]]:
-    """(kept, all) configs as keyword dicts: those the autotuner's pruning keeps on ``arch``
-    (all when ``arch`` is None or it has no pruner) and its whole list. A plain kernel has one
-    empty config. Heuristics wrappers add their values."""
-    kept, every = [{}], [{}]
+    """(kept, all) configs as keyword dicts: those the autotuner's own pruning keeps on ``arch``
+    (all of them when ``arch`` is None or there is no pruner), and its whole list. A kernel
+    without ``triton.autotune`` has one empty config."""
+    kept = every = [{}]
     for wrapper in _chain(kernel)[:-1]:
-        if hasattr(wrapper, "configs"):  # triton.autotune
-            every = [c.all_kwargs() for c in wrapper.configs]
-            if arch is None:
-                kept = every
-                continue
-            wrapper.nargs = dict(zip(wrapper.arg_names, args))
+        if not hasattr(wrapper, "configs"):  # triton.heuristics: see _heuristics
+            continue
+        kept = every = [c.all_kwargs() for c in wrapper.configs]
+        if arch is not None:
+            wrapper.nargs = dict(zip(wrapper.arg_names, args))  # what Autotuner.run sets before pruning
             try:
                 with target_arch(arch):
                     kept = [c.all_kwargs() for c in wrapper.prune_configs(dict(kwargs))]
             finally:
                 wrapper.nargs = None
-        elif hasattr(wrapper, "values"):  # triton.heuristics: applied to the final kwargs in _bind
-            continue
     return kept, every
 
 
 def _heuristics(kernel, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` plus the values of any ``triton.heuristics`` wrappers, as a launch adds them."""
     jit = _unwrap(kernel)
     for wrapper in _chain(kernel)[:-1]:
         if hasattr(wrapper, "values") and not hasattr(wrapper, "configs"):
@@ -162,14 +164,16 @@ def fixed_configs() -> dict[str, dict]:
     built when the op modules are imported)."""
     env = {**os.environ, AUTOTUNE_ENV: "0", "TRITON_INTERPRET": "0"}
     out = subprocess.run([sys.executable, "-m", "duallora_kernels.ops.aot", "--print-fixed-configs"],
-                         env=env, capture_output=True, text=True, cwd=ROOT, check=True)
+                         env=env, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(f"capturing the DUALLORA_AUTOTUNE=0 configs failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _print_fixed_configs() -> None:
     fixed = {}
     for dtype_name, rank in CASES:
-        for kernel, args, kwargs in capture(dtype_name, rank):
+        for _, kernel, args, kwargs in capture(dtype_name, rank):
             fixed.setdefault(kernel_name(kernel), _configs(kernel, args, kwargs, None)[1][0])
     print(json.dumps(fixed))
 
@@ -188,14 +192,19 @@ def plan(subset: str, archs: tuple[int, ...], kernels: set[str] | None = None,
         [(a, dt, r) for dt, r in CASES for a in archs]
     jobs, pruning, seen = [], [], set()
     for dtype_name, rank in dict.fromkeys((dt, r) for _, dt, r in wanted):
-        for kernel, args, kwargs in capture(dtype_name, rank):
+        launches = capture(dtype_name, rank)
+        for i, (phase, kernel, args, kwargs) in enumerate(launches):
             name, jit = kernel_name(kernel), _unwrap(kernel)
+            # Which launch of the step: the phase, numbered when a kernel runs twice in it.
+            twice = sum(1 for p, k, _, _ in launches if (p, kernel_name(k)) == (phase, name)) > 1
+            launch = f"{phase}#{sum(1 for p, k, _, _ in launches[:i] if (p, kernel_name(k)) == (phase, name))}" \
+                if twice else phase
             if kernels and name not in kernels:
                 continue
             for arch in (a for a, dt, r in wanted if (dt, r) == (dtype_name, rank)):
                 kept, every = _configs(kernel, args, kwargs, arch)
                 kept = kept[:max_configs] if max_configs else kept
-                pruning.append({"kernel": name, "dtype": dtype_name, "rank": rank, "arch": arch,
+                pruning.append({"kernel": name, "launch": launch, "dtype": dtype_name, "rank": rank, "arch": arch,
                                 "kept": [_label(c) for c in kept], "fixed": _label(fixed.get(name, {})),
                                 "dropped": [_label(c) for c in every if c not in kept]})
                 chosen = [] if subset == "ci" else list(kept)
@@ -214,7 +223,7 @@ def plan(subset: str, archs: tuple[int, ...], kernels: set[str] | None = None,
                     seen.add((key, dtype_name, rank))
                     variant = {k: v for k, v in kwargs.items() if k not in config}
                     jobs.append({
-                        "kernel": name, "module": jit.module, "qualname": jit.fn.__qualname__,
+                        "kernel": name, "launch": launch, "module": jit.module, "qualname": jit.fn.__qualname__,
                         "dtype": dtype_name, "rank": rank, "arch": arch, "config": _label(config),
                         "kept": config in kept, "kept_index": kept.index(config) if config in kept else None,
                         "fixed": config == fixed.get(name), "variant": _label(variant),
@@ -228,9 +237,9 @@ _SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A
 _RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 #: SASS opcodes by what they mean: tensor cores (Hopper warpgroup / Ampere-style), cp.async,
 #: TMA, global atomics, fences, local memory (spill) traffic and scalar float32 FMAs.
-SASS_OPS = {"HGMMA": ("HGMMA",), "HMMA": ("HMMA",), "LDGSTS": ("LDGSTS",), "TMA": ("UTMALDG", "UTMASTG", "UTMAREDG", "UBLKCP"),
-            "atomics": ("ATOM", "ATOMG", "RED", "REDG"), "MEMBAR": ("MEMBAR",), "FENCE": ("FENCE",),
-            "STL": ("STL",), "LDL": ("LDL",), "FFMA": ("FFMA",)}
+SASS_OPS = {"HGMMA": ("HGMMA",), "HMMA": ("HMMA",), "LDGSTS": ("LDGSTS",),
+            "TMA": ("UTMALDG", "UTMASTG", "UTMAREDG", "UBLKCP"), "atomics": ("ATOM", "ATOMG", "RED", "REDG"),
+            "MEMBAR": ("MEMBAR",), "FENCE": ("FENCE",), "STL": ("STL",), "LDL": ("LDL",), "FFMA": ("FFMA",)}
 PTX_OPS = {"wgmma": r"\bwgmma\.mma_async", "mma_sync": r"\bmma\.sync", "cp_async": r"\bcp\.async\.c[ag]\b",
            "tma": r"\bcp\.async\.bulk\.tensor", "atom": r"\batom\.", "red": r"\bred\."}
 
@@ -263,7 +272,8 @@ def inspect_cubin(cubin: bytes) -> dict:
             "sass": {**counts, "fenced_atomics": fenced}}
 
 
-_DOT = re.compile(r"tt\.dot (?P<args>[^:]*): tensor<(?:\d+x)+(?P<a>\w+)> \* tensor<[^>]*> -> tensor<(?P<m>\d+)x(?P<n>\d+)x")
+_DOT = re.compile(r"tt\.dot (?P<args>[^:]*): tensor<(?:\d+x)+(?P<a>\w+)> \* tensor<[^>]*> "
+                  r"-> tensor<(?P<m>\d+)x(?P<n>\d+)x")
 
 
 def _ir_facts(ttir: str) -> dict:
@@ -357,9 +367,9 @@ def row_problems(row: dict) -> list[str]:
 
 #: Keys (and types) every table and every compiled row has; :func:`validate` checks them.
 DOC_KEYS = {"schema": int, "kind": str, "triton": str, "torch": str, "date": str, "git_commit": str, "command": str,
-            "subset": str, "archs": list, "smem_limits": dict, "pruning": list, "rows": list}
-ROW_KEYS = {"kernel": str, "dtype": str, "rank": int, "arch": int, "config": str, "kept": bool, "fixed": bool,
-            "variant": str, "compiled": bool}
+            "subset": str, "archs": list, "shapes": dict, "smem_limits": dict, "pruning": list, "rows": list}
+ROW_KEYS = {"kernel": str, "launch": str, "dtype": str, "rank": int, "arch": int, "config": str, "kept": bool,
+            "fixed": bool, "variant": str, "compiled": bool}
 COMPILED_KEYS = {"regs": int, "shared_bytes": int, "stack_bytes": int, "local_bytes": int, "n_spills": int,
                  "compile_s": float, "ptx": dict, "sass": dict, "dots": int, "tensor_core_dots": int,
                  "gemm_dots": int, "atomic_sems": list}
