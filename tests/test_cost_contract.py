@@ -154,3 +154,23 @@ def test_gate_broadcast_per_sample_is_read_in_place(gen):
     to64 = lambda t: t.detach().double() if isinstance(t, torch.Tensor) else t  # noqa: E731
     ref = dual_lora_linear_reference(to64(x), to64(w), to64(b), **{k: to64(v) for k, v in full.items()})
     assert rel_err(got, ref) <= 1e-5
+
+
+def test_forward_on_cuda_tensors_never_reads_a_device_value(gen):
+    # The CPU cannot show a .cpu() (a no-op there) or CUDA-only code paths. Fake CUDA tensors can:
+    # under FakeTensorMode any read of a device value raises, a copy to the CPU is visible, and the
+    # Triton launches are captured instead of run. (Forward only: autograd's engine needs a real
+    # CUDA context for CUDA tensors.)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from duallora_kernels.ops._kernel_utils import observe_launches
+
+    launched = []
+    with FakeTensorMode(), observe_launches(lambda k, g, a, kw: launched.append(k) or True, capture=True):
+        x, w, b, kw = _full_problem(gen, dtype=torch.float32)
+        cuda = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        with count_device_ops() as ops:
+            y = dual_lora_linear(x.to("cuda"), w.to("cuda"), b.to("cuda"), **cuda)  # check_basis on
+        assert y.device.type == "cuda" and y.dtype == torch.float32
+    assert not ops.syncs, ops
+    assert len(launched) == 3, launched  # coefficients, assembly, forward (no autograd node: no grad)
