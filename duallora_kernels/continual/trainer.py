@@ -461,6 +461,7 @@ class Trainer:
             "environment": {
                 "duallora_kernels": __version__, "torch": torch.__version__, "python": platform.python_version(),
                 "threads": torch.get_num_threads(), **hardware(),
+                "triton_interpret": os.environ.get("TRITON_INTERPRET"),
                 "load_average": {"start": self._load_at_start, "end": _load_average()}, "argv": sys.argv,
             },
         }
