@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterator
@@ -193,12 +194,12 @@ def plan(subset: str, archs: tuple[int, ...], kernels: set[str] | None = None,
     jobs, pruning, seen = [], [], set()
     for dtype_name, rank in dict.fromkeys((dt, r) for _, dt, r in wanted):
         launches = capture(dtype_name, rank)
-        for i, (phase, kernel, args, kwargs) in enumerate(launches):
+        per_phase, nth = Counter((p, kernel_name(k)) for p, k, _, _ in launches), Counter()
+        for phase, kernel, args, kwargs in launches:
             name, jit = kernel_name(kernel), _unwrap(kernel)
-            # Which launch of the step: the phase, numbered when a kernel runs twice in it.
-            twice = sum(1 for p, k, _, _ in launches if (p, kernel_name(k)) == (phase, name)) > 1
-            launch = f"{phase}#{sum(1 for p, k, _, _ in launches[:i] if (p, kernel_name(k)) == (phase, name))}" \
-                if twice else phase
+            # Which launch of the step: its phase, numbered when the kernel runs more than once in it.
+            nth[phase, name] += 1
+            launch = phase if per_phase[phase, name] == 1 else f"{phase}#{nth[phase, name]}"
             if kernels and name not in kernels:
                 continue
             for arch in (a for a, dt, r in wanted if (dt, r) == (dtype_name, rank)):
@@ -401,6 +402,16 @@ def _git(*args: str) -> str:
         return ""
 
 
+def to_json(doc: dict) -> str:
+    """``doc`` as indented JSON with one line per row and per pruning entry: a table of hundreds
+    of rows stays readable, and a re-run's diff shows which rows changed."""
+    lists = {key: doc[key] for key in ("rows", "pruning")}
+    text = json.dumps({**doc, **{key: f"@{key}@" for key in lists}}, indent=2)
+    for key, items in lists.items():
+        text = text.replace(f'"@{key}@"', "[\n" + ",\n".join("    " + json.dumps(item) for item in items) + "\n  ]")
+    return text + "\n"
+
+
 def default_output() -> Path:
     import triton
 
@@ -435,7 +446,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     import triton
     from tqdm import tqdm
 
-    from .._io import atomic_write_json
+    from .._io import atomic_write
 
     start = time.time()
     archs = tuple(int(a) for a in args.archs.split(","))
@@ -458,7 +469,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     }
     out = args.out or default_output()
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, doc)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(to_json(doc)))
     problems = [msg for row in rows for msg in row_problems(row)]
     print(f"wrote {out}: {len(rows)} compiles in {doc['seconds']} s, {len(problems)} problems", file=sys.stderr)
     for msg in problems:

@@ -1,0 +1,99 @@
+"""Every Triton kernel compiles ahead of time for sm_90/89/86/80 within the cost contract
+(DESIGN §2): no spills in bf16/fp16, shared memory within the arch's limit, wgmma for the
+GEMM-shaped dots on Hopper, mma.sync elsewhere, no fenced atomics where relaxed ones are asked
+for. No GPU needed: duallora_kernels.ops.aot compiles with an explicit target.
+
+The compile runs in a subprocess because the test suite runs under TRITON_INTERPRET=1, whose
+kernels are interpreter objects with one tiny config. CI compiles a small subset (fixed config,
+three (arch, dtype, rank)); the full table is ``python -m duallora_kernels.ops.aot``, committed as
+bench/results/compile-<triton version>.json and checked here row by row.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from duallora_kernels.ops import aot
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+#: The GEMM-shaped kernels whose main loops must run wgmma on Hopper (by kernel name).
+GEMM_KERNELS = {"_fused_forward_kernel", "_fused_backward_kernel", "_gram_kernel"}
+
+
+def _problems(doc: dict) -> list[str]:
+    return [msg for row in doc["rows"] for msg in aot.row_problems(row)]
+
+
+@pytest.fixture(scope="module")
+def ci_table(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("aot") / "compile-ci.json"
+    env = {k: v for k, v in os.environ.items() if k != aot.AUTOTUNE_ENV}
+    env["TRITON_INTERPRET"] = "0"
+    run = subprocess.run([sys.executable, "-m", "duallora_kernels.ops.aot", "--subset", "ci", "--jobs", "1",
+                          "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.exists(), f"exit {run.returncode}\n{run.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def test_ci_subset_compiles_within_the_contract(ci_table):
+    assert aot.validate(ci_table) == []
+    problems = _problems(ci_table)
+    assert not problems, "\n".join(problems)
+
+
+def test_ci_subset_covers_every_kernel_on_each_target(ci_table):
+    rows = ci_table["rows"]
+    kernels = {r["kernel"] for r in rows}
+    assert GEMM_KERNELS <= kernels, kernels
+    for arch, dtype, rank in aot.CI_SUBSET:
+        seen = {r["kernel"] for r in rows if (r["arch"], r["dtype"], r["rank"]) == (arch, dtype, rank)}
+        assert seen == kernels, (arch, dtype, rank, kernels - seen)
+    # The fixed config (DUALLORA_AUTOTUNE=0, what the GPU test script runs) of every autotuned kernel.
+    assert all(r["fixed"] for r in rows if r["config"]), [r["config"] for r in rows if not r["fixed"]]
+    # On Hopper the GEMM-shaped kernels' bf16 main loops run wgmma, not mma.sync.
+    hopper = {r["kernel"]: r for r in rows if r["arch"] == 90 and r["dtype"] == "bfloat16"}
+    for name in GEMM_KERNELS:
+        assert hopper[name]["gemm_dots"] and hopper[name]["ptx"]["wgmma"] and hopper[name]["sass"]["HGMMA"], name
+
+
+def _committed() -> list[pathlib.Path]:
+    return sorted((ROOT / "bench" / "results").glob("compile-*.json"))
+
+
+def test_a_full_table_is_committed():
+    assert _committed(), "run: TRITON_INTERPRET=0 python -m duallora_kernels.ops.aot (then commit the JSON)"
+
+
+@pytest.mark.parametrize("path", _committed(), ids=lambda p: p.name)
+def test_committed_table_holds_the_schema_and_the_contract(path):
+    doc = json.loads(path.read_text())
+    assert aot.validate(doc) == []
+    assert doc["subset"] == "full" and set(doc["archs"]) == set(aot.ARCHS)
+    assert {(r["dtype"], r["rank"]) for r in doc["rows"]} == set(map(tuple, aot.CASES))
+    assert path.name == f"compile-{doc['triton']}.json"
+    problems = _problems(doc)
+    assert not problems, "\n".join(problems)
+
+
+def test_row_problems_catch_each_breach():
+    good = {"kernel": "k", "dtype": "bfloat16", "rank": 16, "arch": 90, "config": "", "compiled": True,
+            "n_spills": 0, "stack_bytes": 0, "local_bytes": 0, "shared_bytes": 1024, "tensor_core_dots": 1,
+            "gemm_dots": 1, "atomic_sems": ["relaxed"], "ptx": {"wgmma": 4, "mma_sync": 0},
+            "sass": {"HGMMA": 4, "HMMA": 0, "STL": 0, "LDL": 0, "fenced_atomics": 0}}
+    assert aot.row_problems(good) == []
+    breaches = [
+        {"compiled": False, "error": "boom"},
+        {"n_spills": 4, "stack_bytes": 16, "sass": {**good["sass"], "STL": 2}},
+        {"shared_bytes": aot.smem_limit(90) + 1},
+        {"ptx": {"wgmma": 0, "mma_sync": 4}, "sass": {**good["sass"], "HGMMA": 0, "HMMA": 4}},
+        {"sass": {**good["sass"], "fenced_atomics": 2}},
+        {"arch": 86},  # wgmma on Ampere: the wrong target
+    ]
+    for change in breaches:
+        assert aot.row_problems({**good, **change}), change
+    # float32 may spill (IEEE dots run on FMA units); acq_rel atomics may be fenced.
+    assert aot.row_problems({**good, "dtype": "float32", "n_spills": 4, "sass": {**good["sass"], "STL": 2}}) == []
+    assert aot.row_problems({**good, "atomic_sems": ["acq_rel"], "sass": {**good["sass"], "fenced_atomics": 2}}) == []
