@@ -97,3 +97,32 @@ def test_row_problems_catch_each_breach():
     # float32 may spill (IEEE dots run on FMA units); acq_rel atomics may be fenced.
     assert aot.row_problems({**good, "dtype": "float32", "n_spills": 4, "sass": {**good["sass"], "STL": 2}}) == []
     assert aot.row_problems({**good, "atomic_sems": ["acq_rel"], "sass": {**good["sass"], "fenced_atomics": 2}}) == []
+
+
+_FENCE_PROBE = '''
+import torch, triton, triton.language as tl
+from duallora_kernels.ops import aot
+
+@triton.jit
+def probe(p, v, SEM: tl.constexpr):
+    i = tl.arange(0, 128)
+    tl.atomic_add(p + i, tl.load(v + i), sem=SEM)
+
+if __name__ == "__main__":
+    for sem in ("acq_rel", "relaxed"):
+        job = {"kernel": "probe", "module": "probe_kernel", "qualname": "probe", "arch": 90, "key": sem,
+               **aot._bind(probe, (torch.empty(128), torch.empty(128)), {"SEM": sem}, 90)}
+        row = aot.compile_job(job)
+        print(sem, row["atomic_sems"], row["sass"]["atomics"], row["sass"]["fenced_atomics"])
+'''
+
+
+def test_fenced_atomics_are_told_from_relaxed_ones(tmp_path):
+    """The detector behind the relaxed-atomics check: a default (acq_rel) tl.atomic_add is fenced
+    by a GPU-scope MEMBAR in the SASS, a relaxed one is not."""
+    (tmp_path / "probe_kernel.py").write_text(_FENCE_PROBE)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    run = subprocess.run([sys.executable, "probe_kernel.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines() == ["acq_rel ['acq_rel'] 1 1", "relaxed ['relaxed'] 1 0"], run.stdout
