@@ -402,6 +402,15 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _kernels_changed() -> bool:
+    """Whether the package differs from the commit recorded (``git diff``, which unlike ``git
+    status`` never writes the index that other processes may be using)."""
+    try:
+        return subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "duallora_kernels"], cwd=ROOT).returncode == 1
+    except OSError:
+        return False
+
+
 def to_json(doc: dict) -> str:
     """``doc`` as indented JSON with one line per row and per pruning entry: a table of hundreds
     of rows stays readable, and a re-run's diff shows which rows changed."""
@@ -461,7 +470,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     doc = {
         "schema": SCHEMA, "kind": "aot-compile", "triton": triton.__version__, "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "duallora_kernels")),
+        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": _kernels_changed(),
         "command": "python -m duallora_kernels.ops.aot " + " ".join(argv if argv is not None else sys.argv[1:]),
         "subset": args.subset, "archs": list(archs), "cases": [list(c) for c in CASES], "shapes": SHAPES,
         "smem_limits": {str(a): smem_limit(a) for a in archs}, "seconds": round(time.time() - start, 1),
