@@ -51,6 +51,16 @@ BLOCK_RED = 32
 FROZEN_CHUNK = 16
 
 
+def _cols(*ranks: int) -> int:
+    # Column tile of A / B^T / k: a (rank x cols) float32 tile and the three TF32 products of a
+    # tf32x3 dot live in registers; at rank 64, 64 columns spilled on sm_86 even with 8 warps.
+    return BLOCK_COLS if max(ranks) <= 32 else BLOCK_COLS // 2
+
+
+def _warps(*ranks: int) -> int:
+    return 4 if max(ranks) <= 32 else 8
+
+
 def proj_dot_mode() -> str:
     """``input_precision`` of the projection dots: float32-accurate on either path."""
     return "ieee" if interpreting() else "tf32x3"
@@ -232,10 +242,10 @@ def coefficients(first: Tensor | None, second: Tensor | None, basis: Tensor) -> 
     s1 = basis if first is None else first
     s2 = basis if second is None else second
     launch(
-        _coefficients_kernel, (triton.cdiv(k, BLOCK_COLS),),
+        _coefficients_kernel, (triton.cdiv(k, _cols(r1, r2)),),
         s1, *_strides(first), r1, s2, *_strides(second), r2, basis, basis.stride(0), basis.stride(1), p, d, k,
-        HAS_1=r1 > 0, HAS_2=r2 > 0, R1_PAD=pow2_at_least(r1), R2_PAD=pow2_at_least(r2),
-        BLOCK_K=BLOCK_COLS, BLOCK_D=BLOCK_RED, PROJ=proj_dot_mode(),
+        HAS_1=r1 > 0, HAS_2=r2 > 0, R1_PAD=pow2_at_least(r1), R2_PAD=pow2_at_least(r2), num_warps=_warps(r1, r2),
+        BLOCK_K=_cols(r1, r2), BLOCK_D=BLOCK_RED, PROJ=proj_dot_mode(),
     )
     return p
 
@@ -261,7 +271,8 @@ def assemble(orth_a, orth_b, frozen_a, frozen_b, res_a, res_b, basis: Tensor | N
     k = basis.shape[1] if has_basis else 0
     p = coefficients(orth_a, res_a, basis) if has_basis else bt
     mb = basis if has_basis else bt
-    tiles_d, tiles_n = (triton.cdiv(d, BLOCK_COLS) if write_a else 0), triton.cdiv(n, BLOCK_COLS)
+    cols = _cols(r_orth, r_res)
+    tiles_d, tiles_n = (triton.cdiv(d, cols) if write_a else 0), triton.cdiv(n, cols)
     programs = tiles_d + tiles_n
     zero_numel = 0 if zero is None else zero.numel()
     dummy = bt  # stands in for absent blocks; their HAS_* flag is off, so it is never read
@@ -276,7 +287,8 @@ def assemble(orth_a, orth_b, frozen_a, frozen_b, res_a, res_b, basis: Tensor | N
         triton.cdiv(zero_numel, programs), r_orth, r_frozen, r_res, d, n, k, tiles_d,
         HAS_ORTH=r_orth > 0, HAS_FROZEN=r_frozen > 0, HAS_RES=r_res > 0, HAS_BASIS=has_basis, ZERO=zero is not None,
         RO_PAD=pow2_at_least(r_orth), RR_PAD=pow2_at_least(r_res), RF_CHUNK=FROZEN_CHUNK,
-        BLOCK_C=BLOCK_COLS, BLOCK_K=BLOCK_RED, PROJ=proj_dot_mode(),
+        num_warps=_warps(r_orth, r_res),
+        BLOCK_C=cols, BLOCK_K=BLOCK_RED, PROJ=proj_dot_mode(),
     )
     return a, bt, r_orth, r_res
 
@@ -308,8 +320,9 @@ def project_grads(da: Tensor | None, dbt: Tensor | None, dbias: Tensor | None, b
     q = coefficients(da[:r_orth] if need_oa else None, da[r_res0:] if need_ra else None, basis) if has_basis else ref
     q_res0 = r_orth if need_oa else 0
     mb = basis if has_basis else ref
-    tiles_d = triton.cdiv(d, BLOCK_COLS) if (need_oa or need_ra) else 0
-    tiles_n = triton.cdiv(n, BLOCK_COLS) if (need_ob or need_rb or need_bias) else 0
+    cols = _cols(r_orth, r_res)
+    tiles_d = triton.cdiv(d, cols) if (need_oa or need_ra) else 0
+    tiles_n = triton.cdiv(n, cols) if (need_ob or need_rb or need_bias) else 0
     if tiles_d + tiles_n == 0:
         return tuple(out)
     launch(
@@ -319,6 +332,7 @@ def project_grads(da: Tensor | None, dbt: Tensor | None, dbias: Tensor | None, b
         r_orth, r_res0, r_res, q_res0, d, n, k, tiles_d,
         NEED_OA=need_oa, NEED_RA=need_ra, NEED_OB=need_ob, NEED_RB=need_rb, NEED_BIAS=need_bias,
         HAS_BASIS=bool(has_basis), RO_PAD=pow2_at_least(r_orth), RR_PAD=pow2_at_least(r_res),
-        BLOCK_C=BLOCK_COLS, BLOCK_K=BLOCK_RED, PROJ=proj_dot_mode(),
+        num_warps=_warps(r_orth, r_res),
+        BLOCK_C=cols, BLOCK_K=BLOCK_RED, PROJ=proj_dot_mode(),
     )
     return tuple(out)

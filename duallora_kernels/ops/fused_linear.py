@@ -25,10 +25,13 @@ Backward, one kernel: each program owns a (BLOCK_M, BLOCK_D) tile of dX. Its N-l
 dY tiles and accumulates ``dY W0`` and ``dY B`` together; then ``U = (dY B) .* S`` and
 ``dX = dY W0 + U A``. From the data it already holds it also accumulates, with float32 atomics:
 ``dA += U^T X_tile`` (the program loads the X tile at the same (rows, d-cols) as its dX tile),
-and ``dB += dY^T (T .* S)`` and ``dbias += colsum(dY)`` for the N-chunks dealt to it: chunk j of
-a row block goes to the program of d-tile ``j mod tiles_d``, so each dY tile is counted once and
-that work (a dot and atomics per chunk) is spread over all d-tiles instead of making the d-tile-0
-programs the kernel's tail. The atomics are ``sem="relaxed"``: plain float32 adds whose order
+and, after dX is stored, ``dB += dY^T (T .* S)`` and ``dbias += colsum(dY)`` for the N-chunks
+dealt to it: chunk j of a row block goes to the program of d-tile ``j mod tiles_d``, so each dY
+tile is counted once and that work (a dot and atomics per chunk) is spread over all d-tiles
+instead of making the d-tile-0 programs the kernel's tail. That second loop re-reads 1/tiles_d of
+the row block's dY, which the program's main loop has just streamed (an L2 hit, mostly): inside
+the main loop the (R_PAD x BLOCK_K) product and its atomics' addresses stayed live beside the
+two accumulators and spilled registers at rank 64 on every arch, and at rank 16 on sm_80/86. The atomics are ``sem="relaxed"``: plain float32 adds whose order
 does not matter, without the ``acq_rel`` default's fence (``MEMBAR.ALL.GPU`` before every
 atomic in the SASS). Only the rows/columns of trainable blocks are accumulated: frozen blocks
 take part in dX (they must) but get no gradient, and cost no extra read of X or dY. The memory
@@ -134,7 +137,7 @@ from torch.autograd.function import once_differentiable
 
 from . import adapter_prep
 from ._kernel_utils import (autotune_limit, current_arch, dot_mode, interpreting, launch, mma, new_output,
-                            pow2_at_least, row_offsets, rows_view, size_bucket, smem_limit)
+                            pow2_at_least, row_offsets, rows_view, size_bucket)
 from .reference import adapter_matrices, dual_lora_linear_reference, project_onto, project_out
 
 __all__ = ["dual_lora_linear_triton", "fused_dual_lora_linear", "Launchers", "Layout", "GradPlan", "TRITON"]
@@ -142,36 +145,70 @@ __all__ = ["dual_lora_linear_triton", "fused_dual_lora_linear", "Launchers", "La
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-#: Tile shapes (BLOCK_M, tile_n, BLOCK_K, num_warps, num_stages), in order of preference (the first
-#: N survive ``DUALLORA_AUTOTUNE=N``). bf16/fp16 use Hopper-sized tiles; the 256x128 tile (spills
-#: under Triton 3.8 in backward) and 128x128x32 with 4 warps (252-255 registers) are gone.
-LOWP_SHAPES = [
-    (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    (64, 64, 32, 4, 5),
-]
-#: IEEE float32 tl.dot runs on FMA units with every operand in registers: the Hopper tiles spilled
-#: 1.7-24 KB per thread and took 16-91 s each to compile. Small tiles of their own.
-FP32_SHAPES = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
-#: DUALLORA_AUTOTUNE=0: one fixed config (compiled tests), small enough to fit every arch and rank.
-FIXED_SHAPE = (64, 64, 32, 4, 3)
-#: Accumulator registers per thread a config may plan for (tile and low-rank accumulators in
-#: float32, spread over 32 * num_warps threads); above it ptxas spills. bf16/fp16 wgmma/mma.sync
-#: keep operands in shared memory, IEEE float32 FMA keeps them in registers too, hence less.
-_ACC_REGS = {"lowp": 136, "fp32": 64}
+#: Tile shapes (BLOCK_M, tile, BLOCK_K, num_warps, num_stages) by pass, dtype class ("lowp":
+#: bfloat16/float16, "fp32"), rank bucket (R_PAD <= 32, or 64 and above) and arch class ("sm90":
+#: Hopper, wgmma, 227 KB of shared memory; "sm80": A100, mma.sync, 163 KB; "sm86": RTX 3090/4090 and
+#: any other arch, mma.sync, 99 KB), in order of preference (``DUALLORA_AUTOTUNE=N`` keeps the first
+#: N). Each list holds only configs that compile for that arch with no register spills and within its
+#: shared memory, as measured by compiling candidates ahead of time (``python -m
+#: duallora_kernels.ops.aot``; tests/test_aot_compile.py re-checks what the pruning keeps). What the
+#: candidates taught: the low-rank accumulators (BLOCK_M x R_PAD: T in forward; U and T .* S in
+#: backward) cost registers like a second GEMM tile, so rank 64 needs BLOCK_M = 64 and short K-steps;
+#: mma.sync (sm_80/86/89) holds its operands in registers, so the backward there fits only 64-row
+#: tiles; IEEE float32 runs on FMA units with every operand in registers (the Hopper tiles spilled
+#: 1.7-24 KB per thread and took 16-91 s each to compile), so it gets 32 x 32 tiles of its own.
+TILES: dict[tuple[str, str, int, str], list[tuple[int, int, int, int, int]]] = {
+    ("forward", "lowp", 32, "sm90"): [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 8, 3),
+                                      (128, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
+    ("forward", "lowp", 32, "sm80"): [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3),
+                                      (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
+    ("forward", "lowp", 64, "sm90"): [(64, 128, 64, 8, 3), (64, 128, 16, 8, 3), (64, 64, 32, 8, 3)],
+    ("forward", "lowp", 64, "sm80"): [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 8, 3)],
+    ("forward", "lowp", 64, "sm86"): [(64, 64, 32, 8, 3), (64, 64, 16, 8, 3)],
+    ("backward", "lowp", 32, "sm90"): [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3),
+                                       (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
+    ("backward", "lowp", 32, "sm80"): [(64, 64, 32, 8, 3), (64, 64, 64, 4, 4), (64, 64, 16, 8, 3), (64, 32, 16, 8, 3)],
+    ("backward", "lowp", 64, "sm90"): [(64, 64, 16, 8, 3), (64, 32, 16, 8, 3)],
+    ("backward", "lowp", 64, "sm80"): [(64, 32, 16, 8, 3)],
+    ("forward", "fp32", 32, "any"): [(32, 32, 16, 4, 2), (64, 32, 16, 4, 2)],
+    ("backward", "fp32", 32, "any"): [(32, 32, 16, 8, 2)],
+}
+#: DUALLORA_AUTOTUNE=0 (the compiled tests): one config per pass and dtype class that fits every
+#: arch at ranks 16 and 64.
+FIXED = {("forward", "lowp"): (64, 64, 32, 8, 3), ("backward", "lowp"): (64, 32, 16, 8, 3),
+         ("forward", "fp32"): (32, 32, 16, 4, 2), ("backward", "fp32"): (32, 32, 16, 8, 2)}
 
 
-def _configs(tile_n: str) -> list[triton.Config]:
-    """Every config either dtype may use; :func:`_prune` keeps the ones for the call's dtype and
+def arch_class(cap: int) -> str:
+    """The :data:`TILES` arch class of compute capability ``cap``."""
+    return "sm90" if cap >= 90 else "sm80" if cap == 80 else "sm86"
+
+
+def tiles_for(pass_: str, dtype: torch.dtype, r_pad: int, cap: int) -> list[tuple[int, int, int, int, int]]:
+    """The tile shapes the autotuner may try for this call (see :data:`TILES`). Ranks above 64 take
+    the smallest rank-64 tile: not compiled ahead of time (the checked ranks are 16 and 64)."""
+    if dtype == torch.float32:
+        return TILES[(pass_, "fp32", 32, "any")]
+    bucket = 32 if r_pad <= 32 else 64
+    cls = arch_class(cap)
+    key = (pass_, "lowp", bucket, cls)
+    if key not in TILES:  # sm86 shares sm80's list where sm80's fits 99 KB
+        key = (pass_, "lowp", bucket, "sm80")
+    shapes = TILES[key]
+    return shapes if r_pad <= 64 else shapes[-1:]
+
+
+def _configs(tile_n: str, pass_: str) -> list[triton.Config]:
+    """Every config any call may use; :func:`_pruner` keeps the ones for the call's dtype, rank and
     arch. One small tile under the interpreter, where benchmarking configs would only burn CPU
     time; with ``DUALLORA_AUTOTUNE=0`` (:data:`._kernel_utils.AUTOTUNE_ENV`, the compiled tests)
-    :data:`FIXED_SHAPE`, which fits every arch at every rank the tests use."""
+    the :data:`FIXED` ones."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, tile_n: 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [FIXED_SHAPE] if autotune_limit() == 0 else list(dict.fromkeys(LOWP_SHAPES + FP32_SHAPES))
+    if autotune_limit() == 0:
+        shapes = [shape for (p, _), shape in FIXED.items() if p == pass_]
+    else:
+        shapes = list(dict.fromkeys(shape for (p, *_), lst in TILES.items() if p == pass_ for shape in lst))
     return [
         triton.Config({"BLOCK_M": bm, tile_n: bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
@@ -183,40 +220,17 @@ def _shape(cfg: triton.Config, tile_n: str) -> tuple[int, int, int, int, int]:
     return kw["BLOCK_M"], kw[tile_n], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages
 
 
-def plan_resources(shape: tuple[int, int, int, int, int], *, backward: bool, r_pad: int, elsize: int) -> tuple[int, int]:
-    """(shared memory bytes, float32 accumulator registers per thread) a config plans for: the
-    pipelined operand tiles (X, W0 and A, or dY, W0 and B^T) times the stages, plus the low-rank
-    epilogue's tile; the (BLOCK_M x tile) accumulator and the low-rank accumulators (forward T;
-    backward U, T .* S and S). An estimate to prune by before compiling; tests/test_aot_compile.py
-    checks the compiled kernels against the arch limits."""
-    bm, bn, bk, warps, stages = shape
-    pipelined = (bm * bk + bk * bn + bk * r_pad) * elsize * stages
-    epilogue = r_pad * bn * elsize + (bm * r_pad * elsize if backward else 0)
-    acc = bm * bn + (3 if backward else 1) * bm * r_pad
-    return pipelined + epilogue, acc // (32 * warps)
-
-
-def _pruner(tile_n: str, backward: bool):
+def _pruner(tile_n: str, pass_: str):
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        if len(configs) <= 1:
-            return configs
-        ref = named_args["w_ptr"]
-        fp32 = ref.dtype == torch.float32
-        wanted = FP32_SHAPES if fp32 else LOWP_SHAPES
-        limit = smem_limit(current_arch())
-        keep = []
-        for cfg in sorted(configs, key=lambda c: wanted.index(_shape(c, tile_n)) if _shape(c, tile_n) in wanted else 99):
-            shape = _shape(cfg, tile_n)
-            if shape not in wanted:
-                continue
-            smem, regs = plan_resources(shape, backward=backward, r_pad=kwargs["R_PAD"], elsize=ref.element_size())
-            if smem <= limit and regs <= _ACC_REGS["fp32" if fp32 else "lowp"]:
-                keep.append(cfg)
-        if not keep:  # nothing planned fits (a huge rank): the smallest tile, which the compiler may still fit
-            keep = [min(configs, key=lambda c: plan_resources(_shape(c, tile_n), backward=backward,
-                                                              r_pad=kwargs["R_PAD"], elsize=ref.element_size())[0])]
-        limit_n = autotune_limit()
-        return keep[:limit_n] if limit_n else keep
+        dtype = named_args["w_ptr"].dtype
+        limit = autotune_limit()
+        if limit == 0:
+            wanted = [FIXED[(pass_, "fp32" if dtype == torch.float32 else "lowp")]]
+        else:
+            wanted = tiles_for(pass_, dtype, kwargs["R_PAD"], current_arch())
+        by_shape = {_shape(c, tile_n): c for c in configs}
+        keep = [by_shape[s] for s in wanted if s in by_shape] or configs[:1]  # configs[:1]: the interpreter's
+        return keep[:limit] if limit else keep
 
     return prune
 
@@ -243,16 +257,18 @@ def _scales(gate_ptr, g_rows_per_batch, stride_gb, stride_gm, stride_gg, rows, r
     is_res = (ranks >= r_orth) & (ranks < r)
     if HAS_GATE:
         block = tl.maximum(ranks - r_orth, 0) // r_blk
-        g_rows = gate_ptr + row_offsets(rows, g_rows_per_batch, stride_gb, stride_gm)
-        g_ptrs = g_rows[:, None] + block[None, :] * stride_gg
+        # int32 offsets (the launcher checks the gate's extent fits): 64-bit index math on a
+        # (rows x ranks) tile cost ~36 registers per thread in the forward's epilogue.
+        g_offs = (rows // g_rows_per_batch) * stride_gb + (rows % g_rows_per_batch) * stride_gm
+        g_ptrs = gate_ptr + (g_offs[:, None] + block[None, :] * stride_gg)
         res = res_scale * tl.load(g_ptrs, mask=(rows < m)[:, None] & is_res[None, :], other=0.0).to(tl.float32)
     else:
         res = tl.zeros((rows.shape[0], ranks.shape[0]), tl.float32) + res_scale
     return tl.where(is_orth[None, :], orth_scale, tl.where(is_res[None, :], res, 0.0))
 
 
-@triton.autotune(configs=_configs("BLOCK_N"), key=["m_bucket", "n", "d", "R_PAD"],
-                 prune_configs_by={"early_config_prune": _pruner("BLOCK_N", backward=False)})
+@triton.autotune(configs=_configs("BLOCK_N", "forward"), key=["m_bucket", "n", "d", "R_PAD"],
+                 prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "forward")})
 @triton.jit
 def _fused_forward_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, bt_ptr, gate_ptr, y_ptr, t_ptr,
@@ -304,8 +320,8 @@ def _fused_forward_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_configs("BLOCK_D"), key=["m_bucket", "n", "d", "R_PAD"],
-                 prune_configs_by={"early_config_prune": _pruner("BLOCK_D", backward=True)},
+@triton.autotune(configs=_configs("BLOCK_D", "backward"), key=["m_bucket", "n", "d", "R_PAD"],
+                 prune_configs_by={"early_config_prune": _pruner("BLOCK_D", "backward")},
                  reset_to_zero=["grad_ptr"])
 @triton.jit
 def _fused_backward_kernel(
@@ -339,12 +355,6 @@ def _fused_backward_kernel(
     if HAS_LORA:
         s = _scales(gate_ptr, g_rows_per_batch, stride_gb, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk,
                     orth_scale, res_scale, HAS_GATE)
-    if NEED_DB:
-        db_ranks = (ranks < db_orth_end) | ((ranks >= db_res_start) & rank_ok)
-        t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :],
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        ts = (t.to(tl.float32) * s).to(dy_ptr.dtype.element_ty)
-
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     u = tl.zeros((BLOCK_M, R_PAD), tl.float32)
     for n0 in range(0, n, BLOCK_K):
@@ -358,16 +368,6 @@ def _fused_backward_kernel(
         if HAS_LORA:
             b = tl.load(bt_ptr + ranks[None, :] * n + ns[:, None], mask=rank_ok[None, :] & n_ok[:, None], other=0.0)
             u = mma(dy, b, u, DOT_MODE)
-        # dB and dbias need each dY tile once per row block: the N-chunks are dealt round-robin
-        # to the row block's d-tiles, so that work (a dot and atomics) is spread over all of them
-        # instead of loading the programs of one d-tile (which then set the kernel's tail).
-        if (n0 // BLOCK_K) % tiles_d == pid_d:
-            if NEED_DB:
-                dbt = mma(tl.trans(ts), dy, tl.zeros((R_PAD, BLOCK_K), tl.float32), DOT_MODE)
-                tl.atomic_add(dbt_ptr + ranks[:, None] * n + ns[None, :], dbt, mask=db_ranks[:, None] & n_ok[None, :],
-                              sem="relaxed")
-            if NEED_DBIAS:
-                tl.atomic_add(dbias_ptr + ns, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok, sem="relaxed")
 
     if HAS_LORA:
         u = u * s
@@ -386,6 +386,30 @@ def _fused_backward_kernel(
     if NEED_DX:
         dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :]
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    # dB and dbias need each dY tile of the row block once: its N-chunks are dealt round-robin to
+    # the row block's d-tiles (chunk j to d-tile j mod tiles_d), so that work is spread over all of
+    # them instead of making the programs of one d-tile the kernel's tail. It runs after dX is
+    # stored, in a loop of its own over this program's chunks (1/tiles_d of the row block's dY,
+    # which the main loop has just brought into L2): inside the main loop its (R_PAD x BLOCK_K)
+    # product and atomics' addresses stayed live beside the accumulators and spilled at rank 64.
+    if NEED_DB or NEED_DBIAS:
+        if NEED_DB:
+            db_ranks = (ranks < db_orth_end) | ((ranks >= db_res_start) & rank_ok)
+            t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :],
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            ts = (t.to(tl.float32) * s).to(dy_ptr.dtype.element_ty)
+        for n0 in range(pid_d * BLOCK_K, n, tiles_d * BLOCK_K):
+            ns = n0 + tl.arange(0, BLOCK_K)
+            n_ok = ns < n
+            dy = tl.load(dy_rows[:, None] + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            if NEED_DB:
+                dbt = mma(tl.trans(ts), dy, tl.zeros((R_PAD, BLOCK_K), tl.float32), DOT_MODE)
+                tl.atomic_add(dbt_ptr + ranks[:, None] * n + ns[None, :], dbt, mask=db_ranks[:, None] & n_ok[None, :],
+                              sem="relaxed")
+            if NEED_DBIAS:
+                tl.atomic_add(dbias_ptr + ns, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok, sem="relaxed")
 
 
 class Layout:
