@@ -161,8 +161,9 @@ def _bind(jit, args: tuple, kwargs: dict, arch: int) -> dict:
 
 
 def fixed_configs() -> dict[str, dict]:
-    """Kernel name -> its ``DUALLORA_AUTOTUNE=0`` config, from a child process (config lists are
-    built when the op modules are imported)."""
+    """``"kernel|dtype|rank"`` -> the kernel's ``DUALLORA_AUTOTUNE=0`` config for that case, from a
+    child process (config lists are built when the op modules are imported; the fixed config
+    depends on the dtype: float32 has its own)."""
     env = {**os.environ, AUTOTUNE_ENV: "0", "TRITON_INTERPRET": "0"}
     out = subprocess.run([sys.executable, "-m", "duallora_kernels.ops.aot", "--print-fixed-configs"],
                          env=env, capture_output=True, text=True, cwd=ROOT)
@@ -171,11 +172,17 @@ def fixed_configs() -> dict[str, dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _fixed_key(name: str, dtype_name: str, rank: int) -> str:
+    return f"{name}|{dtype_name}|{rank}"
+
+
 def _print_fixed_configs() -> None:
     fixed = {}
     for dtype_name, rank in CASES:
         for _, kernel, args, kwargs in capture(dtype_name, rank):
-            fixed.setdefault(kernel_name(kernel), _configs(kernel, args, kwargs, None)[1][0])
+            # The pruning under DUALLORA_AUTOTUNE=0 picks the case's fixed config (any arch).
+            key = _fixed_key(kernel_name(kernel), dtype_name, rank)
+            fixed.setdefault(key, _configs(kernel, args, kwargs, 90)[0][0])
     print(json.dumps(fixed))
 
 
@@ -206,11 +213,13 @@ def plan(subset: str, archs: tuple[int, ...], kernels: set[str] | None = None,
                 kept, every = _configs(kernel, args, kwargs, arch)
                 kept = kept[:max_configs] if max_configs else kept
                 pruning.append({"kernel": name, "launch": launch, "dtype": dtype_name, "rank": rank, "arch": arch,
-                                "kept": [_label(c) for c in kept], "fixed": _label(fixed.get(name, {})),
+                                "kept": [_label(c) for c in kept],
+                                "fixed": _label(fixed.get(_fixed_key(name, dtype_name, rank), {})),
                                 "dropped": [_label(c) for c in every if c not in kept]})
                 chosen = [] if subset == "ci" else list(kept)
-                if name in fixed and fixed[name] not in chosen:
-                    chosen.append(fixed[name])
+                fixed_config = fixed.get(_fixed_key(name, dtype_name, rank))
+                if fixed_config is not None and fixed_config not in chosen:
+                    chosen.append(fixed_config)
                 chosen = chosen or kept[:1]
                 for config in chosen:
                     full = _heuristics(kernel, args, {**kwargs, **config})
@@ -227,7 +236,7 @@ def plan(subset: str, archs: tuple[int, ...], kernels: set[str] | None = None,
                         "kernel": name, "launch": launch, "module": jit.module, "qualname": jit.fn.__qualname__,
                         "dtype": dtype_name, "rank": rank, "arch": arch, "config": _label(config),
                         "kept": config in kept, "kept_index": kept.index(config) if config in kept else None,
-                        "fixed": config == fixed.get(name), "variant": _label(variant),
+                        "fixed": config == fixed_config, "variant": _label(variant),
                         "smem_limit": smem_limit(arch), "key": key, **bound,
                     })
     return jobs, pruning
