@@ -90,33 +90,76 @@ def render_runs(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> list[str
     return lines
 
 
+_NOT_PART_OF_THE_RESULT = ("out_dir", "run_name", "data_root", "backend")
+
+
+def _settings(d: dict[str, Any]) -> str:
+    """A run's settings without those that name where it ran or how (the backend): runs with equal settings
+    should give equal numbers, and a table compares only those."""
+    import dataclasses
+
+    from duallora_kernels.continual.trainer import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(_NOT_PART_OF_THE_RESULT)
+    return json.dumps({k: v for k, v in d["config"].items() if k in known}, sort_keys=True)
+
+
+def _span(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
+    if len(rows) < 2:
+        return ""
+    first = rows[0][2]
+
+    def same(d: dict[str, Any]) -> bool:
+        return d["accuracy_matrix"] == first["accuracy_matrix"] and d["task_id_accuracy"] == first["task_id_accuracy"]
+
+    if all(same(d) for _, _, d in rows):
+        return "Every run in this table has the same accuracy matrix and task-identity accuracies, to the last digit."
+    a = [100 * d["summary"]["A_last"] for _, _, d in rows]
+    twins = [name for name, _, d in rows[1:] if same(d)]
+    return ((f"{', '.join(twins)}: the same accuracy matrix and task-identity accuracies as the first row, to the "
+             "last digit. " if twins else "") + f"A_last spans {min(a):.1f}-{max(a):.1f} over these runs "
+            f"({max(a) - min(a):.1f} points).")
+
+
+def _run_table(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
+    lines = ["| run | what differs | command | machine | backbone | A_last | A_avg | forgetting | task-id |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, note, d in rows:
+        s = d["summary"]
+        lines.append(f"| {name} | {note} | `{_command(d)}` | {_machine(d)} | {_backbone(d)} | "
+                     f"{_pct(s['A_last'])} | {_pct(s['A_avg'])} | {_pct(s['forgetting'])} | "
+                     f"{_pct(s['task_id_accuracy'])} |")
+    span = _span(rows)
+    return lines + ([f"", span] if span else [])
+
+
 def render_variation(reference: dict[str, Any] | None, runs: list[tuple[Path, dict[str, Any]]],
                      pretrains: list[tuple[Path, dict[str, Any]]], shipped_sha: str | None, root: Path,
                      notes: dict[str, str]) -> list[str]:
     if not runs and not pretrains:
         return []
     lines = ["", "### How much the results vary across machines", ""]
-    if runs:
-        lines += [
-            "The default run is deterministic for one machine and thread count (a killed and resumed run "
-            "reaches the same numbers), but float sums are ordered differently with another thread count, "
-            "another backend or another CPU, and training amplifies those rounding differences. The "
-            "`duallora` run of the table above, measured with one thing changed:",
-            "",
-            "| run | what differs | command | machine | backbone | A_last | A_avg | forgetting | task-id |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        rows = ([("the table above", "-", reference)] if reference else []) + [
-            (f"[{p.parent.name}]({p.parent.relative_to(root)}/results.json)", notes.get(p.parent.name, ""), d)
-            for p, d in runs]
-        for name, note, d in rows:
-            s = d["summary"]
-            lines.append(f"| {name} | {note} | `{_command(d)}` | {_machine(d)} | {_backbone(d)} | "
-                         f"{_pct(s['A_last'])} | {_pct(s['A_avg'])} | {_pct(s['forgetting'])} | "
-                         f"{_pct(s['task_id_accuracy'])} |")
-        if reference:
-            a = [100 * d["summary"]["A_last"] for _, _, d in rows]
-            lines += ["", f"A_last spans {min(a):.1f}-{max(a):.1f} over these runs ({max(a) - min(a):.1f} points)."]
+    rows = ([("the table above", "-", reference)] if reference else []) + [
+        (f"[{p.parent.name}]({p.parent.relative_to(root)}/results.json)", notes.get(p.parent.name, ""), d)
+        for p, d in runs]
+    groups: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
+    for row in rows:
+        groups.setdefault(_settings(row[2]), []).append(row)
+    for i, group in enumerate(groups.values()):
+        if i == 0:
+            lines += [
+                "The default run is deterministic for one machine and thread count (a killed and resumed run "
+                "reaches the same numbers), but float sums may be ordered differently with another thread count, "
+                "another backend or another CPU, and training amplifies rounding differences. The `duallora` run "
+                "of the table above, and the same run with what the second column says changed:",
+                "",
+            ]
+        elif any(d["config"].get("backend") == "triton" for _, _, d in group):
+            lines += ["", "The Triton kernels run on a CPU only through Triton's interpreter, far too slow for the "
+                      "default run; the same comparison on a small run (a tiny randomly initialised ViT, 3 tasks):", ""]
+        else:
+            lines += ["", "Other settings:", ""]
+        lines += _run_table(group)
     if pretrains:
         lines += [
             "",

@@ -39,7 +39,7 @@ from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task, residua
 from . import metrics
 from .calibration import calibrate_logits, clear_gates, first_pass_gate, model_task_gate
 from .data import Task, fashion_mnist_tasks, make_loader
-from .pretrain import hardware
+from .pretrain import hardware, sha256_of
 
 __all__ = ["METHODS", "TrainConfig", "Trainer", "method_settings"]
 
@@ -220,8 +220,6 @@ class Trainer:
 
     def _backbone(self) -> nn.Module:
         from ..vit import create_vit
-
-        from .pretrain import sha256_of
 
         c = self.config
         if c.model is None:
