@@ -47,3 +47,26 @@ def test_compile_table_is_up_to_date():
     out = subprocess.run([sys.executable, "bench/render_compile_table.py", "--check"], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_committed_runs_were_made_with_the_shipped_backbone_and_say_on_what():
+    import json
+
+    from duallora_kernels.continual.pretrain import SHIPPED_SHA256
+
+    runs = [json.loads(p.read_text()) for p in (ROOT / "results" / "split-fmnist").glob("*/results.json")]
+    assert len(runs) == 6
+    for run in runs:
+        assert run["backbone_sha256"] == SHIPPED_SHA256, run["method"]
+        assert run["environment"]["cpu"] and run["environment"]["threads"] >= 1
+    # The variation section compares the default run with another thread count, and the two backends.
+    variation = [json.loads(p.read_text()) for p in (ROOT / "results" / "variation").glob("*/results.json")]
+    duallora = next(r for r in runs if r["method"] == "duallora")
+    same = [r for r in variation if r["config"] == {**duallora["config"], "out_dir": r["config"]["out_dir"],
+                                                    "run_name": r["config"]["run_name"]}]
+    assert {r["environment"]["threads"] for r in same} - {duallora["environment"]["threads"]}, "no other thread count"
+    triton = [r for r in variation if r["config"]["backend"] == "triton"]
+    assert triton and all(r["environment"]["triton_interpret"] == "1" for r in triton)
+    for r in triton:  # each Triton run has its PyTorch twin
+        assert any(t["config"] == {**r["config"], "backend": "torch", "out_dir": t["config"]["out_dir"]}
+                   for t in variation)
