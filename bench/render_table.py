@@ -229,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if the README section is out of date")
     ap.add_argument("--print", action="store_true", help="print the section, leave the README alone")
     args = ap.parse_args(argv)
-    block = render(sorted(args.results.glob("*.json")), root=args.readme.resolve().parent, rank=args.rank)
+    # compile-*.json are the ahead-of-time compile tables (bench/render_compile_table.py renders them)
+    files = sorted(p for p in args.results.glob("*.json") if not p.name.startswith("compile-"))
+    block = render(files, root=args.readme.resolve().parent, rank=args.rank)
     if args.print:
         print(block)
         return 0
