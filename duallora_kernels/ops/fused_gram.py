@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_utils import (autotune_limit, current_arch, dot_mode, interpreting, launch, mma, new_output,
+from ._kernel_utils import (autotune_limit, capturing, current_arch, dot_mode, interpreting, launch, mma, new_output,
                             row_offsets, rows_view, size_bucket, smem_limit)
 from .reference import gram_reference
 
@@ -123,11 +123,15 @@ def _gram_kernel(
 def _row_chunk(m: int, d: int, device: torch.device) -> int:
     """Rows per program: all of them under the interpreter or when the tiles alone fill the GPU,
     else enough chunks that about four waves of programs run."""
-    if interpreting() or device.type != "cuda":
+    if capturing():  # the ahead-of-time compile check: plan as on an H100 (132 SMs), atomics included
+        sms = 132
+    elif interpreting() or device.type != "cuda":
         return max(m, 1)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = triton.cdiv(d, 64)
     programs = tiles * (tiles + 1) // 2
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * sms
     splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(m, _CHUNK_QUANTUM)))
     return triton.cdiv(triton.cdiv(m, splits), _CHUNK_QUANTUM) * _CHUNK_QUANTUM
 
