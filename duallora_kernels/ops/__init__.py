@@ -6,6 +6,7 @@ extension built from csrc/) and ``"auto"`` (Triton for CUDA tensors, torch other
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
@@ -15,7 +16,7 @@ from torch import Tensor
 from .. import _checks as check
 from .reference import dual_lora_linear_reference, gram_reference, task_scores_reference
 
-__all__ = ["BACKENDS", "resolve_backend", "dual_lora_linear", "gram", "task_scores"]
+__all__ = ["BACKENDS", "resolve_backend", "autocast_dtype", "dual_lora_linear", "gram", "task_scores"]
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 
@@ -59,6 +60,25 @@ def _check_basis(basis: Tensor, d: int, ref: Tensor, on_device: bool) -> Tensor 
     if on_device:
         check.orthonormal_async("basis", basis)
     return basis
+
+
+#: What autocast casts (float64 is left alone, as autocast leaves it for F.linear).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes linear layers in on ``device`` right now, or None when it is off."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return None
+    return torch.get_autocast_dtype(device.type) if on else None
+
+
+def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if t is None or t.dtype == dtype or t.dtype not in _AUTOCAST_ELIGIBLE:
+        return t
+    return t.to(dtype)
 
 
 def _check_pair(prefix: str, a: Tensor | None, b: Tensor | None, x: Tensor, n: int, d: int) -> int:
@@ -132,7 +152,23 @@ def dual_lora_linear(
 
     Returns:
         Y (..., n) in x's dtype.
+
+    Under ``torch.autocast`` the op is cast as ``F.linear`` is: x, weight, bias and every adapter
+    factor (float32/float16/bfloat16) are cast to the autocast dtype and Y comes out in it; the
+    gradients reach the parameters in their own dtype through the casts. The gate and the basis
+    are not cast (the kernels read them in float32). Outside autocast every tensor but the gate
+    and the basis must share x's dtype, the rule of ``nn.Linear``, which raises for a bfloat16
+    input and float32 weights: a TypeError that names the tensor.
     """
+    cast = autocast_dtype(x.device) if isinstance(x, Tensor) else None
+    if cast is not None:
+        args = [_autocast(t, cast) for t in (x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b)]
+        with torch.autocast(x.device.type, enabled=False):
+            return dual_lora_linear(
+                args[0], args[1], args[2], orth_a=args[3], orth_b=args[4], res_a=args[5], res_b=args[6],
+                frozen_a=args[7], frozen_b=args[8], gate=gate, basis=basis, orth_scale=orth_scale,
+                res_scale=res_scale, backend=backend, check_basis=check_basis,
+            )
     check.tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., d)")
@@ -209,7 +245,12 @@ def gram(x: Tensor, *, backend: str = "auto") -> Tensor:
     check.tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., d)")
-    b = resolve_backend(backend, x.device)
+    with torch.autocast(x.device.type, enabled=False) if autocast_dtype(x.device) else contextlib.nullcontext():
+        # statistics for the memory bases stay in float32 under autocast
+        return _gram(x, resolve_backend(backend, x.device))
+
+
+def _gram(x: Tensor, b: str) -> Tensor:
     if b == "torch":
         return gram_reference(x)
     if b == "triton":
@@ -232,7 +273,12 @@ def task_scores(z: Tensor, task_bases: Tensor, *, backend: str = "auto") -> Tens
         raise ValueError(
             f"task_bases must have shape (T, d, u) with d={z.shape[1]} matching z, got {tuple(task_bases.shape)}"
         )
-    b = resolve_backend(backend, z.device)
+    with torch.autocast(z.device.type, enabled=False) if autocast_dtype(z.device) else contextlib.nullcontext():
+        # the scores feed a softmax over tasks: float32 under autocast too
+        return _task_scores(z, task_bases, resolve_backend(backend, z.device))
+
+
+def _task_scores(z: Tensor, task_bases: Tensor, b: str) -> Tensor:
     if b == "torch":
         return task_scores_reference(z, task_bases)
     if b == "triton":
