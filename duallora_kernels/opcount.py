@@ -39,6 +39,8 @@ FROZEN_STEP = 2
 _NO_WORK = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "lift_fresh",
             "_has_compatible_shallow_copy_type", "set_", "resize_", "promote_types", "result_type", "can_cast",
             "is_same_size", "size", "stride", "dim", "numel", "is_contiguous", "_debug_has_internal_overlap"}
+#: Custom-op namespaces whose ops are looked through: their inner launches and torch ops are counted.
+TRANSPARENT_NAMESPACES = {"duallora"}
 _SYNCS = {"item", "_local_scalar_dense", "is_nonzero", "equal", "tolist", "nonzero", "unique", "_unique2",
           "masked_select", "repeat_interleave.Tensor"}
 
@@ -74,6 +76,13 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace in TRANSPARENT_NAMESPACES:
+            # A registered op of ours: what counts is the device work inside it, so its Python
+            # implementation runs with this mode pushed again (calling the op itself would land here).
+            from torch._library.custom_ops import _maybe_get_opdef
+
+            with self:
+                return _maybe_get_opdef(func)._init_fn(*args, **kwargs)
         name = func.overloadpacket.__name__
         full = f"{name}.{func._overloadname}"
         if name in _SYNCS or full in _SYNCS:

@@ -1,12 +1,16 @@
 """Public functional ops: validate, pick a backend, run.
 
-Backends: ``"torch"`` (the reference in :mod:`.reference`, also the CPU path), ``"triton"``
-(fused kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"cuda"`` (the optional
-extension built from csrc/) and ``"auto"`` (Triton for CUDA tensors, torch otherwise).
+Backends: ``"torch"`` (torch ops, :data:`.launchers.TORCH`; the CPU path), ``"triton"`` (fused
+kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"cuda"`` (the optional extension
+built from csrc/) and ``"auto"`` (Triton for CUDA tensors, torch otherwise). Every backend of the
+linear op runs through one op registered with ``torch.library`` (:mod:`.registered`), so
+torch.compile, torch.export, autocast and meta tensors see it like an aten op; the spec all of
+them are tested against is :mod:`.reference`.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Callable
 
@@ -14,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks as check
-from .reference import dual_lora_linear_reference, gram_reference, task_scores_reference
+from .reference import gram_reference, task_scores_reference
 
 __all__ = ["BACKENDS", "resolve_backend", "autocast_dtype", "dual_lora_linear", "gram", "task_scores"]
 
@@ -219,6 +223,7 @@ def dual_lora_linear(
                 raise ValueError(
                     f"gate of shape {tuple(gate.shape)} does not broadcast to x's rows {tuple(x.shape[:-1])} + ({blocks},)"
                 ) from None
+    # Meta tensors run the registered op's fake implementation: shapes and dtypes, no data.
     impl = _dual_lora_impl("torch" if x.device.type == "meta" else resolve_backend(backend, x.device))
     return impl(
         x, weight, bias,
@@ -228,15 +233,13 @@ def dual_lora_linear(
 
 
 def _dual_lora_impl(backend: str) -> Callable[..., Tensor]:
-    if backend == "torch":
-        return dual_lora_linear_reference
-    if backend == "triton":
-        from .fused_linear import dual_lora_linear_triton
+    from .registered import dual_lora_linear_op
 
-        return dual_lora_linear_triton
-    from .cuda import dual_lora_linear_cuda
+    if backend == "cuda":
+        from .cuda import dual_lora_linear_cuda
 
-    return dual_lora_linear_cuda
+        return dual_lora_linear_cuda
+    return functools.partial(dual_lora_linear_op, backend=backend)
 
 
 def gram(x: Tensor, *, backend: str = "auto") -> Tensor:

@@ -6,7 +6,7 @@ cached under ``TORCH_EXTENSIONS_DIR``; needs nvcc). Without a CUDA device every 
 raises a RuntimeError that says so.
 
 * :func:`dual_lora_linear_cuda`: the fused forward/backward of csrc/fused_linear.cu behind the
-  same autograd Function as the Triton op (:func:`.fused_linear.fused_dual_lora_linear`), so
+  same registered op and autograd formula as the Triton op (:mod:`.registered`), so
   the two share gradient bookkeeping and the memory projections. SIMT kernels (no tensor
   cores): the portable variant, not the fast one. Total adapter rank r <= 128.
 * :func:`gram_cuda`, :func:`task_scores_cuda`: csrc/memory_ops.cu; float64 is computed natively.
@@ -154,6 +154,14 @@ def _cuda_backward(dy, x, weight, a, bt, gate, t, lay, plan, grad):
     return dx
 
 
+def cuda_launchers():
+    """The CUDA C++ kernels as :class:`.launchers.Launchers` (the small-matrix steps in torch)."""
+    from .launchers import Launchers
+
+    load_extension()
+    return Launchers(_cuda_forward, _cuda_backward)
+
+
 def dual_lora_linear_cuda(
     x: Tensor,
     weight: Tensor,
@@ -171,13 +179,11 @@ def dual_lora_linear_cuda(
     res_scale: float = 1.0,
 ) -> Tensor:
     """The CUDA C++ implementation of :func:`.reference.dual_lora_linear_reference` (same
-    arguments, validated by :func:`duallora_kernels.ops.dual_lora_linear`)."""
+    arguments, validated by :func:`duallora_kernels.ops.dual_lora_linear`), through the registered op."""
     load_extension()
     _require_cuda("x", x)
-    from .fused_linear import Launchers, fused_dual_lora_linear
+    from .registered import dual_lora_linear_op
 
-    return fused_dual_lora_linear(
-        Launchers(_cuda_forward, _cuda_backward), x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a,
-        res_b=res_b, frozen_a=frozen_a, frozen_b=frozen_b, gate=gate, basis=basis, orth_scale=orth_scale,
-        res_scale=res_scale,
-    )
+    return dual_lora_linear_op(x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b,
+                               frozen_a=frozen_a, frozen_b=frozen_b, gate=gate, basis=basis, orth_scale=orth_scale,
+                               res_scale=res_scale, backend="cuda")

@@ -103,9 +103,12 @@ unfused PyTorch composition's, which keeps its projected A copies and its (x A^T
 
 Design decisions:
 
-* float64 inputs run the PyTorch reference (same function, same gradients): a float64
+* float64 inputs run the torch launchers (:data:`.launchers.TORCH`, same contract): a float64
   ``tl.dot`` has no tensor-core path on Hopper and is not validated across Triton versions, and
-  float64 exists here for checking. The kernels cover float32, bfloat16 and float16, always
+  float64 exists here for checking.
+* Autograd, FakeTensor/meta, torch.compile and export go through the registered op of
+  :mod:`.registered` (``duallora::fused_forward`` / ``duallora::fused_backward``); this module
+  holds the Triton kernels and their launchers (:data:`TRITON`). The kernels cover float32, bfloat16 and float16, always
   accumulating in float32.
 * float32 operands use TF32 in ``tl.dot`` only when torch's matmuls may
   (``torch.get_float32_matmul_precision() != "highest"``).
@@ -127,22 +130,18 @@ Design decisions:
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import adapter_prep
 from ._kernel_utils import (autotune_limit, current_arch, dot_mode, interpreting, launch, mma, new_output,
                             pow2_at_least, row_offsets, rows_view, size_bucket)
-from .reference import adapter_matrices, dual_lora_linear_reference, project_onto, project_out
+from .launchers import GradPlan, Launchers, Layout
 
-__all__ = ["dual_lora_linear_triton", "fused_dual_lora_linear", "Launchers", "Layout", "GradPlan", "TRITON"]
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["dual_lora_linear_triton", "TRITON", "TILES", "tiles_for"]
 
 
 #: Tile shapes (BLOCK_M, tile, BLOCK_K, num_warps, num_stages) by pass, dtype class ("lowp":
@@ -412,60 +411,6 @@ def _fused_backward_kernel(
                 tl.atomic_add(dbias_ptr + ns, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok, sem="relaxed")
 
 
-class Layout:
-    """Sizes of one call: the stacked adapter (rows: orth, frozen, training residual) and its gate."""
-
-    def __init__(self, a: Tensor | None, r_orth: int, r_train: int, gate: Tensor | None,
-                 orth_scale: float, res_scale: float):
-        self.r = 0 if a is None else a.shape[0]
-        self.r_orth = r_orth
-        self.r_res0 = self.r - r_train  # the training residual block is rows r_res0..r
-        r_resid = self.r - r_orth
-        self.has_gate = gate is not None and r_resid > 0
-        self.r_blk = r_resid // gate.shape[-1] if self.has_gate else 1
-        self.r_pad = pow2_at_least(self.r)
-        self.orth_scale, self.res_scale = orth_scale, res_scale
-
-
-class GradPlan(NamedTuple):
-    """What one backward computes. dA / dB^T rows are accumulated only in [0, *_orth_end) and
-    [*_res_start, r): the trainable blocks, never the frozen ones."""
-
-    need_dx: bool
-    da_orth_end: int
-    da_res_start: int
-    db_orth_end: int
-    db_res_start: int
-    need_dbias: bool
-    r: int
-
-    @property
-    def need_da(self) -> bool:
-        return self.da_orth_end > 0 or self.da_res_start < self.r
-
-    @property
-    def need_db(self) -> bool:
-        return self.db_orth_end > 0 or self.db_res_start < self.r
-
-
-class Launchers(NamedTuple):
-    """A kernel implementation of the op (Triton here, CUDA in :mod:`.cuda`), for :class:`_DualLoRALinear`.
-
-    ``forward(x, weight, bias, a, bt, gate, lay, store_t) -> (Y (..., n), T (m, r) in x's dtype or None)``;
-    ``backward(dy, x, weight, a, bt, gate, t, lay, plan, grad) -> dX (m, d) | None``, adding dA, dB^T
-    and dbias into ``grad``, one zeroed float32 buffer (r*d + r*n + n: dA (r, d), dB^T (r, n),
-    dbias (n,)), only in the plan's rows. ``gate`` is x.shape[:-1] + (G,) (a broadcast view) or None.
-    backward is called only when the plan needs dX, dA or dB, and m > 0.
-    ``assemble`` and ``project_grads``: the small-matrix steps (:mod:`.adapter_prep`'s signatures);
-    None runs them in torch.
-    """
-
-    forward: Callable
-    backward: Callable
-    assemble: Callable | None = None
-    project_grads: Callable | None = None
-
-
 def _gate_args(lay: Layout, gate: Tensor | None, like: Tensor) -> tuple:
     if lay.has_gate:
         gv = rows_view(gate)
@@ -522,130 +467,6 @@ def _triton_backward(dy, x, weight, a, bt, gate, t, lay: Layout, plan: GradPlan,
 TRITON = Launchers(_triton_forward, _triton_backward, adapter_prep.assemble, adapter_prep.project_grads)
 
 
-def _assemble_torch(orth_a, orth_b, frozen_a, frozen_b, res_a, res_b, basis, *, d, n, dtype, device,
-                    r_orth=0, r_frozen=0, r_res=0, write_a=True, zero=None):
-    """:func:`.adapter_prep.assemble` in torch ops (the CUDA backend's path)."""
-    if zero is not None:
-        zero.zero_()
-    if not write_a:
-        bt = torch.cat([b.t() for b in (orth_b, frozen_b, res_b) if b is not None and b.shape[1]], 0)
-        return None, bt.to(dtype).contiguous(), r_orth, r_res
-    a, b, r_orth, r_res = adapter_matrices(orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, basis)
-    return a.contiguous(), b.t().contiguous(), r_orth, r_res
-
-
-def _project_grads_torch(da, dbt, dbias, basis, *, r_orth, r_res0, need, dtypes):
-    """:func:`.adapter_prep.project_grads` in torch ops (the CUDA backend's path)."""
-    need_oa, need_ra, need_ob, need_rb, need_bias = need
-    return (
-        project_out(da[:r_orth], basis).to(dtypes[0]) if need_oa else None,
-        project_onto(da[r_res0:], basis).to(dtypes[1]) if need_ra else None,
-        dbt[:r_orth].t().to(dtypes[2]).contiguous() if need_ob else None,
-        dbt[r_res0:].t().to(dtypes[3]).contiguous() if need_rb else None,
-        dbias.to(dtypes[4]) if need_bias else None,
-    )
-
-
-def _stack(kernels: Launchers, x: Tensor, weight: Tensor, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate,
-           basis, orth_scale, res_scale):
-    """A (r, d) and B^T (r, n), contiguous in x's dtype, formed without autograd, and the call's layout."""
-    if orth_a is None and res_a is None and (frozen_a is None or frozen_a.shape[0] == 0):
-        return None, None, Layout(None, 0, 0, gate, orth_scale, res_scale)
-    if frozen_a is not None and frozen_a.shape[0] == 0:
-        frozen_a = frozen_b = None
-    n, d = weight.shape
-    assemble = kernels.assemble or _assemble_torch
-    with torch.no_grad():
-        a, bt, r_orth, r_train = assemble(orth_a, orth_b, frozen_a, frozen_b, res_a, res_b, basis,
-                                          d=d, n=n, dtype=x.dtype, device=x.device)
-    return a, bt, Layout(a, r_orth, r_train, gate, orth_scale, res_scale)
-
-
-class _DualLoRALinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kernels: Launchers, x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate,
-                basis, orth_scale, res_scale):
-        a, bt, lay = _stack(kernels, x, weight, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
-                            orth_scale, res_scale)
-        need = ctx.needs_input_grad  # offset by one: kernels comes first
-        need_a = a is not None and (need[4] or need[6])
-        need_b = a is not None and (need[5] or need[7])
-        y, t = kernels.forward(x, weight, bias, a, bt, gate, lay, store_t=need_b)
-        ctx.kernels, ctx.lay, ctx.x_shape, ctx.has_bias = kernels, lay, x.shape, bias is not None
-        ctx.dtypes = tuple(x.dtype if p is None else p.dtype for p in (orth_a, res_a, orth_b, res_b, bias))
-        # A is kept (r*d elements) rather than rebuilt, which would cost two launches with a basis;
-        # B^T is rebuilt from the B factors (the caller's own tensors) by the launch that also
-        # clears the gradient sums, so it costs nothing (see "What is saved").
-        if frozen_a is None or frozen_a.shape[0] == 0:
-            frozen_b = None
-        ctx.save_for_backward(x if need_a or need[2] else None, weight, t, a, gate, basis, orth_b, frozen_b, res_b)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, t, a, gate, basis, orth_b, frozen_b, res_b = ctx.saved_tensors
-        lay: Layout = ctx.lay
-        _, nx, nw, nbias, noa, nob, nra, nrb = ctx.needs_input_grad[:8]
-        n, d = weight.shape
-        lora = lay.r > 0
-        r = lay.r
-        plan = GradPlan(
-            need_dx=nx,
-            da_orth_end=lay.r_orth if lora and noa else 0, da_res_start=lay.r_res0 if lora and nra else r,
-            db_orth_end=lay.r_orth if lora and nob else 0, db_res_start=lay.r_res0 if lora and nrb else r,
-            need_dbias=ctx.has_bias and nbias, r=r,
-        )
-        m = dy.numel() // n if n else 0
-        dx = None
-        # One float32 buffer for every sum the kernel accumulates (dA, dB^T, dbias), zeroed by the
-        # launch that rebuilds B^T (or by one memset when there is no low-rank path).
-        sums = plan.need_da or plan.need_db or plan.need_dbias
-        grad = torch.empty(r * d + r * n + n if sums else 1, dtype=torch.float32, device=dy.device)
-        bt = None
-        if lora:
-            assemble = ctx.kernels.assemble or _assemble_torch
-            _, bt, _, _ = assemble(None, orth_b, None, frozen_b, None, res_b, None, d=d, n=n, dtype=a.dtype,
-                                   device=a.device, r_orth=lay.r_orth, r_frozen=lay.r_res0 - lay.r_orth,
-                                   r_res=r - lay.r_res0, write_a=False, zero=grad if sums else None)
-        elif sums:
-            grad.zero_()
-        if (plan.need_dx or plan.need_da or plan.need_db) and m:
-            dx = ctx.kernels.backward(dy, x, weight, a, bt, gate, t, lay, plan, grad)
-        elif plan.need_dbias and m:
-            grad[r * d + r * n:] = dy.reshape(-1, n).sum(0, dtype=torch.float32)
-        if plan.need_dx and dx is None:  # no rows, no launch
-            dx = dy.new_zeros((0, d))
-
-        g_x = dx.view(ctx.x_shape) if plan.need_dx else None
-        g_w = (dy.reshape(-1, n).T @ x.reshape(-1, d)).to(dy.dtype) if nw else None
-        need = (bool(plan.da_orth_end), plan.da_res_start < r, bool(plan.db_orth_end), plan.db_res_start < r,
-                plan.need_dbias)
-        g_oa = g_ra = g_ob = g_rb = g_bias = None
-        if any(need):
-            project = ctx.kernels.project_grads or _project_grads_torch
-            g_oa, g_ra, g_ob, g_rb, g_bias = project(
-                grad[: r * d].view(r, d), grad[r * d: r * d + r * n].view(r, n), grad[r * d + r * n:], basis,
-                r_orth=lay.r_orth, r_res0=lay.r_res0, need=need, dtypes=ctx.dtypes,
-            )
-        return None, g_x, g_w, g_bias, g_oa, g_ob, g_ra, g_rb, None, None, None, None, None, None
-
-
-def fused_dual_lora_linear(kernels: Launchers, x: Tensor, weight: Tensor, bias: Tensor | None, **adapters) -> Tensor:
-    """Run the op with ``kernels`` (the keyword arguments of :func:`dual_lora_linear_triton`);
-    float64 and other non-kernel dtypes run the reference."""
-    if x.dtype not in KERNEL_DTYPES:
-        return dual_lora_linear_reference(x, weight, bias, **adapters)
-    a_kw = {k: adapters.get(k) for k in ("orth_a", "orth_b", "res_a", "res_b", "frozen_a", "frozen_b", "gate", "basis")}
-    orth_scale, res_scale = float(adapters.get("orth_scale", 1.0)), float(adapters.get("res_scale", 1.0))
-    params = (x, weight, bias, a_kw["orth_a"], a_kw["orth_b"], a_kw["res_a"], a_kw["res_b"])
-    if not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
-        # Inference: no autograd node, and no T kept for a backward that will not come.
-        a, bt, lay = _stack(kernels, x, weight, *a_kw.values(), orth_scale, res_scale)
-        return kernels.forward(x, weight, bias, a, bt, a_kw["gate"], lay, store_t=False)[0]
-    return _DualLoRALinear.apply(kernels, x, weight, bias, *a_kw.values(), orth_scale, res_scale)
-
-
 def dual_lora_linear_triton(
     x: Tensor,
     weight: Tensor,
@@ -662,13 +483,12 @@ def dual_lora_linear_triton(
     orth_scale: float = 1.0,
     res_scale: float = 1.0,
 ) -> Tensor:
-    """The fused Triton implementation of :func:`.reference.dual_lora_linear_reference`.
+    """The fused Triton implementation of :func:`.reference.dual_lora_linear_reference`, through the
+    registered op (:mod:`.registered`). Same arguments and result (validated by
+    :func:`duallora_kernels.ops.dual_lora_linear`; ``gate`` is x.shape[:-1] + (G,), e.g. a broadcast
+    view, or None). float64 inputs run the torch launchers (see the module docstring)."""
+    from .registered import dual_lora_linear_op
 
-    Same arguments and result (validated by :func:`duallora_kernels.ops.dual_lora_linear`;
-    ``gate`` is x.shape[:-1] + (G,), e.g. a broadcast view, or None). float64 inputs run the
-    reference (see the module docstring).
-    """
-    return fused_dual_lora_linear(
-        TRITON, x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a,
-        frozen_b=frozen_b, gate=gate, basis=basis, orth_scale=orth_scale, res_scale=res_scale,
-    )
+    return dual_lora_linear_op(x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b,
+                               frozen_a=frozen_a, frozen_b=frozen_b, gate=gate, basis=basis, orth_scale=orth_scale,
+                               res_scale=res_scale, backend="triton")

@@ -1,0 +1,197 @@
+"""The fused DualLoRA op registered with ``torch.library``, so torch.compile, torch.export, FakeTensor
+/ meta tensors and ``torch.library.opcheck`` see it like any aten op.
+
+Two custom ops, one autograd formula:
+
+* ``duallora::fused_forward`` -> (Y, T, A): Y, plus what the backward needs and the op allocates --
+  ``T = X A^T`` (m x r, only when a B factor trains) and the assembled ``A`` (r x d, only when
+  anything trains); empty (0,) tensors otherwise, and always for the torch backend's unneeded ones.
+* ``duallora::fused_backward`` -> the seven gradients (x, weight, bias, orth_a, orth_b, res_a,
+  res_b), an empty (0,) tensor for each one not asked for.
+
+:func:`dual_lora_linear_op` calls the first and hides T and A; ``register_autograd`` connects the
+second. Both run one of the :class:`.launchers.Launchers` implementations: ``"triton"``
+(:data:`.fused_linear.TRITON`), ``"cuda"`` (:mod:`.cuda`) or ``"torch"`` (:data:`.launchers.TORCH`,
+also used for dtypes no kernel takes: float64). Arguments are validated by
+:func:`duallora_kernels.ops.dual_lora_linear`; these functions assume valid ones.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .launchers import TORCH, GradPlan, Launchers, Layout, grad_buffer_dtype, project, rebuild_bt, stack
+
+__all__ = ["dual_lora_linear_op", "KERNEL_DTYPES"]
+
+#: Dtypes the Triton and CUDA kernels take (float32 accumulation); others run :data:`.launchers.TORCH`.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GRAD_NAMES = ("x", "weight", "bias", "orth_a", "orth_b", "res_a", "res_b")
+
+
+def _launchers(backend: str, dtype: torch.dtype) -> Launchers:
+    if backend == "torch" or dtype not in KERNEL_DTYPES:
+        return TORCH
+    if backend == "triton":
+        from .fused_linear import TRITON
+
+        return TRITON
+    from .cuda import cuda_launchers
+
+    return cuda_launchers()
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _rank(t: Tensor | None) -> int:
+    return 0 if t is None else t.shape[0]
+
+
+@torch.library.custom_op("duallora::fused_forward", mutates_args=())
+def fused_forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], orth_a: Optional[Tensor], orth_b: Optional[Tensor],
+    res_a: Optional[Tensor], res_b: Optional[Tensor], frozen_a: Optional[Tensor], frozen_b: Optional[Tensor],
+    gate: Optional[Tensor], basis: Optional[Tensor], orth_scale: float, res_scale: float, backend: str,
+    store_t: bool, keep_a: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    kernels = _launchers(backend, x.dtype)
+    a, bt, lay = stack(kernels, x, weight, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
+                       orth_scale, res_scale)
+    y, t = kernels.forward(x, weight, bias, a, bt, gate, lay, store_t=store_t and a is not None)
+    if t is None:
+        t = _empty(x)
+    # A is kept rather than rebuilt in backward (two launches with a basis); B^T is rebuilt by the
+    # backward's first launch, which also clears the gradient sums (fused_linear, "What is saved").
+    return y, t, a if keep_a and a is not None else _empty(x)
+
+
+@fused_forward.register_fake
+def _(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale, res_scale,
+      backend, store_t, keep_a):
+    n, d = weight.shape
+    r = _rank(orth_a) + _rank(res_a) + _rank(frozen_a)
+    y = x.new_empty((*x.shape[:-1], n))
+    t = x.new_empty((x.numel() // d if d else 0, r)) if store_t and r else _empty(x)
+    a = x.new_empty((r, d)) if keep_a and r else _empty(x)
+    return y, t, a
+
+
+@torch.library.custom_op("duallora::fused_backward", mutates_args=())
+def fused_backward(
+    dy: Tensor, x: Optional[Tensor], weight: Tensor, t: Tensor, a: Tensor, gate: Optional[Tensor], basis: Optional[Tensor],
+    orth_a: Optional[Tensor], orth_b: Optional[Tensor], res_a: Optional[Tensor], res_b: Optional[Tensor],
+    frozen_a: Optional[Tensor], frozen_b: Optional[Tensor], bias: Optional[Tensor], orth_scale: float,
+    res_scale: float, backend: str, needs: list[bool],
+) -> list[Tensor]:
+    kernels = _launchers(backend, dy.dtype)
+    nx, nw, nbias, noa, nob, nra, nrb = needs
+    n, d = weight.shape
+    r_orth, r_train = _rank(orth_a), _rank(res_a)
+    lora = a.numel() > 0
+    lay = Layout(a if lora else None, r_orth, r_train, gate, orth_scale, res_scale)
+    r = lay.r
+    plan = GradPlan(
+        need_dx=nx,
+        da_orth_end=r_orth if lora and noa else 0, da_res_start=lay.r_res0 if lora and nra else r,
+        db_orth_end=r_orth if lora and nob else 0, db_res_start=lay.r_res0 if lora and nrb else r,
+        need_dbias=bias is not None and nbias, r=r,
+    )
+    m = dy.numel() // n if n else 0
+    # One buffer for every sum the backward accumulates (dA, dB^T, dbias), cleared by the launch
+    # that rebuilds B^T (or by one memset when there is no low-rank path).
+    sums = plan.need_da or plan.need_db or plan.need_dbias
+    grad = torch.empty(r * d + r * n + n if sums else 1, dtype=grad_buffer_dtype(dy.dtype), device=dy.device)
+    bt = None
+    if lora:
+        frozen_b = frozen_b if frozen_a is not None and frozen_a.shape[0] else None
+        bt = rebuild_bt(kernels, lay, orth_b, frozen_b, res_b, n=n, d=d, dtype=a.dtype, device=a.device,
+                        zero=grad if sums else None)
+    elif sums:
+        grad.zero_()
+    dx = None
+    if (plan.need_dx or plan.need_da or plan.need_db) and m:
+        dx = kernels.backward(dy, x, weight, a if lora else None, bt, gate, t, lay, plan, grad)
+    elif plan.need_dbias and m:
+        grad[r * d + r * n:] = dy.reshape(-1, n).sum(0, dtype=grad.dtype)
+    out = [_empty(dy) for _ in range(7)]
+    x_shape = (*dy.shape[:-1], d)
+    if nx:
+        out[0] = dy.new_zeros(x_shape) if dx is None else dx.view(x_shape)
+    if nw:
+        out[1] = (dy.reshape(-1, n).T @ x.reshape(-1, d)).to(weight.dtype)
+    want = (bool(plan.da_orth_end), plan.da_res_start < r, bool(plan.db_orth_end), plan.db_res_start < r,
+            plan.need_dbias)
+    if any(want):
+        dtypes = tuple(dy.dtype if p is None else p.dtype for p in (orth_a, res_a, orth_b, res_b, bias))
+        g_oa, g_ra, g_ob, g_rb, g_bias = project(kernels)(
+            grad[: r * d].view(r, d), grad[r * d: r * d + r * n].view(r, n), grad[r * d + r * n:], basis,
+            r_orth=lay.r_orth, r_res0=lay.r_res0, need=want, dtypes=dtypes,
+        )
+        for i, g in ((2, g_bias), (3, g_oa), (4, g_ob), (5, g_ra), (6, g_rb)):
+            if g is not None:
+                out[i] = g
+    return out
+
+
+@fused_backward.register_fake
+def _(dy, x, weight, t, a, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias, orth_scale,
+      res_scale, backend, needs):
+    x_like = dy.new_empty((*dy.shape[:-1], weight.shape[1]))
+    like = (x_like, weight, bias, orth_a, orth_b, res_a, res_b)
+    return [torch.empty_like(p) if need and p is not None else _empty(dy) for need, p in zip(needs, like)]
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale, res_scale,
+     backend, store_t, keep_a) = inputs
+    _, t, a = output
+    ctx.mark_non_differentiable(t, a)
+    ctx.set_materialize_grads(False)  # T and A get no gradient: no zero tensors made for them
+    ctx.statics = (orth_scale, res_scale, backend)
+    # x only when dA or dW0 will need it: with only the B factors training, the graph keeps T, not x.
+    need = ctx.needs_input_grad
+    keep_x = need[1] or ((need[3] or need[5]) and a.numel() > 0)
+    ctx.save_for_backward(x if keep_x else None, weight, t, a, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a,
+                          frozen_b, bias)
+
+
+def _backward(ctx, dy, _dt, _da):
+    x, weight, t, a, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:7])
+    if dy is None:  # Y took no part in the loss (grads are not materialised, see _setup_context)
+        return (None,) * 16
+    grads = torch.ops.duallora.fused_backward(
+        dy, x, weight, t, a, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias, *ctx.statics,
+        needs,
+    )
+    out = [g if need else None for g, need in zip(grads, needs)]
+    return (*out, None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("duallora::fused_forward", _backward, setup_context=_setup_context)
+
+
+def dual_lora_linear_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, *, orth_a: Tensor | None = None,
+    orth_b: Tensor | None = None, res_a: Tensor | None = None, res_b: Tensor | None = None,
+    frozen_a: Tensor | None = None, frozen_b: Tensor | None = None, gate: Tensor | None = None,
+    basis: Tensor | None = None, orth_scale: float = 1.0, res_scale: float = 1.0, backend: str = "torch",
+) -> Tensor:
+    """Y of the registered op on validated arguments (``gate`` broadcastable to x.shape[:-1] + (G,),
+    ``basis`` None or with k >= 1 columns). Keeps T and A for backward only when a gradient will be
+    asked for."""
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and p is not None and p.requires_grad for p in (x, weight, bias, orth_a, orth_b, res_a, res_b)]
+    if frozen_a is not None and frozen_a.shape[0] == 0:
+        frozen_a = frozen_b = None
+    if gate is not None:
+        gate = gate.expand(*x.shape[:-1], gate.shape[-1])
+    y, _, _ = torch.ops.duallora.fused_forward(
+        x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, float(orth_scale),
+        float(res_scale), backend, need[4] or need[6], any(need),
+    )
+    return y
