@@ -156,7 +156,8 @@ def render_variation(reference: dict[str, Any] | None, runs: list[tuple[Path, di
             ]
         elif any(d["config"].get("backend") == "triton" for _, _, d in group):
             lines += ["", "The Triton kernels run on a CPU only through Triton's interpreter, far too slow for the "
-                      "default run; the same comparison on a small run (a tiny randomly initialised ViT, 3 tasks):", ""]
+                      "default run; the same comparison on a small run (a small randomly initialised ViT, 3 tasks, 100 test "
+                      "images per class):", ""]
         else:
             lines += ["", "Other settings:", ""]
         lines += _run_table(group)
