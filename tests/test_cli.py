@@ -33,9 +33,9 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--checkpoint", "{ckpt}"], r"--checkpoint only apply with --model"),
+        (["--checkpoint", "{ckpt}"], r"--checkpoint only applies with --model"),
         (["--patch-size", "4", "--depth", "2"], r"--patch-size, --depth only apply with --model"),
-        (["--img-size", "28"], r"--img-size only apply with --model"),
+        (["--img-size", "28"], r"--img-size only applies with --model"),
         (["--full", "--train-per-class", "10"], r"--full uses every image, so --train-per-class would be ignored"),
         (["--method", "orth-only", "--rank-res", "3"], r"--rank-res is not used by --method orth-only \(orth-only has no residual"),
         (["--method", "seq-lora,joint", "--beta", "0.5"], r"--beta is not used by --method seq-lora,joint"),
@@ -69,7 +69,7 @@ def test_options_some_selected_method_uses_are_accepted():
 
 
 def test_train_config_refuses_model_options_without_a_model():
-    with pytest.raises(ValueError, match=r"checkpoint='w.pth' only apply with model="):
+    with pytest.raises(ValueError, match=r"checkpoint='w.pth' only applies with model="):
         TrainConfig(checkpoint="w.pth")
     with pytest.raises(ValueError, match=r"patch_size=4, img_size=32 only apply with model="):
         TrainConfig(patch_size=4, img_size=32)

@@ -139,7 +139,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
         unused = [_flag(n) for n in _MODEL_ONLY if n in given]
         if unused:
             raise ValueError(
-                f"{', '.join(unused)} only apply with --model: the default backbone (the shipped self-pretrained "
+                f"{', '.join(unused)} only {'applies' if len(unused) == 1 else 'apply'} with --model: the default backbone (the shipped self-pretrained "
                 "ViT) has its own weights and sizes. Add --model NAME (e.g. --model vit_small_patch16_224 "
                 "--checkpoint weights.safetensors --patch-size 4) or leave them out"
             )

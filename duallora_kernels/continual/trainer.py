@@ -136,7 +136,7 @@ class TrainConfig:
                       if getattr(self, n) is not None] + ([f"img_size={self.img_size}"] if self.img_size != 28 else [])
             if unused:
                 raise ValueError(
-                    f"{', '.join(unused)} only apply with model= (--model): the default backbone, the shipped "
+                    f"{', '.join(unused)} only {'applies' if len(unused) == 1 else 'apply'} with model= (--model): the default backbone, the shipped "
                     "self-pretrained ViT, has its own weights and sizes (28x28 input). Name a timm ViT with model= "
                     "or leave them out"
                 )
