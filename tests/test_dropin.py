@@ -160,3 +160,28 @@ def test_torch_compile_fullgraph_matches_eager(phase):
         for ge, gc in zip(grads_e, grads_c):
             torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_continual_vit_training_step_compiles_fullgraph(gen):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ContinualViT(create_vit(img_size=28, patch_size=7, depth=1, embed_dim=32, num_heads=2, in_chans=1),
+                         adapter=dict(rank_orth=4, rank_res=2, backend="torch"))
+    model.add_task_head(2)
+    x = torch.randn(8, 1, 28, 28, generator=gen)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    with collect_inputs(model) as stats, torch.no_grad():
+        model(x)
+    begin_task(model, stats)
+    model.train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    eager_loss = nn.functional.cross_entropy(model(x), y)
+    eager_loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    loss = nn.functional.cross_entropy(compiled(x), y)
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, eager[n], rtol=1e-4, atol=1e-6, msg=n)
