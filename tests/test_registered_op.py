@@ -54,3 +54,18 @@ def test_export_sees_one_registered_op(gen):
     targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
     assert "duallora.fused_forward.default" in targets, targets
     torch.testing.assert_close(exported.module()(x.detach()), Layer()(x.detach()))
+
+
+def test_every_entry_point_has_the_registered_argument_list():
+    # The op's argument list is the registered schema; the public op, the spec and the driver
+    # must name the same arguments in the same order (then their own extras).
+    import inspect
+
+    from duallora_kernels.ops.reference import dual_lora_linear_reference
+    from duallora_kernels.ops.registered import dual_lora_linear_op
+
+    schema = [a.name for a in torch.ops.duallora.fused_forward.default._schema.arguments]
+    spec = list(inspect.signature(dual_lora_linear_reference).parameters)
+    assert schema[: len(spec)] == spec and schema[len(spec):] == ["backend", "store_t", "keep_a"]
+    assert list(inspect.signature(dual_lora_linear).parameters) == spec + ["backend", "check_basis"]
+    assert list(inspect.signature(dual_lora_linear_op).parameters) == spec + ["backend"]

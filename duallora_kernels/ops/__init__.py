@@ -233,12 +233,10 @@ def dual_lora_linear(
 
 
 def _dual_lora_impl(backend: str) -> Callable[..., Tensor]:
+    # Every backend runs the one registered op (its argument list: ops/registered.py); the
+    # backend only picks the launchers inside it.
     from .registered import dual_lora_linear_op
 
-    if backend == "cuda":
-        from .cuda import dual_lora_linear_cuda
-
-        return dual_lora_linear_cuda
     return functools.partial(dual_lora_linear_op, backend=backend)
 
 

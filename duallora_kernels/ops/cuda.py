@@ -5,7 +5,7 @@ if it imports; otherwise csrc/ is compiled once with ``torch.utils.cpp_extension
 cached under ``TORCH_EXTENSIONS_DIR``; needs nvcc). Without a CUDA device every entry point
 raises a RuntimeError that says so.
 
-* :func:`dual_lora_linear_cuda`: the fused forward/backward of csrc/fused_linear.cu behind the
+* :func:`cuda_launchers`: the fused forward/backward of csrc/fused_linear.cu behind the
   same registered op and autograd formula as the Triton op (:mod:`.registered`), so
   the two share gradient bookkeeping and the memory projections. SIMT kernels (no tensor
   cores): the portable variant, not the fast one. Total adapter rank r <= 128.
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .reference import TINY_NORM, task_scores_reference
 
-__all__ = ["dual_lora_linear_cuda", "gram_cuda", "task_scores_cuda", "load_extension", "build_extension", "CSRC"]
+__all__ = ["cuda_launchers", "gram_cuda", "task_scores_cuda", "load_extension", "build_extension", "CSRC"]
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("bindings.cpp", "memory_ops.cu", "fused_linear.cu")
@@ -160,30 +160,3 @@ def cuda_launchers():
 
     load_extension()
     return Launchers(_cuda_forward, _cuda_backward)
-
-
-def dual_lora_linear_cuda(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    *,
-    orth_a: Tensor | None = None,
-    orth_b: Tensor | None = None,
-    res_a: Tensor | None = None,
-    res_b: Tensor | None = None,
-    frozen_a: Tensor | None = None,
-    frozen_b: Tensor | None = None,
-    gate: Tensor | None = None,
-    basis: Tensor | None = None,
-    orth_scale: float = 1.0,
-    res_scale: float = 1.0,
-) -> Tensor:
-    """The CUDA C++ implementation of :func:`.reference.dual_lora_linear_reference` (same
-    arguments, validated by :func:`duallora_kernels.ops.dual_lora_linear`), through the registered op."""
-    load_extension()
-    _require_cuda("x", x)
-    from .registered import dual_lora_linear_op
-
-    return dual_lora_linear_op(x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b,
-                               frozen_a=frozen_a, frozen_b=frozen_b, gate=gate, basis=basis, orth_scale=orth_scale,
-                               res_scale=res_scale, backend="cuda")

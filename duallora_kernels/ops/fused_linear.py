@@ -141,7 +141,7 @@ from ._kernel_utils import (autotune_limit, current_arch, dot_mode, interpreting
                             pow2_at_least, row_offsets, rows_view, size_bucket)
 from .launchers import GradPlan, Launchers, Layout
 
-__all__ = ["dual_lora_linear_triton", "TRITON", "TILES", "tiles_for"]
+__all__ = ["TRITON", "TILES", "tiles_for"]
 
 
 #: Tile shapes (BLOCK_M, tile, BLOCK_K, num_warps, num_stages) by pass, dtype class ("lowp":
@@ -465,30 +465,3 @@ def _triton_backward(dy, x, weight, a, bt, gate, t, lay: Layout, plan: GradPlan,
 
 
 TRITON = Launchers(_triton_forward, _triton_backward, adapter_prep.assemble, adapter_prep.project_grads)
-
-
-def dual_lora_linear_triton(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    *,
-    orth_a: Tensor | None = None,
-    orth_b: Tensor | None = None,
-    res_a: Tensor | None = None,
-    res_b: Tensor | None = None,
-    frozen_a: Tensor | None = None,
-    frozen_b: Tensor | None = None,
-    gate: Tensor | None = None,
-    basis: Tensor | None = None,
-    orth_scale: float = 1.0,
-    res_scale: float = 1.0,
-) -> Tensor:
-    """The fused Triton implementation of :func:`.reference.dual_lora_linear_reference`, through the
-    registered op (:mod:`.registered`). Same arguments and result (validated by
-    :func:`duallora_kernels.ops.dual_lora_linear`; ``gate`` is x.shape[:-1] + (G,), e.g. a broadcast
-    view, or None). float64 inputs run the torch launchers (see the module docstring)."""
-    from .registered import dual_lora_linear_op
-
-    return dual_lora_linear_op(x, weight, bias, orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b,
-                               frozen_a=frozen_a, frozen_b=frozen_b, gate=gate, basis=basis, orth_scale=orth_scale,
-                               res_scale=res_scale, backend="triton")
