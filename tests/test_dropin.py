@@ -100,18 +100,23 @@ def test_orthogonal_training_under_autocast_keeps_old_outputs(gen):
     assert rel_err(after, before) <= 1e-2  # bf16 rounding of the same product, nothing more
 
 
-def test_continual_vit_training_step_under_cpu_autocast_learns(gen):
+def _vit_in_first_task(gen, batch):
+    """A tiny ContinualViT with DualLoRA (torch backend) in its first task, and a 2-class batch."""
     torch.manual_seed(0)
     model = ContinualViT(create_vit(img_size=28, patch_size=7, depth=1, embed_dim=32, num_heads=2, in_chans=1),
                          adapter=dict(rank_orth=4, rank_res=2, backend="torch"))
     model.add_task_head(2)
-    x = torch.randn(16, 1, 28, 28, generator=gen)
+    x = torch.randn(batch, 1, 28, 28, generator=gen)
     y = (x.mean((1, 2, 3)) > 0).long()
-    with collect_inputs(model) as stats:
-        with torch.no_grad():
-            model(x)
+    with collect_inputs(model) as stats, torch.no_grad():
+        model(x)
     begin_task(model, stats)
     model.train()
+    return model, x, y
+
+
+def test_continual_vit_training_step_under_cpu_autocast_learns(gen):
+    model, x, y = _vit_in_first_task(gen, 16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(15):
@@ -164,16 +169,7 @@ def test_torch_compile_fullgraph_matches_eager(phase):
 
 def test_continual_vit_training_step_compiles_fullgraph(gen):
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = ContinualViT(create_vit(img_size=28, patch_size=7, depth=1, embed_dim=32, num_heads=2, in_chans=1),
-                         adapter=dict(rank_orth=4, rank_res=2, backend="torch"))
-    model.add_task_head(2)
-    x = torch.randn(8, 1, 28, 28, generator=gen)
-    y = (x.mean((1, 2, 3)) > 0).long()
-    with collect_inputs(model) as stats, torch.no_grad():
-        model(x)
-    begin_task(model, stats)
-    model.train()
+    model, x, y = _vit_in_first_task(gen, 8)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     eager_loss = nn.functional.cross_entropy(model(x), y)
     eager_loss.backward()
