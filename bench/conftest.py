@@ -19,7 +19,10 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from duallora_kernels import benchmark as B  # noqa: E402
+from duallora_kernels.harness.devices import device_info, resolve_device  # noqa: E402
+from duallora_kernels.harness.problems import LayerProblem, LayerShape, TOKENS, make_problem, parse_dtypes, parse_list, parse_ranks, parse_shapes  # noqa: E402
+from duallora_kernels.harness.timing import buffer_count  # noqa: E402
+from duallora_kernels.harness.variants import PASSES, VARIANTS  # noqa: E402
 
 CPU_DEFAULTS = {"shapes": "384x1152,768x768", "ranks": "16", "dtypes": "float32", "batch": 4}
 GPU_DEFAULTS = {"shapes": "all", "ranks": "4,16,64", "dtypes": "float32,bfloat16", "batch": 64}
@@ -32,7 +35,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--bench-ranks", default=None, help="total adapter ranks, comma-separated")
     g.addoption("--bench-dtypes", default=None, help="float32, bfloat16, float16, comma-separated")
     g.addoption("--bench-batch", type=int, default=None, help="images per batch (m = batch x 197)")
-    g.addoption("--bench-variants", default=",".join(B.VARIANTS), help=f"subset of {','.join(B.VARIANTS)}")
+    g.addoption("--bench-variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     g.addoption("--bench-threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
 
 
@@ -43,7 +46,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _device(config: pytest.Config) -> torch.device:
-    return B.resolve_device(config.getoption("--bench-device"))
+    return resolve_device(config.getoption("--bench-device"))
 
 
 def _option(config: pytest.Config, name: str) -> str | int:
@@ -55,7 +58,7 @@ def _option(config: pytest.Config, name: str) -> str | int:
 
 def pytest_report_header(config: pytest.Config) -> str:
     dev = _device(config)
-    name = B.device_info(dev)["name"]
+    name = device_info(dev)["name"]
     return (f"duallora bench: {name} ({dev}); shapes={_option(config, 'shapes')} ranks={_option(config, 'ranks')} "
             f"dtypes={_option(config, 'dtypes')} batch={_option(config, 'batch')}")
 
@@ -64,11 +67,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "case" not in metafunc.fixturenames:
         return
     cfg = metafunc.config
-    shapes = B.parse_shapes(_option(cfg, "shapes"))
-    ranks = B.parse_ranks(str(_option(cfg, "ranks")))
-    dtypes = B.parse_dtypes(_option(cfg, "dtypes"))
-    variants = B.parse_list(cfg.getoption("--bench-variants"))
-    passes = getattr(metafunc.function, "passes", B.PASSES)
+    shapes = parse_shapes(_option(cfg, "shapes"))
+    ranks = parse_ranks(str(_option(cfg, "ranks")))
+    dtypes = parse_dtypes(_option(cfg, "dtypes"))
+    variants = parse_list(cfg.getoption("--bench-variants"))
+    passes = getattr(metafunc.function, "passes", PASSES)
     cases, ids = [], []
     # grouped so that consecutive cases share one problem (built once, see `problem_for`)
     for dtype in dtypes:
@@ -95,15 +98,15 @@ def problem_for(pytestconfig: pytest.Config, bench_device: torch.device):
     batch = int(_option(pytestconfig, "batch"))
     held: dict = {}
 
-    def get(shape: B.LayerShape, rank: int, dtype: str) -> B.LayerProblem:
+    def get(shape: LayerShape, rank: int, dtype: str) -> LayerProblem:
         key = (shape, dtype)
         if held.get("key") != key:
             held.clear()
             if bench_device.type == "cuda":
                 torch.cuda.empty_cache()
             elsize = {"float32": 4, "float64": 8}.get(dtype, 2)
-            nbuf = B.buffer_count(batch * B.TOKENS * (shape.d + shape.n) * elsize, bench_device)
-            held.update(key=key, base=B.make_problem(shape, rank, dtype, bench_device, batch=batch, buffers=nbuf))
+            nbuf = buffer_count(batch * TOKENS * (shape.d + shape.n) * elsize, bench_device)
+            held.update(key=key, base=make_problem(shape, rank, dtype, bench_device, batch=batch, buffers=nbuf))
         base = held["base"]
         if base.rank != rank:
             if held.get("ranked") is None or held["ranked"].rank != rank:

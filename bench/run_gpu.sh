@@ -60,7 +60,7 @@ if [ -n "$COLLECT" ]; then
     for f in "${files[@]}"; do
         cp -v "$f" "$RESULTS_DIR/" || exit 1
     done
-    "$PY" bench/render_table.py --results "$RESULTS_DIR" --readme "$README_FILE" || exit 1
+    "$PY" -m duallora_kernels.readme --section perf-table --bench-results "$RESULTS_DIR" --readme "$README_FILE" || exit 1
     echo "then: git add ${files[*]/#$COLLECT/$RESULTS_DIR} $README_FILE"
     exit 0
 fi
@@ -84,7 +84,7 @@ export DUALLORA_TEST_SEED=${DUALLORA_TEST_SEED:-$(( (RANDOM << 16) | RANDOM ))}
 LAYERS=vit_b.proj,vit_b.qkv,vit_b.fc1,vit_b.fc2
 TEST_FILES="tests/test_fused_linear.py tests/test_gram.py tests/test_task_scores.py tests/test_stability.py"
 SETUP_PY='import platform, torch, triton
-from duallora_kernels.benchmark import device_slug
+from duallora_kernels.harness.devices import device_slug
 name = torch.cuda.get_device_name()
 print(f"device: {name} (capability {torch.cuda.get_device_capability()}), {torch.cuda.device_count()} GPU(s)")
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, python {platform.python_version()}")

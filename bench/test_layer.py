@@ -8,16 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from duallora_kernels import benchmark as B
+from duallora_kernels.harness.timing import byte_count, flop_count
+from duallora_kernels.harness.variants import make_step, variant_unavailable
 
 
 def test_layer(benchmark, case, problem_for, bench_device):
     shape, rank, dtype, variant, pass_ = case
-    reason = B.variant_unavailable(variant, bench_device, "time")
+    reason = variant_unavailable(variant, bench_device, "time")
     if reason:
         pytest.skip(reason)
     problem = problem_for(shape, rank, dtype)
-    step = B.make_step(variant, pass_, problem)
+    step = make_step(variant, pass_, problem)
     if bench_device.type == "cuda":
         def fn() -> None:
             step()
@@ -29,8 +30,8 @@ def test_layer(benchmark, case, problem_for, bench_device):
     benchmark.extra_info.update(
         device=str(bench_device), layer=shape.name, m=m, d=shape.d, n=shape.n, rank=rank, dtype=dtype,
         variant=variant, **{"pass": pass_},
-        flops=B.flop_count(m, shape.d, shape.n, rank, variant, pass_),
-        bytes=B.byte_count(m, shape.d, shape.n, rank, variant, pass_, problem.dtype.itemsize),
+        flops=flop_count(m, shape.d, shape.n, rank, variant, pass_),
+        bytes=byte_count(m, shape.d, shape.n, rank, variant, pass_, problem.dtype.itemsize),
     )
     fn()  # compile / autotune outside the measurement
     benchmark.pedantic(fn, rounds=10 if bench_device.type == "cuda" else 5, iterations=1, warmup_rounds=2)

@@ -1,9 +1,9 @@
-"""The benchmark / memory-profiling harness itself (duallora_kernels.benchmark, the bench and
-profile-memory commands, bench/render_table.py), on tiny shapes. No time is ever asserted."""
+"""The benchmark / memory-profiling harness itself (duallora_kernels.harness, the bench and
+profile-memory commands, the README's performance section), on tiny shapes. No time is ever asserted."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import datetime
 import json
 from pathlib import Path
 
@@ -12,7 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duallora_kernels import benchmark as B
+from duallora_kernels import readme as readme_cmd
+from duallora_kernels.harness import device_memory, device_ops, devices, tables
+from duallora_kernels.harness.device_memory import largest_batch, search_largest
+from duallora_kernels.harness.devices import device_peaks, device_slug
+from duallora_kernels.harness.memory_profile import add_ratios, needs_cuda_row, saved_row
+from duallora_kernels.harness.problems import QUICK, RANKS, LayerShape, make_problem, parse_dtypes, parse_shapes, split_rank
+from duallora_kernels.harness.results import READABLE_SCHEMAS, SCHEMA, default_out_path, run_metadata, validate_doc
+from duallora_kernels.harness.saved_bytes import SavedBytes, count_saved, layer_saved_bytes
+from duallora_kernels.harness.timing import byte_count, comparison_rows, flop_count
+from duallora_kernels.harness.variants import PASSES, VARIANTS, UnfusedDualLoRALinear, layer_forward
+from duallora_kernels.harness.vit_models import build_vit, build_vit_variant, prepare_dual_lora
 from duallora_kernels._readme import markers
 from duallora_kernels.commands import bench as bench_cmd
 from duallora_kernels.commands import profile_memory as mem_cmd
@@ -27,13 +37,6 @@ TINY_VIT = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--img-size
 # matmuls x A^T / T B^T: 2 mm; the 2 projections' mm chains: 2 mm each; 3 mul for the scales and
 # the gate, a neg for the projection's minus, 3 adds accumulating dX (3 terms) and dC_o (2 terms)).
 UNFUSED_STEP = 35
-
-
-def _render_module():
-    spec = importlib.util.spec_from_file_location("render_table", ROOT / "bench" / "render_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _parse(module, argv: list[str]) -> argparse.Namespace:
@@ -55,7 +58,7 @@ def test_saved_bytes_of_nn_linear_match_a_hand_count(lead, weight_grad, x_grad):
     lin = nn.Linear(d, n)
     lin.requires_grad_(weight_grad)
     x = torch.randn(*lead, m, d, requires_grad=x_grad)
-    got = B.count_saved(lambda: lin(x), exclude=lin.parameters())
+    got = count_saved(lambda: lin(x), exclude=lin.parameters())
     w_bytes, x_bytes = n * d * 4, x.numel() * 4
     # What autograd keeps: W (as W^T, a view of W's storage) only to compute dX; x (or its 2-D
     # view, x's storage) only to compute dW. The bias gradient needs nothing.
@@ -68,20 +71,20 @@ def test_saved_bytes_of_nn_linear_match_a_hand_count(lead, weight_grad, x_grad):
 
 def test_a_storage_saved_twice_or_through_views_counts_once_at_full_size():
     x = torch.randn(6, 4, requires_grad=True)
-    sq = B.count_saved(lambda: x * x)  # mul saves both operands: the same tensor
+    sq = count_saved(lambda: x * x)  # mul saves both operands: the same tensor
     assert sq.tensors == 2 and sq.storages == 1 and sq.saved_bytes == 6 * 4 * 4
     y = torch.randn(6, 4, requires_grad=True)
-    views = B.count_saved(lambda: y[:2] * y[2:4])  # two views of y: y's whole storage, once
+    views = count_saved(lambda: y[:2] * y[2:4])  # two views of y: y's whole storage, once
     assert views.storages == 1 and views.saved_bytes == 6 * 4 * 4
 
 
 def test_layer_saved_bytes_of_frozen_and_full_finetune_layers():
-    p = B.make_problem(B.LayerShape("custom", 12, 20), 4, "float32", "cpu", m=9, buffers=1)
-    frozen = B.layer_saved_bytes("frozen", p)
+    p = make_problem(LayerShape("custom", 12, 20), 4, "float32", "cpu", m=9, buffers=1)
+    frozen = layer_saved_bytes("frozen", p)
     assert (frozen.saved_bytes, frozen.activation_bytes) == (20 * 12 * 4, 0)
-    full = B.layer_saved_bytes("full_ft", p)
+    full = layer_saved_bytes("full_ft", p)
     assert (full.saved_bytes, full.activation_bytes) == (20 * 12 * 4 + 9 * 12 * 4, 9 * 12 * 4)
-    unfused = B.layer_saved_bytes("unfused", p)
+    unfused = layer_saved_bytes("unfused", p)
     assert unfused.activation_bytes >= full.activation_bytes  # it must keep x for dA too
 
 
@@ -90,19 +93,19 @@ def test_fused_op_saves_no_more_activation_bytes_than_the_unfused_composition():
     # the gate (m x 1, not a parameter here) and the assembled A (r x d), which spares the backward
     # two launches; B^T is rebuilt (fused_linear's "What is saved").
     m, d, n, r = 20, 48, 40, 8
-    p = B.make_problem(B.LayerShape("custom", d, n), r, "bfloat16", "cpu", m=m, buffers=1)
-    fused, unfused = B.layer_saved_bytes("fused", p), B.layer_saved_bytes("unfused", p)
+    p = make_problem(LayerShape("custom", d, n), r, "bfloat16", "cpu", m=m, buffers=1)
+    fused, unfused = layer_saved_bytes("fused", p), layer_saved_bytes("unfused", p)
     assert fused.activation_bytes <= unfused.activation_bytes
     assert fused.activation_bytes == (m * d + m * r + m * 1 + r * d) * 2
 
 
 # ----------------------------------------------------------------------------- the unfused baseline is honest
 def test_unfused_variant_equals_the_reference_op_forward_and_backward():
-    p = B.make_problem(B.LayerShape("custom", 12, 10), 6, torch.float64, "cpu", m=9, buffers=1, seed=3)
+    p = make_problem(LayerShape("custom", 12, 10), 6, torch.float64, "cpu", m=9, buffers=1, seed=3)
     x = p.xs[0]
     kw = dict(orth_a=p.orth_a, orth_b=p.orth_b, res_a=p.res_a, res_b=p.res_b, basis=p.basis, gate=p.gate,
               orth_scale=p.orth_scale, res_scale=p.res_scale)
-    f, trainable = B.layer_forward("unfused", p)
+    f, trainable = layer_forward("unfused", p)
     dy = p.dys[0]
     y_u = f(x)
     g_u = torch.autograd.grad(y_u, [x, *trainable], dy)
@@ -111,16 +114,16 @@ def test_unfused_variant_equals_the_reference_op_forward_and_backward():
     torch.testing.assert_close(y_u, y_r, rtol=1e-12, atol=1e-12)
     for a, b in zip(g_u, g_r):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    f0, _ = B.layer_forward("frozen", p)
+    f0, _ = layer_forward("frozen", p)
     torch.testing.assert_close(f0(x), F.linear(x, p.weight, p.bias))
 
 
 def test_unfused_vit_equals_the_dual_lora_vit():
     kw = dict(img_size=32, depth=1, embed_dim=32, num_heads=2)
-    fused = B.build_vit("vit_base_patch16_224", num_classes=5, dtype="float64", **kw)
-    B.prepare_dual_lora(fused, 6, backend="torch")
-    unfused = B.build_vit_variant("unfused", "vit_base_patch16_224", rank=6, dtype="float64", num_classes=5, **kw)
-    assert sum(isinstance(m, B.UnfusedDualLoRALinear) for m in unfused.modules()) == 4
+    fused = build_vit("vit_base_patch16_224", num_classes=5, dtype="float64", **kw)
+    prepare_dual_lora(fused, 6, backend="torch")
+    unfused = build_vit_variant("unfused", "vit_base_patch16_224", rank=6, dtype="float64", num_classes=5, **kw)
+    assert sum(isinstance(m, UnfusedDualLoRALinear) for m in unfused.modules()) == 4
     fused.train()
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     y_f, y_u = fused(images), unfused(images)
@@ -142,15 +145,15 @@ def test_bench_command_writes_a_valid_json(tmp_path, capsys, monkeypatch):
                               "--warmup-ms", "1", "--rep-ms", "2", "--no-progress", "--out", str(out)])
     assert bench_cmd.run(args) == 0
     doc = json.loads(out.read_text())
-    assert B.validate_doc(doc) == []
-    assert doc["schema"] == B.SCHEMA and doc["command"] == "bench" and doc["complete"] is True
+    assert validate_doc(doc) == []
+    assert doc["schema"] == SCHEMA and doc["command"] == "bench" and doc["complete"] is True
     assert doc["command_line"].startswith("duallora bench --shapes 16x24")
     assert doc["device"]["type"] == "cpu" and isinstance(doc["device"]["name"], str)
     assert isinstance(doc["versions"]["torch"], str)
     assert doc["git"]["commit"] is None or len(doc["git"]["commit"]) == 40
     timing = {(r["variant"], r["pass"]): r for r in doc["results"] if r["kind"] == "timing"}
-    assert set(timing) == {(v, p) for v in B.VARIANTS for p in B.PASSES}
-    for p in B.PASSES:
+    assert set(timing) == {(v, p) for v in VARIANTS for p in PASSES}
+    for p in PASSES:
         for v in ("frozen", "unfused"):
             r = timing[(v, p)]
             assert r["status"] == "ok" and r["median_ms"] > 0 and r["tflops"] > 0 and r["m"] == 197
@@ -159,7 +162,7 @@ def test_bench_command_writes_a_valid_json(tmp_path, capsys, monkeypatch):
         assert compiled["status"] == "skipped" and "CUDA device only" in compiled["reason"]
     # one op_count row per variant: the fused kernel counted through the interpreter (TRITON_INTERPRET=1 here)
     counts = {r["variant"]: r for r in doc["results"] if r["kind"] == "op_count"}
-    assert set(counts) == set(B.VARIANTS)
+    assert set(counts) == set(VARIANTS)
     assert counts["frozen"]["device_ops"] == FROZEN_STEP == 2 and counts["frozen"]["method"] == "opcount"
     assert counts["unfused"]["device_ops"] == UNFUSED_STEP
     assert counts["fused"]["status"] == "ok", counts["fused"]["reason"]
@@ -187,7 +190,7 @@ def test_profile_memory_command_writes_a_valid_json(tmp_path):
                             "--out", str(out), *TINY_VIT])
     assert mem_cmd.run(args) == 0
     doc = json.loads(out.read_text())
-    assert B.validate_doc(doc) == []
+    assert validate_doc(doc) == []
     saved = {(r["scope"], r["variant"]): r for r in doc["results"] if r["kind"] == "saved_bytes"}
     for scope in ("layer", "vit"):
         for v in ("frozen", "unfused", "fused", "full_ft"):  # fused runs here under TRITON_INTERPRET=1
@@ -201,16 +204,16 @@ def test_profile_memory_command_writes_a_valid_json(tmp_path):
 
 
 def test_validate_doc_names_missing_and_mistyped_keys():
-    doc = {"schema": B.SCHEMA, "results": [{"kind": "timing", "shape": 3}, {"kind": "nope"}]}
-    errors = B.validate_doc(doc)
+    doc = {"schema": SCHEMA, "results": [{"kind": "timing", "shape": 3}, {"kind": "nope"}]}
+    errors = validate_doc(doc)
     text = "\n".join(errors)
     assert "missing key 'device'" in text and "'shape' is int" in text and "results[1]" in text
-    assert B.validate_doc([]) != []
+    assert validate_doc([]) != []
 
 
 # ----------------------------------------------------------------------------- renderer
 def _sample_doc() -> dict:
-    doc = B.run_metadata("bench", ["--quick"], torch.device("cpu"), {})
+    doc = run_metadata("bench", ["--quick"], torch.device("cpu"), {})
     doc["complete"] = True
     doc["device"].update(type="cuda", name="NVIDIA H100 80GB HBM3", slug="h100-80gb-hbm3")
     doc["date"] = "2031-01-02T03:04:05+00:00"
@@ -228,21 +231,21 @@ def _sample_doc() -> dict:
                      "variant": variant, "status": "ok" if n else "skipped", "reason": None if n else "peft is not installed",
                      "device_ops": n, "method": "torch.profiler" if n else None, "budget": None, "kernels": None,
                      "torch_ops": None, "syncs": None})
-    return {**doc, "results": rows + B.comparison_rows(rows)}
+    return {**doc, "results": rows + comparison_rows(rows)}
 
 
 def test_renderer_fills_the_readme_between_the_markers(tmp_path):
-    rt = _render_module()
     results = tmp_path / "bench" / "results"
     results.mkdir(parents=True)
     doc = _sample_doc()
-    assert B.validate_doc(doc) == []
+    assert validate_doc(doc) == []
     (results / "h100-2031-01-02.json").write_text(json.dumps(doc))
     (results / "broken.json").write_text("{")  # reported and left out
     readme = tmp_path / "README.md"
     start, end = markers("perf-table")
     readme.write_text(f"# x\n\n{start}\nold\n{end}\n\ntail\n")
-    assert rt.main(["--results", str(results), "--readme", str(readme)]) == 0
+    perf = ["--section", "perf-table", "--bench-results", str(results), "--readme", str(readme)]
+    assert readme_cmd.main(perf) == 0
     text = readme.read_text()
     assert text.startswith("# x\n") and text.endswith("\ntail\n") and "old" not in text
     section = text[text.index(start):text.index(end)]
@@ -252,37 +255,35 @@ def test_renderer_fills_the_readme_between_the_markers(tmp_path):
                           "1.000", "1.080", "2.500", "1.500", "-"]
     assert cells[10:13] == ["1.08x ✓", "2.31x ✓", "1.39x ✓"] and "h100-2031-01-02.json" in cells[-1]
     assert "fused/frozen (goal ≤ 1.08)" in section and "compiled/fused (goal ≥ 1.3)" in section
-    # device operations: one column per variant in B.VARIANTS' order, then the method
+    # device operations: one column per variant in VARIANTS' order, then the method
     cells = [c.strip() for c in ops.strip("|").split("|")]
     assert cells[4:] == ["16", "7 ✓", "35", "2 ✓", "-", "9", "torch.profiler", "[h100-2031-01-02.json](bench/results/h100-2031-01-02.json)"]
     assert "fused (budget ≤ 8)" in section
-    assert rt.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    assert readme_cmd.main([*perf, "--check"]) == 0
     readme.write_text(text.replace("1.080", "9.999"))
-    assert rt.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+    assert readme_cmd.main([*perf, "--check"]) == 1
 
 
 def test_ops_table_marks_the_budgets():
-    rt = _render_module()
     doc = _sample_doc()
     for r in doc["results"]:
         if r["kind"] == "op_count" and r["variant"] in ("fused", "frozen"):
             r["device_ops"] = {"fused": 9, "frozen": 3}[r["variant"]]
-    row = next(line for line in rt.ops_table([(ROOT / "x.json", doc)], ROOT).splitlines() if "vit_b.fc1" in line)
+    row = next(line for line in tables.ops_table([(ROOT / "x.json", doc)], ROOT).splitlines() if "vit_b.fc1" in line)
     assert [c.strip() for c in row.strip("|").split("|")][5:8] == ["9 ✗", "35", "3 ✗"]
 
 
 def test_committed_results_of_schema_1_are_still_read_and_rendered():
-    rt = _render_module()
     # compile-*.json are the ahead-of-time compile tables, checked by tests/test_aot_compile.py
     files = sorted(f for f in (ROOT / "bench" / "results").glob("*.json") if not f.name.startswith("compile-"))
     docs = [json.loads(f.read_text()) for f in files]
-    assert "duallora-bench/1" in B.READABLE_SCHEMAS and B.SCHEMA == "duallora-bench/2"
-    assert [B.validate_doc(d) for d in docs] == [[] for _ in docs]
+    assert "duallora-bench/1" in READABLE_SCHEMAS and SCHEMA == "duallora-bench/2"
+    assert [validate_doc(d) for d in docs] == [[] for _ in docs]
     old = [f for f, d in zip(files, docs) if d["schema"] == "duallora-bench/1" and d["command"] == "bench"]
     assert old, "a committed /1 bench file"
-    section = rt.render(old)
+    section = tables.render_performance(old, ROOT)
     assert "**One DualLoRA layer" in section and "Device operations" not in section  # /1 has no op counts
-    assert B.validate_doc({"schema": "duallora-bench/0"} | {k: v for k, v in docs[0].items() if k != "schema"}) != []
+    assert validate_doc({"schema": "duallora-bench/0"} | {k: v for k, v in docs[0].items() if k != "schema"}) != []
 
 
 def test_renderer_needs_the_markers():
@@ -301,7 +302,7 @@ def test_search_largest_finds_the_boundary():
             calls.append(b)
             return b <= limit
 
-        assert B.search_largest(fits, start=16, cap=4096) == limit
+        assert search_largest(fits, start=16, cap=4096) == limit
         assert len(calls) <= 2 * 13  # doubling + bisection, never a linear scan
 
 
@@ -320,73 +321,69 @@ def test_largest_batch_catches_oom_and_resets_the_memory_fraction(monkeypatch):
         if batch == 0:
             raise RuntimeError("a real bug")
 
-    monkeypatch.setattr(B, "training_step", fake_step)
-    got = B.largest_batch(nn.Linear(2, 2), 8 * 2**30, 10, torch.device("cuda", 0))
+    monkeypatch.setattr(device_memory, "training_step", fake_step)
+    got = largest_batch(nn.Linear(2, 2), 8 * 2**30, 10, torch.device("cuda", 0))
     assert got["max_batch"] == 100 and got["trials"]["101"] is False and got["trials"]["100"] is True
     assert fractions == [0.125, 1.0]
-    monkeypatch.setattr(B, "search_largest", lambda fits, start, cap: fits(0))
+    monkeypatch.setattr(device_memory, "search_largest", lambda fits, start, cap: fits(0))
     with pytest.raises(RuntimeError, match="a real bug"):  # not an OOM: raised, and the fraction still reset
-        B.largest_batch(nn.Linear(2, 2), 8 * 2**30, 10, torch.device("cuda", 0))
+        largest_batch(nn.Linear(2, 2), 8 * 2**30, 10, torch.device("cuda", 0))
     assert fractions[-1] == 1.0
 
 
 def test_counts_parsers_and_devices():
-    assert B.flop_count(10, 3, 5, 4, "frozen", "fwd") == 2 * 10 * 3 * 5
-    assert B.flop_count(10, 3, 5, 4, "frozen", "fwd+bwd") == 4 * 10 * 3 * 5
-    assert B.flop_count(10, 3, 5, 4, "fused", "fwd+bwd") == 4 * 10 * 3 * 5 + 6 * 10 * 4 * (3 + 5)
-    assert B.byte_count(10, 3, 5, 4, "frozen", "fwd", 2) == 2 * (30 + 15 + 50 + 5)
-    assert B.parse_shapes("vit_b.fc1, 768x3072") == [B.LayerShape("vit_b.fc1", 768, 3072)]
-    assert B.parse_shapes("12->7")[0] == B.LayerShape("custom", 12, 7)
-    assert len(B.parse_shapes("all")) == 6
+    assert flop_count(10, 3, 5, 4, "frozen", "fwd") == 2 * 10 * 3 * 5
+    assert flop_count(10, 3, 5, 4, "frozen", "fwd+bwd") == 4 * 10 * 3 * 5
+    assert flop_count(10, 3, 5, 4, "fused", "fwd+bwd") == 4 * 10 * 3 * 5 + 6 * 10 * 4 * (3 + 5)
+    assert byte_count(10, 3, 5, 4, "frozen", "fwd", 2) == 2 * (30 + 15 + 50 + 5)
+    assert parse_shapes("vit_b.fc1, 768x3072") == [LayerShape("vit_b.fc1", 768, 3072)]
+    assert parse_shapes("12->7")[0] == LayerShape("custom", 12, 7)
+    assert len(parse_shapes("all")) == 6
     with pytest.raises(ValueError, match="neither"):
-        B.parse_shapes("vit_q.fc9")
-    assert B.parse_dtypes("bf16,fp32") == ["bfloat16", "float32"]
-    assert B.split_rank(5) == (3, 2)
-    assert B.device_peaks("NVIDIA H200").bandwidth == 4.8e12
-    assert B.device_peaks("NVIDIA H100 80GB HBM3").flops["bfloat16"] == 989e12
-    assert B.device_peaks("NVIDIA H100 PCIe").bandwidth == 2.0e12
-    assert B.device_peaks("NVIDIA GeForce RTX 4090") is None
-    assert B.device_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
-    out = B.default_out_path(torch.device("cpu"), "-memory")
+        parse_shapes("vit_q.fc9")
+    assert parse_dtypes("bf16,fp32") == ["bfloat16", "float32"]
+    assert split_rank(5) == (3, 2)
+    assert device_peaks("NVIDIA H200").bandwidth == 4.8e12
+    assert device_peaks("NVIDIA H100 80GB HBM3").flops["bfloat16"] == 989e12
+    assert device_peaks("NVIDIA H100 PCIe").bandwidth == 2.0e12
+    assert device_peaks("NVIDIA GeForce RTX 4090") is None
+    assert device_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    out = default_out_path(torch.device("cpu"), "-memory")
     assert out.parent == Path("runs", "bench") and out.name.startswith("cpu-") and out.name.endswith("-memory.json")
 
 
 def test_quick_flag_selects_the_small_matrix():
     s = bench_cmd.settings_from(_parse(bench_cmd, ["--quick"]))
-    assert [x.key for x in s["shapes"]] == list(B.QUICK["shapes"]) and s["batch"] == B.QUICK["batch"]
+    assert [x.key for x in s["shapes"]] == list(QUICK["shapes"]) and s["batch"] == QUICK["batch"]
     s = bench_cmd.settings_from(_parse(bench_cmd, []))
-    assert len(s["shapes"]) == 6 and s["ranks"] == list(B.RANKS) and s["batch"] == 64
+    assert len(s["shapes"]) == 6 and s["ranks"] == list(RANKS) and s["batch"] == 64
     assert bench_cmd.run(_parse(bench_cmd, ["--variants", "fast"])) == 2
 
 
 # ----------------------------------------------------------------------------- device-operation counts
 def test_op_counts_of_the_frozen_and_unfused_steps_match_a_hand_count():
-    from duallora_kernels import bench_ops
-
-    p = B.make_problem(B.LayerShape("custom", 24, 16), 4, "float32", "cpu", m=10, buffers=1)
+    p = make_problem(LayerShape("custom", 24, 16), 4, "float32", "cpu", m=10, buffers=1)
     cpu = torch.device("cpu")
-    frozen = bench_ops.count_variant("frozen", p, cpu)
+    frozen = device_ops.count_variant("frozen", p, cpu)
     assert (frozen["status"], frozen["method"], frozen["device_ops"]) == ("ok", "opcount", FROZEN_STEP)
     assert frozen["torch_ops"] == {"addmm": 1, "mm": 1} and frozen["rank"] is None and frozen["budget"] == 2
-    unfused = bench_ops.count_variant("unfused", p, cpu)
+    unfused = device_ops.count_variant("unfused", p, cpu)
     assert unfused["device_ops"] == UNFUSED_STEP
     assert unfused["torch_ops"] == {"mm": 21, "addmm": 1, "sub": 1, "mul": 6, "add": 5, "neg": 1}
     assert unfused["syncs"] == [] and unfused["rank"] == 4 and unfused["budget"] is None
-    compiled = bench_ops.count_variant("unfused_compiled", p, cpu)
+    compiled = device_ops.count_variant("unfused_compiled", p, cpu)
     assert compiled["status"] == "skipped" and "CUDA" in compiled["reason"] and compiled["device_ops"] is None
-    assert B.validate_doc({**_sample_doc(), "results": [frozen, unfused, compiled]}) == []
+    assert validate_doc({**_sample_doc(), "results": [frozen, unfused, compiled]}) == []
 
 
 def test_op_count_errors_become_error_rows(monkeypatch):
-    from duallora_kernels import bench_ops
-
-    p = B.make_problem(B.LayerShape("custom", 8, 8), 2, "float32", "cpu", m=3, buffers=1)
+    p = make_problem(LayerShape("custom", 8, 8), 2, "float32", "cpu", m=3, buffers=1)
 
     def broken(variant, pass_, problem):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(B, "make_step", broken)
-    row = bench_ops.count_variant("unfused", p, torch.device("cpu"))
+    monkeypatch.setattr(device_ops, "make_step", broken)
+    row = device_ops.count_variant("unfused", p, torch.device("cpu"))
     assert row["status"] == "error" and row["reason"] == "RuntimeError: boom" and row["device_ops"] is None
 
 
@@ -395,18 +392,16 @@ def test_profiler_count_keeps_kernels_memcpy_and_memset_only():
 
     from torch.autograd import DeviceType
 
-    from duallora_kernels.bench_ops import device_activities
-
     def ev(name, device=DeviceType.CUDA, kind="kernel"):
         return SimpleNamespace(name=name, device_type=device, activity_type=kind)
 
     events = [ev("aten::mm", DeviceType.CPU, "cpu_op"), ev("cudaLaunchKernel", DeviceType.CPU, "cuda_runtime"),
               ev("_fwd_kernel"), ev("sm90_xmma_gemm"), ev("sm90_xmma_gemm"), ev("Memset (Device)", kind="gpu_memset"),
               ev("Memcpy DtoD (Device -> Device)", kind="gpu_memcpy"), ev("my range", kind="gpu_user_annotation")]
-    got = device_activities(events)
+    got = device_ops.device_activities(events)
     assert got == {"_fwd_kernel": 1, "sm90_xmma_gemm": 2, "Memset (Device)": 1, "Memcpy DtoD (Device -> Device)": 1}
     old = [SimpleNamespace(name="k", device_type=DeviceType.CUDA), SimpleNamespace(name="ProfilerStep#3", device_type=DeviceType.CUDA)]
-    assert device_activities(old) == {"k": 1}  # torch without activity types: annotations left out by name
+    assert device_ops.device_activities(old) == {"k": 1}  # torch without activity types: annotations left out by name
 
 
 # ----------------------------------------------------------------------------- where results go, threads, --quick
@@ -426,7 +421,7 @@ def test_commands_write_to_runs_bench_by_default_never_to_bench_results(tmp_path
                                             "--warmup-ms", "1", "--rep-ms", "1"])) == 0
     assert mem_cmd.run(_parse(mem_cmd, [*tiny, "--rank", "4", "--scope", "layer", "--variants", "frozen"])) == 0
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
-    today = B._dt.date.today().isoformat()
+    today = datetime.date.today().isoformat()
     assert written == [f"runs/bench/cpu-{today}-memory.json", f"runs/bench/cpu-{today}.json"]
     assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before
     # an explicit --out goes where it says
@@ -443,7 +438,6 @@ def test_threads_are_capped_at_the_usable_cores_and_printed(monkeypatch, capsys,
             "--passes", "fwd", "--warmup-ms", "1", "--rep-ms", "1", "--no-progress", "--no-count"]
     torch.set_num_threads(2)
     monkeypatch.setattr(cli, "usable_cores", lambda: 1)
-    monkeypatch.setattr(bench_cmd, "usable_cores", lambda: 1)
     assert bench_cmd.run(_parse(bench_cmd, [*tiny, "--out", str(tmp_path / "a.json")])) == 0
     assert capsys.readouterr().out.startswith("threads: 1 (torch's choice, at most the usable cores; 1 core(s)")
     assert torch.get_num_threads() == 1
@@ -457,9 +451,7 @@ def test_threads_are_capped_at_the_usable_cores_and_printed(monkeypatch, capsys,
 
 @pytest.mark.parametrize("supported", [True, False])
 def test_quick_leaves_bfloat16_out_on_a_cpu_without_bf16_matmul(monkeypatch, supported):
-    from duallora_kernels import bench_ops
-
-    monkeypatch.setattr(bench_ops, "cpu_bf16_matmul", lambda: (supported, "the CPU has no bfloat16 matmul instructions"))
+    monkeypatch.setattr(devices, "cpu_bf16_matmul", lambda: (supported, "the CPU has no bfloat16 matmul instructions"))
     s = bench_cmd.settings_from(_parse(bench_cmd, ["--quick", "--device", "cpu"]))
     if supported:
         assert s["dtypes"] == ["float32", "bfloat16"] and s["notes"] == []
@@ -471,16 +463,14 @@ def test_quick_leaves_bfloat16_out_on_a_cpu_without_bf16_matmul(monkeypatch, sup
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch):
-    from duallora_kernels.bench_ops import cpu_bf16_matmul
-
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert cpu_bf16_matmul() == (True, "the CPU has avx512_bf16")
+    assert devices.cpu_bf16_matmul() == (True, "the CPU has avx512_bf16")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert cpu_bf16_matmul() == (True, "the CPU has AMX")
+    assert devices.cpu_bf16_matmul() == (True, "the CPU has AMX")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
-    ok, why = cpu_bf16_matmul()
+    ok, why = devices.cpu_bf16_matmul()
     assert ok is False and "no bfloat16 matmul" in why
 
 
@@ -491,12 +481,12 @@ def test_profile_memory_tables_are_narrow_and_reasons_are_notes():
     rows = []
     for scope, model, shape in (("layer", "vit_b.fc1", "768x3072"), ("vit", label, None)):
         for v, act in (("frozen", 0), ("unfused", 3 * 2**20), ("full_ft", 2 * 2**20)):
-            rows.append(mem_cmd._saved_row(scope, model, shape, v, "bfloat16", 64, 12608, 16,
-                                           B.SavedBytes(act + 2**20, act, 2, 2)))
-        rows.append(mem_cmd._saved_row(scope, model, shape, "fused", "bfloat16", 64, 12608, 16,
+            rows.append(saved_row(scope, model, shape, v, "bfloat16", 64, 12608, 16,
+                                           SavedBytes(act + 2**20, act, 2, 2)))
+        rows.append(saved_row(scope, model, shape, "fused", "bfloat16", 64, 12608, 16,
                                        status="skipped", reason=long_reason))
-    mem_cmd._add_ratios(rows)
-    rows.append(mem_cmd._needs_cuda_row("step_memory", {"model_label": label, "rank": 16, "step_batch": 64}, "fused", "bfloat16"))
+    add_ratios(rows)
+    rows.append(needs_cuda_row("step_memory", {"model_label": label, "rank": 16, "step_batch": 64}, "fused", "bfloat16"))
     import io
 
     buf = io.StringIO()

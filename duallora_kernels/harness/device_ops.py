@@ -1,18 +1,7 @@
-"""Two pieces of ``duallora bench`` kept beside :mod:`duallora_kernels.benchmark`: the
-``torch.compile``'d unfused variant, and the device-operation count of one forward+backward.
-
-**unfused_compiled** is what a careful user writes instead of using the fused op:
-:func:`~duallora_kernels.benchmark.unfused_dual_lora_linear` under ``torch.compile`` (default
-mode, ``dynamic=False``, ``fullgraph=True``, so a graph break is an error row rather than a
-silent eager fallback). It runs on a CUDA device only: on the CPU, Inductor's C++ code takes
-minutes per shape and is not what the goals compare against, so the CPU gets a ``skipped`` row.
-Each new problem (shape, rank, dtype) starts from ``torch._dynamo.reset()``: dynamo keeps at most
-8 compiled versions per function and silently runs eager code past that, which a matrix of 60
-cases would hit.
-
-**Device operations** of one forward+backward (``kind="op_count"`` rows; the budget of the fused
-step is :data:`duallora_kernels.opcount.STEP_BUDGET`, the frozen layer's
-:data:`~duallora_kernels.opcount.FROZEN_STEP`), after one warm-up step, counted two ways:
+"""Device operations of one forward+backward of a variant (``kind="op_count"`` rows of
+``duallora bench``; the budget of the fused step is :data:`duallora_kernels.opcount.STEP_BUDGET`,
+the frozen layer's :data:`~duallora_kernels.opcount.FROZEN_STEP`), after one warm-up step,
+counted two ways:
 
 * ``"opcount"`` (CPU): :func:`duallora_kernels.opcount.count_device_ops`, a TorchDispatchMode
   that sees every aten op doing device work (views and bare allocations aside) plus every Triton
@@ -23,18 +12,19 @@ step is :data:`duallora_kernels.opcount.STEP_BUDGET`, the frozen layer's
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["COMPILED", "METHODS", "OpCount", "compiled_unavailable", "compiled_forward", "count_step",
-           "op_count_row", "count_variant",
-           "cpu_bf16_matmul", "device_activities"]
+from .problems import LayerProblem
+from .results import error_text
+from .variants import make_step, variant_unavailable
 
-#: The torch.compile'd unfused variant's name in ``--variants`` and the JSON.
-COMPILED = "unfused_compiled"
+__all__ = ["METHODS", "OpCount", "count_step", "device_activities", "op_count_row", "count_variant"]
+
 #: How a count was made (the rows' ``method``), and what that means.
 METHODS: dict[str, str] = {
     "opcount": "duallora_kernels.opcount.count_device_ops: aten ops doing device work (views and allocations "
@@ -44,39 +34,6 @@ METHODS: dict[str, str] = {
 _DEVICE_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-# ----------------------------------------------------------------------------- torch.compile'd unfused
-def compiled_unavailable(device: torch.device) -> str | None:
-    """Why the compiled variant cannot run on ``device`` (None when it can)."""
-    if device.type != "cuda":
-        return ("torch.compile'd unfused variant runs on a CUDA device only (Inductor's CPU code takes minutes "
-                "per shape and is not what the goals compare against)")
-    if not hasattr(torch, "compile"):
-        return f"torch {torch.__version__} has no torch.compile"
-    return None
-
-
-def compiled_forward(problem: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``f(x)``: the unfused composition of ``problem`` under ``torch.compile`` (compiled on the
-    first call, once per problem; see the module doc)."""
-    f = problem._cache.get(COMPILED)
-    if f is None:
-        from .benchmark import unfused_dual_lora_linear
-
-        import torch._dynamo
-
-        torch._dynamo.reset()
-        fn = torch.compile(unfused_dual_lora_linear, dynamic=False, fullgraph=True)
-        p = problem
-
-        def f(x: torch.Tensor) -> torch.Tensor:
-            return fn(x, p.weight, p.bias, p.orth_a, p.orth_b, p.res_a, p.res_b, p.basis_x, p.gate,
-                      p.orth_scale, p.res_scale)
-
-        problem._cache[COMPILED] = f
-    return f
-
-
-# ----------------------------------------------------------------------------- device-operation counts
 @dataclass
 class OpCount:
     """The device operations of one step: ``total`` = sum of ``kernels`` and ``torch_ops``."""
@@ -92,7 +49,7 @@ class OpCount:
 
 
 def _count_opcount(step: Callable[[], None]) -> OpCount:
-    from .opcount import count_device_ops
+    from ..opcount import count_device_ops
 
     with count_device_ops() as ops:
         step()
@@ -118,8 +75,6 @@ def device_activities(events: Any) -> Counter:
 
 
 def _count_profiler(step: Callable[[], None], device: torch.device) -> OpCount:
-    import os
-
     from torch.profiler import ProfilerActivity, profile
 
     # CUPTI detached when the session ends, so that it slows no later timing (kineto's default
@@ -143,10 +98,10 @@ def count_step(step: Callable[[], None], device: torch.device, *, warmup: int = 
     return _count_opcount(step)
 
 
-def op_count_row(problem: Any, variant: str, count: OpCount | None, *, status: str = "ok",
+def op_count_row(problem: LayerProblem, variant: str, count: OpCount | None, *, status: str = "ok",
                  reason: str | None = None) -> dict[str, Any]:
     """One ``kind="op_count"`` result row (a forward+backward of ``variant`` on ``problem``)."""
-    from .opcount import FROZEN_STEP, STEP_BUDGET
+    from ..opcount import FROZEN_STEP, STEP_BUDGET
 
     shape = problem.shape
     row: dict[str, Any] = {
@@ -163,12 +118,10 @@ def op_count_row(problem: Any, variant: str, count: OpCount | None, *, status: s
     return row
 
 
-def count_variant(variant: str, problem: Any, device: torch.device) -> dict[str, Any]:
+def count_variant(variant: str, problem: LayerProblem, device: torch.device) -> dict[str, Any]:
     """The ``op_count`` row of one variant on ``problem``: counted where it can run (the fused
     kernel on the CPU only under TRITON_INTERPRET=1), else skipped with the reason; an exception
     becomes an ``error`` row."""
-    from .benchmark import error_text, make_step, variant_unavailable
-
     reason = variant_unavailable(variant, device, "count")
     if reason:
         return op_count_row(problem, variant, None, status="skipped", reason=reason)
@@ -176,33 +129,3 @@ def count_variant(variant: str, problem: Any, device: torch.device) -> dict[str,
         return op_count_row(problem, variant, count_step(make_step(variant, "fwd+bwd", problem), device))
     except Exception as exc:  # recorded, and the matrix goes on
         return op_count_row(problem, variant, None, status="error", reason=error_text(exc))
-
-
-# ----------------------------------------------------------------------------- CPU bfloat16
-def cpu_bf16_matmul() -> tuple[bool, str]:
-    """Whether this CPU multiplies bfloat16 matrices in hardware, and how that was decided.
-
-    Without it, bfloat16 matmuls run through a float32 emulation 100-400x slower than float32,
-    which is why ``--quick`` leaves bfloat16 out there. Decided without timing anything: on x86
-    the CPU flags torch (and oneDNN) read, ``avx512_bf16`` or AMX tiles
-    (``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``); on ARM the ``bf16``
-    feature in /proc/cpuinfo; anything else counts as no support.
-    """
-    import platform
-
-    cpu = getattr(torch, "cpu", None)
-    for flag, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported")):
-        fn = getattr(cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True, f"the CPU has {flag}"
-        except Exception:  # a probe that fails says nothing either way
-            pass
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        try:
-            with open("/proc/cpuinfo") as f:
-                if any(line.startswith("Features") and "bf16" in line.split(":", 1)[-1].split() for line in f):
-                    return True, "the CPU has the ARM bf16 feature"
-        except OSError:
-            pass
-    return False, "the CPU has no bfloat16 matmul instructions (no avx512_bf16, AMX or ARM bf16)"

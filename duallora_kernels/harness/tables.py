@@ -1,46 +1,47 @@
-"""Render bench/results/*.json into README.md's performance section (between the
-``<!-- perf-table:start -->`` and ``<!-- perf-table:end -->`` markers). Nothing in the
-section is typed by hand: every row names the results file (and so the device and date) it
-comes from.
-
-    python bench/render_table.py            # rewrite the README section
-    python bench/render_table.py --check    # exit 1 when the README is out of date
-    python bench/render_table.py --print    # print the section instead
-"""
+"""Tables: aligned plain text for the commands, GitHub markdown for the README's performance
+section (:func:`render_performance`, rendered by ``python -m duallora_kernels.readme``)."""
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    from duallora_kernels import benchmark as B
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-    from duallora_kernels import benchmark as B
-from duallora_kernels._readme import update
+from ..opcount import FROZEN_STEP, STEP_BUDGET
+from .problems import GOALS
+from .results import load_docs
+from .variants import VARIANTS
+from .vit_models import VIT_VARIANTS
 
+__all__ = ["fmt_ratio", "format_bytes", "format_table", "HEADLINE_RANK", "speed_table", "ops_table", "saved_table",
+           "step_tables", "render_performance"]
+
+
+def fmt_ratio(v: float | None) -> str | None:
+    return None if v is None else f"{v:.2f}x"
+
+
+def format_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False) -> str:
+    """A table of strings: aligned plain text, or GitHub markdown."""
+    cells = [[("-" if c is None else str(c)) for c in r] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in cells]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)])
+
+
+# ----------------------------------------------------------------------------- README: performance
 HEADLINE_RANK = 16
-
-
-def load(paths: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
-    """The valid results documents among ``paths`` (invalid ones are reported on stderr and left out)."""
-    docs = []
-    for path in sorted(paths):
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            print(f"render_table: skipping {path}: {exc}", file=sys.stderr)
-            continue
-        errors = B.validate_doc(doc)
-        if errors:
-            print(f"render_table: skipping {path}: {errors[0]} (+{len(errors) - 1} more)", file=sys.stderr)
-            continue
-        docs.append((Path(path), doc))
-    return docs
 
 
 def _source(path: Path, root: Path) -> str:
@@ -102,20 +103,18 @@ def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int =
     return ("**One DualLoRA layer, forward+backward** (median ms; rank "
             f"{rank} or the file's largest; every rank is in the JSON; compiled = the unfused composition under "
             "torch.compile, GPU only; '-' = not run on that device, see the file's reasons)\n\n"
-            + B.format_table(headers, rows, markdown=True))
+            + format_table(headers, rows, markdown=True))
 
 
 def _goal(name: str) -> str:
-    op, bound, _ = B.GOALS[name]
+    op, bound, _ = GOALS[name]
     return f"{'≤' if op == '<=' else '≥'} {bound:g}"
 
 
 def ops_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int = HEADLINE_RANK) -> str | None:
     """Device operations of one forward+backward per variant (``op_count`` rows; files of schema
     /1 have none)."""
-    from duallora_kernels.opcount import FROZEN_STEP, STEP_BUDGET
-
-    variants = [v for v in B.VARIANTS]
+    variants = list(VARIANTS)
     rows = []
     for path, doc in docs:
         counts = [r for r in doc["results"] if r["kind"] == "op_count"]
@@ -147,11 +146,11 @@ def ops_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int = H
             "included, views and allocations aside; `opcount` = a TorchDispatchMode plus the Triton launch hook, on "
             "the CPU; `torch.profiler` = the CUDA kernel/memcpy/memset activities of one step after a warm-up, on a GPU, "
             "where autograd's backward threads are out of a dispatch mode's reach)\n\n"
-            + B.format_table(headers, rows, markdown=True))
+            + format_table(headers, rows, markdown=True))
 
 
 def saved_table(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> str | None:
-    variants = B.VIT_VARIANTS
+    variants = VIT_VARIANTS
     rows = []
     for path, doc in docs:
         saved = [r for r in doc["results"] if r["kind"] == "saved_bytes"]
@@ -162,7 +161,7 @@ def saved_table(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> str | No
         for (scope, model, shape, dtype, batch, rk), by_v in groups.items():
             def act(v: str) -> str:
                 r = by_v.get(v)
-                return "-" if r is None or r["status"] != "ok" else B.format_bytes(r["activation_bytes"])
+                return "-" if r is None or r["status"] != "ok" else format_bytes(r["activation_bytes"])
 
             def over(v: str, ref: str) -> str:
                 r = by_v.get(v)
@@ -178,7 +177,7 @@ def saved_table(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> str | No
     return ("**Bytes saved for backward** (activations: unique storages autograd saves, parameters and buffers "
             "left out; a frozen layer saves only its weight, so its activations are 0 B; full_ft = every weight trains, what "
             "any trainable layer must keep; goal: within 1.05x of frozen)\n\n"
-            + B.format_table(headers, rows, markdown=True))
+            + format_table(headers, rows, markdown=True))
 
 
 def step_tables(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> list[str]:
@@ -188,7 +187,7 @@ def step_tables(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> list[str
         steps = [r for r in doc["results"] if r["kind"] == "step_memory" and r["status"] == "ok"]
         for r in steps:
             step_rows.append([_with_note(doc), r["model"], r["dtype"], r["batch"], r["rank"], r["variant"],
-                              B.format_bytes(r["peak_bytes"]), f"{r['step_ms']:.1f}", _source(path, root)])
+                              format_bytes(r["peak_bytes"]), f"{r['step_ms']:.1f}", _source(path, root)])
         mb = [r for r in doc["results"] if r["kind"] == "max_batch" and r["status"] == "ok"]
         variants = list(dict.fromkeys(r["variant"] for r in mb))
         got = {(r["dtype"], r["budget_gib"], r["variant"]): r["max_batch"] for r in mb}
@@ -196,20 +195,20 @@ def step_tables(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> list[str
             mb_rows.append([_with_note(doc), mb[0]["model"], dtype, f"{g:g} GiB",
                             ", ".join(f"{v}: {got.get((dtype, g, v), '-')}" for v in variants), _source(path, root)])
     if step_rows:
-        out.append("**ViT training step** (peak allocator memory and median time)\n\n" + B.format_table(
+        out.append("**ViT training step** (peak allocator memory and median time)\n\n" + format_table(
             ["device, date", "model", "dtype", "batch", "r", "variant", "peak memory", "step ms", "source"],
             step_rows, markdown=True))
     if mb_rows:
         out.append("**Largest training batch under a memory budget** (torch.cuda.set_per_process_memory_fraction; "
-                   "the CUDA context comes on top)\n\n" + B.format_table(
+                   "the CUDA context comes on top)\n\n" + format_table(
                        ["device, date", "model", "dtype", "budget", "largest batch", "source"], mb_rows, markdown=True))
     return out
 
 
-def render(paths: Sequence[Path], root: Path = ROOT, rank: int = HEADLINE_RANK) -> str:
+def render_performance(paths: Sequence[Path], root: Path, rank: int = HEADLINE_RANK) -> str:
     """The README section (without the markers) for the results files ``paths``."""
-    docs = load(paths)
-    parts = ["<!-- generated by bench/render_table.py from bench/results/*.json: do not edit by hand -->",
+    docs = load_docs(paths)
+    parts = ["<!-- generated by python -m duallora_kernels.readme from bench/results/*.json: do not edit by hand -->",
              "## Performance", ""]
     if not docs:
         parts.append("No results in bench/results/ yet: see bench/README.md for the commands.")
@@ -219,24 +218,3 @@ def render(paths: Sequence[Path], root: Path = ROOT, rank: int = HEADLINE_RANK) 
             parts += [t, ""]
     parts.append("How each number is measured, and the commands that produce them: [bench/README.md](bench/README.md).")
     return "\n".join(parts)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="folder of *.json results")
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    ap.add_argument("--rank", type=int, default=HEADLINE_RANK, help="rank shown in the speed table")
-    ap.add_argument("--check", action="store_true", help="exit 1 if the README section is out of date")
-    ap.add_argument("--print", action="store_true", help="print the section, leave the README alone")
-    args = ap.parse_args(argv)
-    # compile-*.json are the ahead-of-time compile tables (bench/render_compile_table.py renders them)
-    files = sorted(p for p in args.results.glob("*.json") if not p.name.startswith("compile-"))
-    block = render(files, root=args.readme.resolve().parent, rank=args.rank)
-    if args.print:
-        print(block)
-        return 0
-    return update(args.readme, block, "perf-table", check=args.check, script="bench/render_table.py")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
