@@ -70,7 +70,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {
 def build_parser() -> argparse.ArgumentParser:
     from .harness.tables import HEADLINE_RANK
 
-    ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="exit 1 if a section is out of date; write nothing")
     ap.add_argument("--print", action="store_true", help="print the sections instead of writing the README")
