@@ -28,6 +28,7 @@ __all__ = [
     "GramAccumulator",
     "InputStats",
     "check_finite_stats",
+    "all_reduce_stats",
     "threshold_schedule",
     "threshold_for_task",
     "principal_directions",
@@ -66,6 +67,35 @@ class InputStats:
 
     def __repr__(self) -> str:
         return f"InputStats(dim={self.dim}, tokens={self.token_count}, samples={self.summary_count})"
+
+
+def all_reduce_stats(stats: "dict[str, InputStats]") -> None:
+    """Sum the statistics of every process (``torch.distributed`` all-reduce, in place), so that each rank
+    holds the statistics of the whole data and builds identical bases; nothing happens without a process
+    group of more than one rank. One collective for every layer, in the order of the sorted names (the
+    same on every rank); counts travel as float64 (exact below 2**53)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not stats:
+        return
+    names = sorted(stats)
+    device = stats[names[0]].tokens.device
+    parts = [t.reshape(-1) for n in names for t in (stats[n].tokens, stats[n].summary)]
+    counts = torch.tensor([c for n in names for c in (stats[n].token_count, stats[n].summary_count)],
+                          dtype=torch.float64, device=device)
+    flat = torch.cat([*(p.to(device) for p in parts), counts])
+    dist.all_reduce(flat)
+    at = 0
+    for n in names:
+        s = stats[n]
+        for attr in ("tokens", "summary"):
+            size = s.dim * s.dim
+            setattr(s, attr, flat[at:at + size].view(s.dim, s.dim).to(getattr(s, attr).device).clone())
+            at += size
+    for n in names:
+        s = stats[n]
+        s.token_count, s.summary_count = int(flat[at].item()), int(flat[at + 1].item())
+        at += 2
 
 
 def check_finite_stats(stats: InputStats, *, layer: str, task: int | None = None, when: str = "") -> None:

@@ -146,3 +146,49 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
     assert f"resumed after task {done - 1}" in resumed.stdout
     results = json.loads((tmp_path / "duallora-seed0" / "results.json").read_text())
     assert [len(row) for row in results["accuracy_matrix"]] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------ issue 9: --amp and --compile
+def test_amp_defaults_to_bf16_on_cuda_and_off_on_the_cpu(monkeypatch):
+    parser = _subparsers()["train"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_command.configs_from_args(parser.parse_args([]))[0].amp == "off"
+    assert train_command.configs_from_args(parser.parse_args(["--amp", "bf16"]))[0].amp == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_command.configs_from_args(parser.parse_args([]))[0].amp == "bf16"
+    args = parser.parse_args(["--compile"])
+    assert train_command.configs_from_args(args)[0].compile == "auto"
+    assert parser.parse_args([]).compile == "off"
+
+
+def _refused(tmp_path, capsys, monkeypatch, argv) -> str:
+    from duallora_kernels.continual import trainer
+
+    monkeypatch.setattr(trainer.Trainer, "run", lambda *a, **k: pytest.fail("a run started"))
+    out = tmp_path / "out"
+    assert cli.main(["train", *argv, f"--out-dir={out}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("duallora train: error:"), err
+    assert not out.exists()
+    return err
+
+
+def test_amp_fp16_on_a_cpu_without_float16_matmul_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    err = _refused(tmp_path, capsys, monkeypatch, ["--amp", "fp16"])
+    assert "no native float16 matrix multiply" in err and "--amp bf16" in err
+
+
+def test_compile_where_the_compiler_fails_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from torch import _dynamo
+
+    @_dynamo.register_backend(name="duallora_test_broken")
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _refused(tmp_path, capsys, monkeypatch, ["--compile", "duallora_test_broken"])
+    assert "torch.compile with backend 'duallora_test_broken' does not work here" in err and "aot_eager" in err
+    err = _refused(tmp_path, capsys, monkeypatch, ["--compile", "no_such_backend"])
+    assert "has no backend 'no_such_backend'" in err

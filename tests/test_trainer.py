@@ -209,3 +209,31 @@ def test_results_record_backbone_hash_hardware_and_a_legend_with_each_tasks_clas
     assert legends[0][:2] == [f"task 0: {c0} {names[c0]}, {c1} {names[c1]}", f"task 1: {c2} {names[c2]}, {c3} {names[c3]}"]
     assert metrics.task_labels(2, [[4, 6], [2, 7]]) == ["task 0: classes 4, 6", "task 1: classes 2, 7"]
     assert metrics.task_labels(2) == ["task 0", "task 1"]
+
+
+def test_amp_and_compile_train_in_bf16_through_one_compiled_graph(tmp_path):
+    # --amp bf16 --compile aot_eager (the CPU backend the tests use; --compile alone is inductor, which
+    # needs the C++ compiler): the adapted layers compute in bfloat16 during training, parameters stay
+    # float32, the step compiles with fullgraph=True (a graph break would raise), and the run finishes.
+    from duallora_kernels.nn import dual_lora_layers
+
+    seen = set()
+
+    class Watching(Trainer):
+        def _training_step(self, model, t, offset, ex):
+            for layer in dual_lora_layers(model).values():
+                layer.register_forward_hook(lambda m, i, o: seen.add(o.dtype) if m.training else None)
+            return super()._training_step(model, t, offset, ex)
+
+    small = {**TINY, "num_tasks": 2}
+    eager = Trainer(TrainConfig(**small, out_dir=str(tmp_path / "e")), progress=False, log=lambda m: None).run()
+    compiled = Trainer(TrainConfig(**small, compile="aot_eager", out_dir=str(tmp_path / "c")),
+                       progress=False, log=lambda m: None).run()
+    assert compiled["accuracy_matrix"] == eager["accuracy_matrix"]
+    assert compiled["basis_sizes"] == eager["basis_sizes"]
+    w = Watching(TrainConfig(**small, amp="bf16", compile="aot_eager", out_dir=str(tmp_path / "b")),
+                 progress=False, log=lambda m: None)
+    results = w.run()
+    assert seen == {torch.bfloat16}
+    assert all(0 <= v <= 1 for row in results["accuracy_matrix"] for v in row)
+    assert results["config"]["amp"] == "bf16" and results["config"]["compile"] == "aot_eager"

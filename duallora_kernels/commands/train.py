@@ -11,7 +11,7 @@ import sys
 import typing
 
 from ..cli import INTERRUPTED, HelpFormatter, add_threads_option, apply_threads
-from ..continual.trainer import GATE_SOURCES, METHODS, TrainConfig
+from ..continual.trainer import AMP_MODES, GATE_SOURCES, METHODS, TrainConfig
 
 DESCRIPTION = (
     "Run the class-incremental benchmark: by default DualLoRA on Split Fashion-MNIST (5 tasks x 2 classes, "
@@ -20,7 +20,7 @@ DESCRIPTION = (
     "task (Ctrl-C prints the exact command). Writes OUT_DIR/<method>-seed<seed>/results.json and results.png. "
     "Options a run would not use (e.g. --checkpoint without --model) are refused."
 )
-_SKIP = {"method", "targets", "train_per_class", "test_per_class"}
+_SKIP = {"method", "targets", "train_per_class", "test_per_class", "amp", "compile"}
 _CHOICES = {"gate_mode": ("soft", "hard"), "gate_source": GATE_SOURCES, "summary": ("cls", "mean"),
             "backend": ("auto", "triton", "torch", "cuda")}
 _HELP = {
@@ -115,6 +115,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="linear layers to adapt, by name, comma-separated")
     p.add_argument("--resume", action="store_true", help="continue from the run's last finished task")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--amp", choices=AMP_MODES, default=None,
+                   help="mixed precision of the training step (torch.autocast; parameters, gradients and the "
+                        "memory statistics stay float32/float64). Default: bf16 on a CUDA GPU, off on the CPU. "
+                        "fp16 on a CPU needs native float16 matrix products (AVX512-FP16 or AMX-FP16, as oneDNN "
+                        "reports them)")
+    p.add_argument("--compile", nargs="?", const="auto", default="off", metavar="BACKEND",
+                   help="torch.compile the training step (fullgraph); BACKEND: inductor (what --compile alone "
+                        "uses; on the CPU it needs a C++ compiler), aot_eager (no code generation), or another "
+                        "torch.compile backend. Default: off")
     add_threads_option(p)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -159,33 +168,72 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     common["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     common["train_per_class"] = None if args.full else args.train_per_class
     common["test_per_class"] = None if args.full else args.test_per_class
+    common["amp"] = args.amp or default_amp()
+    common["compile"] = args.compile
     return [TrainConfig(method=m, **common) for m in methods]
+
+
+def default_amp() -> str:
+    """--amp's default: bf16 where training runs on a CUDA GPU, off on the CPU."""
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "off"
 
 
 def resume_command(argv: typing.Sequence[str]) -> str:
     """The command line that continues an interrupted ``duallora train`` with these arguments."""
+    import os
+
     rest = list(argv)
     if "--resume" not in rest:
         rest.append("--resume")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the same launch (one node's share of it)
+        launch = ["torchrun", f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])}"]
+        return shlex.join([*launch, "-m", "duallora_kernels", "train", *rest])
     return shlex.join(["duallora", "train", *rest])
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..continual.trainer import Trainer
+    from ..continual import distributed
+
+    started = distributed.init_from_env()  # under torchrun (WORLD_SIZE > 1): join the process group
+    try:
+        return _run(args)
+    except ValueError as err:
+        if distributed.world_size() == 1:
+            raise  # cli.main prints it
+        # Under torchrun every rank finds the same bad input (the checks are deterministic): rank 0 says it, once,
+        # and no rank exits before it has (torchrun stops the others when the first one exits).
+        if distributed.rank() == 0:
+            print(f"duallora train: error: {err}", file=sys.stderr, flush=True)
+        distributed.barrier()
+        return 2
+    finally:
+        if started:
+            distributed.destroy()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..continual import distributed
+    from ..continual.trainer import Trainer, check_execution
 
     configs = configs_from_args(args)  # every method's settings are checked before any runs
     threads = apply_threads(args.threads)
+    for config in configs:  # --amp, --compile: refused on this machine before any run writes anything
+        check_execution(config)
     from ..cli import usable_cores
 
-    print(f"duallora train: {threads} CPU thread(s) ({usable_cores()} core(s) usable by this process; "
-          "--threads N to change)", flush=True)
+    if distributed.rank() == 0:
+        print(f"duallora train: {threads} CPU thread(s) ({usable_cores()} core(s) usable by this process; "
+              "--threads N to change)", flush=True)
     for config in configs:
         trainer = Trainer(config, progress=not args.no_progress)
         try:
             trainer.run(resume=args.resume)
         except KeyboardInterrupt:
-            print(f"duallora train: {trainer.where_stopped()}; continue with: "
-                  f"{resume_command(getattr(args, '_argv', sys.argv[1:]))}", file=sys.stderr, flush=True)
+            if distributed.rank() == 0:
+                print(f"duallora train: {trainer.where_stopped()}; continue with: "
+                      f"{resume_command(getattr(args, '_argv', sys.argv[1:]))}", file=sys.stderr, flush=True)
             return INTERRUPTED
     return 0
 

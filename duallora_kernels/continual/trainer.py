@@ -17,7 +17,10 @@ sits beside the new run's checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import gc
 import json
 import os
 import platform
@@ -34,19 +37,22 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._io import atomic_write, atomic_write_json
-from ..memory import check_finite_stats
+from ..memory import all_reduce_stats, check_finite_stats
 from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task, residual_off, set_gate
-from . import metrics
+from . import distributed, metrics
 from .calibration import calibrate_logits, clear_gates, first_pass_gate, model_task_gate
 from .data import Task, fashion_mnist_tasks, make_loader
 from .pretrain import hardware, sha256_of
 
-__all__ = ["METHODS", "TrainConfig", "Trainer", "method_settings"]
+__all__ = ["METHODS", "AMP_MODES", "TrainConfig", "Trainer", "method_settings", "check_execution"]
 
 METHODS = ("duallora", "orth-only", "res-only", "no-calibration", "seq-lora", "joint")
 # "layer": each adapted layer gates its residual blocks from its own input (one pass);
 # "global": a first pass (residual blocks off) gives the model's task gate, used by every layer.
 GATE_SOURCES = ("layer", "global")
+# Mixed precision of the training step (torch.autocast): the adapters' fused op computes in the autocast dtype,
+# parameters, gradients and the memory statistics stay float32/float64.
+AMP_MODES = ("bf16", "fp16", "off")
 CHECKPOINT_FORMAT = 1
 
 
@@ -100,6 +106,10 @@ class TrainConfig:
     summary: str = "mean"
     beta: float = 1.0
     backend: str = "auto"
+    # execution: autocast dtype of the training step; torch.compile backend of the training step ("off",
+    # "auto" = inductor, or any torch._dynamo backend name such as "aot_eager")
+    amp: str = "off"
+    compile: str = "off"
     # optimisation
     epochs: int = 3
     batch_size: int = 64
@@ -127,6 +137,10 @@ class TrainConfig:
         for name in ("lr", "head_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if not isinstance(self.compile, str) or not self.compile:
+            raise ValueError(f"compile must be 'off', 'auto' or a torch.compile backend name, got {self.compile!r}")
         if self.gate_source not in GATE_SOURCES:
             raise ValueError(f"gate_source must be one of {', '.join(GATE_SOURCES)}, got {self.gate_source!r}")
         if self.beta < 0 or self.weight_decay < 0:
@@ -176,7 +190,7 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resumption without changing its results.
-_RESUME_FREE = ("out_dir", "run_name", "data_root", "backend")
+_RESUME_FREE = ("out_dir", "run_name", "data_root", "backend", "compile")
 # What a run writes into its folder; a run that starts from task 0 moves an earlier run's into previous/.
 _RUN_OUTPUTS = ("results.json", "results.png", "checkpoint.json", "task-*.safetensors")
 
@@ -206,6 +220,7 @@ class Trainer:
         self.tasks_checkpointed = 0
         self.total_tasks: int | None = None
         self._load_at_start: float | None = None
+        self.execution: Execution | None = None
 
     # ------------------------------------------------------------------ set-up (no file written)
     def _tasks(self) -> list[Task]:
@@ -245,16 +260,33 @@ class Trainer:
     def run(self, resume: bool = False) -> dict[str, Any]:
         c = self.config
         self._load_at_start = _load_average()
+        ex = self.execution = check_execution(c)  # device, --amp, --compile: refused here, before any file
         torch.manual_seed(c.seed)
+        if ex.rank != 0:  # one process speaks and writes: rank 0
+            self.log, self.progress = (lambda msg: None), False
         tasks = self._tasks()  # data problems surface here, before anything is written
+        distributed.check_world_size(ex.world, [
+            (f"task {t}'s {what}", len(data), b) for t, task in enumerate(tasks)
+            for what, data, b in (("training data", task.train, c.batch_size),
+                                  ("training data (passes without gradients)", task.train, 2 * c.batch_size),
+                                  ("test data", task.test, 2 * c.batch_size))])
         model = self.build_model()
         history, start = _History(), 0
         if resume:
             start = self._restore(model, history, tasks)
+        model.to(ex.device)
         self.total_tasks, self.tasks_checkpointed = len(tasks), start
         run_dir = c.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._set_aside_earlier_outputs(start, len(tasks))
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 moves files
+        if ex.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._set_aside_earlier_outputs(start, len(tasks))
+        distributed.barrier()
+        if ex.world > 1:
+            self.log(f"[{c.name}] {ex.world} processes ({torch.distributed.get_backend()}), each global batch of "
+                     f"{c.batch_size} shared between them")
+        if ex.amp_dtype is not None or ex.compile_backend is not None:
+            self.log(f"[{c.name}] training step: autocast {c.amp}, torch.compile backend {ex.compile_backend or 'off'}")
         self.log(f"[{c.name}] backbone: {self.backbone_label}")
         self.log(f"[{c.name}] class order: {[list(t.classes) for t in tasks]} (seed {c.seed})")
         for t in range(start, len(tasks)):
@@ -271,10 +303,13 @@ class Trainer:
             self._checkpoint(model, history, t)
         self.current_task = None
         results = self._results(tasks, history)
-        atomic_write_json(run_dir / "results.json", results)
-        metrics.plot_results(history.accuracy, run_dir / "results.png", _plot_title(c, results), history.task_id,
-                             task_classes=results["class_order"] if c.method != "joint" else None,
-                             class_names=_class_names(c))
+        distributed.barrier()
+        if ex.rank == 0:
+            atomic_write_json(run_dir / "results.json", results)
+            metrics.plot_results(history.accuracy, run_dir / "results.png", _plot_title(c, results), history.task_id,
+                                 task_classes=results["class_order"] if c.method != "joint" else None,
+                                 class_names=_class_names(c))
+        distributed.barrier()
         s = results["summary"]
         self.log(f"[{c.name}] A_last {100 * s['A_last']:.2f}  A_avg {100 * s['A_avg']:.2f}  "
                  f"forgetting {100 * s['forgetting']:.2f}"
@@ -316,13 +351,29 @@ class Trainer:
     def _seed(self, task: int) -> int:
         return self.config.seed * 1000 + task
 
+    def _loader(self, dataset, batch_size: int, *, shuffle: bool, seed: int = 0):
+        """A one-process loader, or under torchrun this rank's part of the same global batches
+        (:mod:`.distributed`)."""
+        if distributed.world_size() > 1:
+            return distributed.sharded_loader(dataset, batch_size, shuffle=shuffle, seed=seed)
+        return make_loader(dataset, batch_size, shuffle=shuffle, seed=seed)
+
+    def _collect(self, model: nn.Module, task: Task, desc: str, *, residual: bool = True) -> dict:
+        """One pass over the task's training data; every adapted layer's input statistics, summed over ranks."""
+        with torch.no_grad(), (contextlib.nullcontext() if residual else residual_off(model)), \
+                collect_inputs(model) as stats:
+            self._pass(model, task, desc)
+        all_reduce_stats(stats)
+        return stats
+
     def _train_task(self, model: nn.Module, tasks: Sequence[Task], t: int) -> None:
         c, task = self.config, tasks[t]
+        ex = self.execution or check_execution(c)
         torch.manual_seed(self._seed(t))
         model.add_task_head(task.num_classes)
+        model.heads[t].to(ex.device)
         model.eval()
-        with torch.no_grad(), collect_inputs(model) as stats:
-            self._pass(model, task, f"task {t}: collect inputs")
+        stats = self._collect(model, task, f"task {t}: collect inputs")
         for name, layer_stats in stats.items():  # NaN in the data: say so, not "linalg.eigh ... ill-conditioned"
             check_finite_stats(layer_stats, layer=name, task=t, when="start of task, before training")
         begin_task(model, stats, generator=torch.Generator().manual_seed(self._seed(t)))
@@ -333,42 +384,99 @@ class Trainer:
             groups.append({"params": adapters, "lr": c.lr})
         opt = torch.optim.AdamW(groups, weight_decay=c.weight_decay)
         model.train()
-        offset = task.label_offset
+        step = self._training_step(model, t, task.label_offset, ex)
+        scaler = torch.amp.GradScaler(ex.device.type, enabled=ex.amp_dtype == torch.float16)
         for epoch in range(c.epochs):
-            loader = make_loader(task.train, c.batch_size, shuffle=True, seed=self._seed(t) * 100 + epoch)
+            loader = self._loader(task.train, c.batch_size, shuffle=True, seed=self._seed(t) * 100 + epoch)
             bar = tqdm(loader, desc=f"task {t}: epoch {epoch + 1}/{c.epochs}", disable=not self.progress, leave=False)
+            sizes = _global_batch_sizes(len(task.train), c.batch_size)
             for x, y in bar:
-                logits = model.logits_per_task(x)[t]
-                loss = F.cross_entropy(logits, y - offset)
+                # under torchrun: world / global batch size, the weight of this rank's summed loss
+                weight = torch.tensor(ex.world / next(sizes), device=ex.device)
+                loss = step(x.to(ex.device), y.to(ex.device), weight)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+        if ex.world > 1:  # this task's DDP wrapper (and its gradient hooks on the adapters) goes now, not at some
+            del step      # later garbage collection: the next task's wrapper must be the only one
+            gc.collect()
         model.eval()
-        with torch.no_grad(), collect_inputs(model) as stats:
-            self._pass(model, task, f"task {t}: collect bases")
+        stats = self._collect(model, task, f"task {t}: collect bases")
         task_stats = None
         if c.gate_source == "global" and _has_residual_blocks(model):
             # The global gate is computed with the residual blocks off: U_t must see the same features.
-            with torch.no_grad(), residual_off(model), collect_inputs(model) as task_stats:
-                self._pass(model, task, f"task {t}: collect task bases")
+            task_stats = self._collect(model, task, f"task {t}: collect task bases", residual=False)
         end_task(model, stats, task_stats)
 
+    def _training_step(self, model: nn.Module, t: int, offset: int, ex: Execution) -> Callable:
+        """``step(x, y) -> loss`` of task t: under autocast when --amp is on, compiled when --compile is, and
+        under torchrun through a DistributedDataParallel wrapper made for this task.
+
+        The wrapper is made after ``begin_task``, so it registers only what this task trains (its head, the
+        orthogonal adapters, the residual blocks where they exist): frozen residual blocks and the adapters
+        that are off on the first task are not parameters that require gradients, so DDP's unused-parameter
+        check has nothing to find (no ``find_unused_parameters``). Buffers (bases, frozen blocks) are not
+        broadcast: every rank builds them from the same all-reduced statistics."""
+        world, dtype = ex.world, ex.amp_dtype
+        if world > 1:
+            import inspect
+
+            from torch.nn.parallel import DistributedDataParallel
+
+            # no buffer sync in forward (newer torch names it forward_sync_buffers, older broadcast_buffers)
+            no_sync = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
+            net = DistributedDataParallel(model, device_ids=[ex.device.index] if ex.device.type == "cuda" else None,
+                                          **no_sync)
+            cols = model.task_label_ranges[t]
+
+            def logits_of(x: torch.Tensor) -> torch.Tensor:
+                return net(x)[:, cols.start:cols.stop]  # through DDP's forward: its gradient hooks need it
+        else:
+            def logits_of(x: torch.Tensor) -> torch.Tensor:
+                return model.logits_per_task(x)[t]
+
+        def step(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(ex.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                logits = logits_of(x)
+            if dtype is not None:
+                logits = logits.float()
+            if world == 1:
+                return F.cross_entropy(logits, y - offset)
+            # DDP averages the ranks' gradients: the sum over this rank's part times world / global batch size
+            # makes that average the gradient of the global batch's mean loss, whatever the parts' sizes.
+            return F.cross_entropy(logits, y - offset, reduction="sum") * weight
+
+        if ex.compile_backend is None:
+            return step
+        from torch import _dynamo
+
+        _dynamo.reset()  # the previous task's graphs guard on state that has changed (heads, gates)
+        # fullgraph in one process (no graph break anywhere); DDP's graph splitting at its buckets needs breaks
+        return torch.compile(step, backend=ex.compile_backend, fullgraph=world == 1)
+
     def _pass(self, model: nn.Module, task: Task, desc: str) -> None:
-        loader = make_loader(task.train, self.config.batch_size * 2, shuffle=False)
+        device = self.execution.device if self.execution else torch.device("cpu")
+        loader = self._loader(task.train, self.config.batch_size * 2, shuffle=False)
         for x, _ in tqdm(loader, desc=desc, disable=not self.progress, leave=False):
-            model.features(x)
+            model.features(x.to(device))
 
     @torch.no_grad()
     def _evaluate(self, model: nn.Module, seen: Sequence[Task]) -> tuple[list[float], float | None]:
         c = self.config
         model.eval()
         ranges = model.task_label_ranges
-        accs, tid_hits, tid_total = [], 0, 0
+        device = self.execution.device if self.execution else torch.device("cpu")
+        counts = []  # (hits, total) per task, then task-identity (hits, total): summed over ranks
+        tid_hits = tid_total = 0
         for j, task in enumerate(seen):
             hits = total = 0
-            loader = make_loader(task.test, c.batch_size * 2, shuffle=False)
+            loader = self._loader(task.test, c.batch_size * 2, shuffle=False)
             for x, y in tqdm(loader, desc=f"evaluate task {j}", disable=not self.progress, leave=False):
+                x, y = x.to(device), y.to(device)
                 logits, gate = self._predict(model, x, len(ranges))
                 if gate is not None:
                     if c.calibrated:
@@ -377,7 +485,12 @@ class Trainer:
                     tid_total += len(y)
                 hits += int((logits.argmax(1) == y).sum())
                 total += len(y)
-            accs.append(hits / total)
+            counts.append((hits, total))
+        counts.append((tid_hits, tid_total))
+        (summed,) = distributed.all_reduce_sum([torch.tensor(counts, dtype=torch.float64, device=device)])
+        counts = [(int(h), int(n)) for h, n in summed.tolist()]
+        (tid_hits, tid_total) = counts.pop()
+        accs = [h / n for h, n in counts]
         return accs, (tid_hits / tid_total if tid_total and len(seen) > 1 else None)
 
     def _predict(self, model: nn.Module, x: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -401,6 +514,11 @@ class Trainer:
 
         run_dir = self.config.run_dir
         weights = f"task-{t}.safetensors"
+        distributed.barrier()  # every rank has finished task t (its state is the same on every rank)
+        if distributed.rank() != 0:
+            distributed.barrier()
+            self.tasks_checkpointed = t + 1
+            return
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         atomic_write(run_dir / weights, lambda tmp: save_file(tensors, tmp))
         state = {
@@ -415,6 +533,7 @@ class Trainer:
         for old in run_dir.glob("task-*.safetensors"):
             if old.name != weights:
                 old.unlink(missing_ok=True)
+        distributed.barrier()  # no rank goes on (or stops) before the checkpoint is complete
 
     def _restore(self, model: nn.Module, history: _History, tasks: Sequence[Task]) -> int:
         from safetensors.torch import load_file
@@ -427,7 +546,8 @@ class Trainer:
         state = json.loads(path.read_text())
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} has checkpoint format {state.get('format')}, this version reads {CHECKPOINT_FORMAT}")
-        saved = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}
+        # settings added since the checkpoint was made (amp, compile) count as their defaults
+        saved = {k: v for k, v in TrainConfig.from_json(state["config"]).to_json().items() if k not in _RESUME_FREE}
         mine = {k: v for k, v in self.config.to_json().items() if k not in _RESUME_FREE}
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:
@@ -465,6 +585,12 @@ class Trainer:
         }
 
 
+def _global_batch_sizes(n: int, batch_size: int):
+    """The sizes of the global batches of n samples (all ``batch_size`` but a smaller last one)."""
+    for start in range(0, n, batch_size):
+        yield min(batch_size, n - start)
+
+
 def _load_average() -> float | None:
     """The 1-minute load average: run times measured while other processes ran are not clean."""
     try:
@@ -496,3 +622,86 @@ def _plot_title(c: TrainConfig, results: dict[str, Any]) -> str:
     s = results["summary"]
     return (f"{c.method} on Split Fashion-MNIST ({c.num_tasks} tasks x {c.classes_per_task}), seed {c.seed}: "
             f"A_last {100 * s['A_last']:.1f}%, forgetting {100 * s['forgetting']:.1f}%")
+
+
+# ---------------------------------------------------------------------- execution settings (checked before any run)
+@dataclass(frozen=True)
+class Execution:
+    """Where and how a run's training steps execute: device, autocast dtype (None: off), torch.compile backend
+    (None: eager), and this process's place in a torchrun group."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    compile_backend: str | None
+    rank: int = 0
+    world: int = 1
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--amp`` on ``device``; ValueError where the device cannot compute in it.
+
+    fp16 on a CPU needs native float16 matrix products: oneDNN's check
+    (``torch.ops.mkldnn._is_mkldnn_fp16_supported()``: AVX512-FP16 or AMX-FP16). Without them float16 autocast
+    would run emulated, slower than float32. bf16 on a CUDA GPU needs ``torch.cuda.is_bf16_supported()``."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "off":
+        return None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    if device.type == "cpu" and amp == "fp16" and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        raise ValueError("--amp fp16: this CPU has no native float16 matrix multiply (oneDNN finds neither "
+                         "AVX512-FP16 nor AMX-FP16), so float16 autocast would only be emulated; use --amp bf16 "
+                         "or --amp off")
+    if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--amp bf16: the GPU {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                         "use --amp fp16 or --amp off")
+    return dtype
+
+
+def compile_backend(spec: str, device: torch.device) -> str | None:
+    """The torch.compile backend of ``--compile`` (``off``: None; ``auto``: inductor), after compiling and running
+    a small probe on ``device``; ValueError (one line) where it does not work (e.g. inductor on a CPU
+    without a C++ compiler)."""
+    if spec == "off":
+        return None
+    from torch import _dynamo
+
+    backend = "inductor" if spec == "auto" else spec
+    known = _dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"--compile {spec}: torch.compile has no backend {backend!r} (it has {', '.join(known)}); "
+                         "use --compile (inductor) or --compile aot_eager")
+
+    try:
+        _compile_probe(backend, str(device))
+    except Exception as err:  # any failure of the compiler stack: say which and what to do
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        hint = ("inductor's CPU code needs a working C++ compiler (g++ or clang on PATH, or CXX); "
+                if backend == "inductor" and device.type == "cpu" else "")
+        raise ValueError(f"--compile {spec}: torch.compile with backend {backend!r} does not work here "
+                         f"({type(err).__name__}: {first}); {hint}use --compile aot_eager (no code generation) "
+                         "or leave --compile out") from None
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_probe(backend: str, device: str) -> None:
+    """Compile and run a small function with ``backend`` on ``device`` (once per process: the command line
+    checks every run's settings first, then each run checks its own)."""
+    from torch import _dynamo
+
+    def probe(a: torch.Tensor) -> torch.Tensor:
+        return F.linear(a, a).relu().sum()
+
+    try:
+        # no random numbers: the probe must not move the global RNG the run is seeded with
+        torch.compile(probe, backend=backend, fullgraph=True)(torch.linspace(-1, 1, 16, device=device).view(4, 4))
+    finally:
+        _dynamo.reset()
+
+
+def check_execution(config: TrainConfig) -> Execution:
+    """Device, autocast and compiler of a run, each checked on this machine (ValueError, before anything runs)."""
+    device = distributed.device_for_rank()
+    return Execution(device, amp_dtype(config.amp, device), compile_backend(config.compile, device),
+                     distributed.rank(), distributed.world_size())
