@@ -237,3 +237,32 @@ def test_amp_and_compile_train_in_bf16_through_one_compiled_graph(tmp_path):
     assert seen == {torch.bfloat16}
     assert all(0 <= v <= 1 for row in results["accuracy_matrix"] for v in row)
     assert results["config"]["amp"] == "bf16" and results["config"]["compile"] == "aot_eager"
+
+
+def test_amp_fp16_trains_in_float16_with_a_grad_scaler(tmp_path, monkeypatch):
+    # Where the CPU has native float16 matmul (oneDNN says so; this one may not: the check is patched), --amp
+    # fp16 trains the step in float16, its loss scaled by a GradScaler, parameters float32.
+    from duallora_kernels.nn import dual_lora_layers
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: True)
+    seen, scaled = set(), []
+    real_scaler = torch.amp.GradScaler
+
+    def scaler(*a, **k):
+        s = real_scaler(*a, **k)
+        scaled.append(s.is_enabled())
+        return s
+
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+
+    class Watching(Trainer):
+        def _training_step(self, model, t, offset, ex):
+            for layer in dual_lora_layers(model).values():
+                layer.register_forward_hook(lambda m, i, o: seen.add(o.dtype) if m.training else None)
+            return super()._training_step(model, t, offset, ex)
+
+    w = Watching(TrainConfig(**{**TINY, "num_tasks": 2}, amp="fp16", out_dir=str(tmp_path)),
+                 progress=False, log=lambda m: None)
+    results = w.run()
+    assert seen == {torch.float16} and scaled == [True, True]
+    assert all(0 <= v <= 1 for row in results["accuracy_matrix"] for v in row)
