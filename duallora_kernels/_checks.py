@@ -83,12 +83,17 @@ def orthonormal_tol(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-8, torch.float32: 1e-4}.get(dtype, 3e-2)
 
 
+def _orthonormality_error(basis: Tensor) -> Tensor:
+    """max |M^T M - I| of ``basis`` (d, k), computed in at least float32, as a 0-d tensor on its device."""
+    b = basis.detach().to(torch.promote_types(basis.dtype, torch.float32))
+    return (b.T @ b - torch.eye(b.shape[1], dtype=b.dtype, device=b.device)).abs().amax()
+
+
 def orthonormal(name: str, basis: Tensor) -> None:
     """``basis`` (d, k) must have orthonormal columns (M^T M = I)."""
     if basis.shape[-1] == 0:
         return
-    b = basis.detach().to(torch.promote_types(basis.dtype, torch.float32))
-    err = (b.T @ b - torch.eye(b.shape[1], dtype=b.dtype, device=b.device)).abs().max().item()
+    err = _orthonormality_error(basis).item()
     if not err <= orthonormal_tol(basis.dtype):
         raise ValueError(
             f"{name} must have orthonormal columns (M^T M = I); max |M^T M - I| = {err:.3g} "
@@ -100,11 +105,8 @@ def orthonormal_async(name: str, basis: Tensor) -> None:
     """``basis`` (d, k) must have orthonormal columns, checked on its device without a host sync
     (``torch._assert_async``): the error surfaces on the CPU at once, on a GPU as a device-side
     assert at the next synchronisation."""
-    b = basis.detach().to(torch.promote_types(basis.dtype, torch.float32))
-    gram = b.T @ b
-    err = (gram - torch.eye(b.shape[1], dtype=b.dtype, device=b.device)).abs().amax()
     torch._assert_async(
-        err <= orthonormal_tol(basis.dtype),
+        _orthonormality_error(basis) <= orthonormal_tol(basis.dtype),
         f"{name} must have orthonormal columns (M^T M = I) within {orthonormal_tol(basis.dtype):.0e} for "
         f"{basis.dtype}; pass an orthonormal basis (e.g. torch.linalg.qr(...).Q)",
     )

@@ -53,6 +53,12 @@ def autotune_limit() -> int | None:
     return int(raw)
 
 
+def first_configs(configs: list) -> list:
+    """The first ``DUALLORA_AUTOTUNE=N`` of a pruner's configs (all of them when it is unset)."""
+    n = autotune_limit()
+    return configs[:n] if n else configs
+
+
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """An output buffer that a kernel writes in full: empty, or NaN-filled when poisoning is on."""
     if os.environ.get(POISON_ENV) == "1":
@@ -218,7 +224,7 @@ _arch_override: list[int] = []
 
 
 class target_arch:
-    """Context manager: config pruning (:func:`prune_for_arch`) targets compute capability ``cap``
+    """Context manager: the kernels' config pruners (``prune_configs_by``) target compute capability ``cap``
     (e.g. 86) instead of the current CUDA device; how the compile check prunes for a GPU it lacks."""
 
     def __init__(self, cap: int) -> None:

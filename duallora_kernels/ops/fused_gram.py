@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_utils import (autotune_limit, capturing, current_arch, dot_mode, interpreting, launch, mma, new_output,
-                            row_offsets, rows_view, size_bucket, smem_limit)
+from ._kernel_utils import (autotune_limit, capturing, current_arch, dot_mode, first_configs, interpreting, launch, mma,
+                            new_output, row_offsets, rows_view, size_bucket, smem_limit)
 from .reference import gram_reference
 
 __all__ = ["gram_triton"]
@@ -76,8 +76,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
     keep = sorted((c for c in configs if shape(c) in wanted), key=lambda c: wanted.index(shape(c)))
     keep = [c for c in keep if plan_resources(shape(c), x.element_size())[0] <= limit] or keep[-1:]
-    n = autotune_limit()
-    return keep[:n] if n else keep
+    return first_configs(keep)
 
 
 @triton.autotune(configs=_configs(), key=["d", "chunk_bucket", "USE_ATOMIC"], reset_to_zero=["g_ptr"],

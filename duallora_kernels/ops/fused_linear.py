@@ -130,8 +130,6 @@ Design decisions:
 """
 from __future__ import annotations
 
-
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor

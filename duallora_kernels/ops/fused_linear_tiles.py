@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._kernel_utils import autotune_limit, current_arch, interpreting
+from ._kernel_utils import autotune_limit, current_arch, first_configs, interpreting
 
 __all__ = ["TILES", "FIXED", "arch_class", "tiles_for", "configs", "pruner"]
 
@@ -97,6 +97,6 @@ def pruner(tile_n: str, pass_: str):
             wanted = tiles_for(pass_, dtype, kwargs["R_PAD"], current_arch())
         by_shape = {_shape(c, tile_n): c for c in configs}
         keep = [by_shape[s] for s in wanted if s in by_shape] or configs[:1]  # configs[:1]: the interpreter's
-        return keep[:limit] if limit else keep
+        return first_configs(keep)
 
     return prune

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_utils import (autotune_limit, current_arch, interpreting, launch, new_output, pow2_at_least, size_bucket,
-                            smem_limit)
+from ._kernel_utils import (autotune_limit, current_arch, first_configs, interpreting, launch, new_output,
+                            pow2_at_least, size_bucket, smem_limit)
 from .reference import TINY_NORM, task_scores_reference
 
 __all__ = ["task_scores_triton"]
@@ -49,8 +49,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     keep = [c for c in configs
             if c.num_stages * c.kwargs["BLOCK_D"] * (c.kwargs["BLOCK_B"] * z.element_size()
                                                      + kwargs["BLOCK_U"] * u.element_size()) <= limit] or configs[:1]
-    n = autotune_limit()
-    return keep[:n] if n else keep
+    return first_configs(keep)
 
 
 @triton.autotune(configs=_configs(), key=["b_bucket", "d", "u", "BLOCK_U"],

@@ -28,7 +28,6 @@ __all__ = ["dual_lora_linear_op", "KERNEL_DTYPES"]
 
 #: Dtypes the Triton and CUDA kernels take (float32 accumulation); others run :data:`.launchers.TORCH`.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_GRAD_NAMES = ("x", "weight", "bias", "orth_a", "orth_b", "res_a", "res_b")
 
 
 def _launchers(backend: str, dtype: torch.dtype) -> Launchers:
@@ -82,10 +81,10 @@ def _(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, b
 
 @torch.library.custom_op("duallora::fused_backward", mutates_args=())
 def fused_backward(
-    dy: Tensor, x: Optional[Tensor], weight: Tensor, t: Tensor, a: Tensor, gate: Optional[Tensor], basis: Optional[Tensor],
-    orth_a: Optional[Tensor], orth_b: Optional[Tensor], res_a: Optional[Tensor], res_b: Optional[Tensor],
-    frozen_a: Optional[Tensor], frozen_b: Optional[Tensor], bias: Optional[Tensor], orth_scale: float,
-    res_scale: float, backend: str, needs: list[bool],
+    dy: Tensor, x: Optional[Tensor], weight: Tensor, t: Tensor, a: Tensor, gate: Optional[Tensor],
+    basis: Optional[Tensor], orth_a: Optional[Tensor], orth_b: Optional[Tensor], res_a: Optional[Tensor],
+    res_b: Optional[Tensor], frozen_a: Optional[Tensor], frozen_b: Optional[Tensor], bias: Optional[Tensor],
+    orth_scale: float, res_scale: float, backend: str, needs: list[bool],
 ) -> list[Tensor]:
     kernels = _launchers(backend, dy.dtype)
     nx, nw, nbias, noa, nob, nra, nrb = needs
@@ -181,15 +180,11 @@ def dual_lora_linear_op(
     frozen_a: Tensor | None = None, frozen_b: Tensor | None = None, gate: Tensor | None = None,
     basis: Tensor | None = None, orth_scale: float = 1.0, res_scale: float = 1.0, backend: str = "torch",
 ) -> Tensor:
-    """Y of the registered op on validated arguments (``gate`` broadcastable to x.shape[:-1] + (G,),
-    ``basis`` None or with k >= 1 columns). Keeps T and A for backward only when a gradient will be
-    asked for."""
+    """Y of the registered op on validated arguments (``gate`` of shape x.shape[:-1] + (G,), e.g. the
+    broadcast view :func:`duallora_kernels.ops.dual_lora_linear` makes; ``basis`` None or with k >= 1
+    columns). Keeps T and A for backward only when a gradient will be asked for."""
     grad_on = torch.is_grad_enabled()
     need = [grad_on and p is not None and p.requires_grad for p in (x, weight, bias, orth_a, orth_b, res_a, res_b)]
-    if frozen_a is not None and frozen_a.shape[0] == 0:
-        frozen_a = frozen_b = None
-    if gate is not None:
-        gate = gate.expand(*x.shape[:-1], gate.shape[-1])
     y, _, _ = torch.ops.duallora.fused_forward(
         x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, float(orth_scale),
         float(res_scale), backend, need[4] or need[6], any(need),
