@@ -22,11 +22,11 @@ from typing import Any, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 try:
     from duallora_kernels._readme import update
-    from duallora_kernels.continual.trainer import METHODS
+    from duallora_kernels.continual.config import METHODS
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
     from duallora_kernels._readme import update
-    from duallora_kernels.continual.trainer import METHODS
+    from duallora_kernels.continual.config import METHODS
 
 
 def _pct(v: float | None) -> str:
@@ -98,7 +98,7 @@ def _settings(d: dict[str, Any]) -> str:
     should give equal numbers, and a table compares only those."""
     import dataclasses
 
-    from duallora_kernels.continual.trainer import TrainConfig
+    from duallora_kernels.continual.config import TrainConfig
 
     known = {f.name for f in dataclasses.fields(TrainConfig)} - set(_NOT_PART_OF_THE_RESULT)
     return json.dumps({k: v for k, v in d["config"].items() if k in known}, sort_keys=True)

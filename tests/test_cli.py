@@ -15,7 +15,7 @@ import torch
 
 from duallora_kernels import cli
 from duallora_kernels.commands import train as train_command
-from duallora_kernels.continual.trainer import TrainConfig
+from duallora_kernels.continual.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model=vit_tiny_patch16_224", "--patch-size=7", "--depth=1", "--embed-dim=16", "--num-heads=2",

@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from duallora_kernels.continual.trainer import TrainConfig, Trainer
+from duallora_kernels.continual.config import TrainConfig
+from duallora_kernels.continual.trainer import Trainer
 from duallora_kernels.nn import dual_lora_layers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -140,7 +140,8 @@ def test_command_says_whether_the_rebuild_matches_the_shipped_backbone(tmp_path,
 
 
 def test_the_shipped_backbone_is_checked_and_is_the_default_of_train(monkeypatch):
-    from duallora_kernels.continual.trainer import TrainConfig, Trainer
+    from duallora_kernels.continual.config import TrainConfig
+    from duallora_kernels.continual.trainer import Trainer
 
     weights = pt.shipped_backbone()
     assert weights.stem == pt.SHIPPED_NAME == pt.cache_paths(seed=0)[0].stem  # the default settings' cache key

@@ -12,7 +12,8 @@ import torch
 
 from duallora_kernels.continual import metrics
 from duallora_kernels.continual.calibration import calibrate_logits
-from duallora_kernels.continual.trainer import TrainConfig, Trainer
+from duallora_kernels.continual.config import TrainConfig
+from duallora_kernels.continual.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny randomly initialised timm ViT keeps these runs to seconds; the method itself is

@@ -11,7 +11,7 @@ import sys
 import typing
 
 from ..cli import INTERRUPTED, HelpFormatter, add_threads_option, apply_threads
-from ..continual.trainer import AMP_MODES, GATE_SOURCES, METHODS, TrainConfig
+from ..continual.config import AMP_MODES, GATE_SOURCES, METHODS, TrainConfig
 
 DESCRIPTION = (
     "Run the class-incremental benchmark: by default DualLoRA on Split Fashion-MNIST (5 tasks x 2 classes, "
@@ -215,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..continual import distributed
-    from ..continual.trainer import Trainer, check_execution
+    from ..continual.execution import check_execution
+    from ..continual.trainer import Trainer
 
     configs = configs_from_args(args)  # every method's settings are checked before any runs
     threads = apply_threads(args.threads)

@@ -1,0 +1,154 @@
+"""The settings of a continual-learning run (:class:`TrainConfig`) and what each method switches on.
+
+Stored in every checkpoint and results.json; :mod:`.trainer` runs them, :mod:`.execution` checks
+where and how (device, autocast, torch.compile).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METHODS", "GATE_SOURCES", "AMP_MODES", "method_settings", "TrainConfig"]
+
+METHODS = ("duallora", "orth-only", "res-only", "no-calibration", "seq-lora", "joint")
+# "layer": each adapted layer gates its residual blocks from its own input (one pass);
+# "global": a first pass (residual blocks off) gives the model's task gate, used by every layer.
+GATE_SOURCES = ("layer", "global")
+# Mixed precision of the training step (torch.autocast): the adapters' fused op computes in the autocast dtype,
+# parameters, gradients and the memory statistics stay float32/float64.
+AMP_MODES = ("bf16", "fp16", "off")
+
+
+def method_settings(method: str) -> tuple[dict[str, Any], bool]:
+    """The DualLoRALinear switches and whether calibration is on, for each method."""
+    table = {
+        "duallora": (dict(), True),
+        "orth-only": (dict(use_res=False), True),
+        "res-only": (dict(use_orth=False), True),
+        "no-calibration": (dict(), False),
+        "seq-lora": (dict(use_res=False, memory=False), False),
+        "joint": (dict(use_res=False, memory=False), False),
+    }
+    if method not in table:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return table[method]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; stored in its checkpoints and results."""
+
+    method: str = "duallora"
+    seed: int = 0
+    # data: Split Fashion-MNIST, class order shuffled by `seed`
+    data_root: str | None = None
+    num_tasks: int = 5
+    classes_per_task: int = 2
+    train_per_class: int | None = 500
+    test_per_class: int | None = 300
+    # backbone: None = the self-pretrained ViT shipped with the package; else a timm ViT name
+    model: str | None = None
+    checkpoint: str | None = None
+    img_size: int = 28
+    patch_size: int | None = None
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
+    # adapters (DualLoRALinear arguments)
+    targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+    rank_orth: int = 8
+    rank_res: int = 4
+    orth_scale: float = 1.0
+    res_scale: float = 1.0
+    threshold_start: float = 0.95
+    threshold_end: float = 0.99
+    score_rank: int = 16
+    temperature: float = 0.02
+    gate_mode: str = "soft"
+    gate_source: str = "global"
+    summary: str = "mean"
+    beta: float = 1.0
+    backend: str = "auto"
+    # execution: autocast dtype of the training step; torch.compile backend of the training step ("off",
+    # "auto" = inductor, or any torch._dynamo backend name such as "aot_eager")
+    amp: str = "off"
+    compile: str = "off"
+    # optimisation
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 2e-3
+    head_lr: float = 1e-2
+    weight_decay: float = 1e-2
+    # output
+    out_dir: str = "runs"
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        method_settings(self.method)
+        self.targets = tuple(self.targets)
+        for name in ("num_tasks", "classes_per_task", "epochs", "batch_size", "rank_orth", "rank_res", "score_rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("train_per_class", "test_per_class"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None (all data), got {v!r}")
+        for name in ("threshold_start", "threshold_end"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+        for name in ("lr", "head_lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if not isinstance(self.compile, str) or not self.compile:
+            raise ValueError(f"compile must be 'off', 'auto' or a torch.compile backend name, got {self.compile!r}")
+        if self.gate_source not in GATE_SOURCES:
+            raise ValueError(f"gate_source must be one of {', '.join(GATE_SOURCES)}, got {self.gate_source!r}")
+        if self.beta < 0 or self.weight_decay < 0:
+            raise ValueError("beta and weight_decay must be >= 0")
+        if self.model is None:
+            unused = [f"{n}={getattr(self, n)!r}" for n in ("checkpoint", "patch_size", "depth", "embed_dim", "num_heads")
+                      if getattr(self, n) is not None] + ([f"img_size={self.img_size}"] if self.img_size != 28 else [])
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)} only {'applies' if len(unused) == 1 else 'apply'} with model= (--model): the default backbone, the shipped "
+                    "self-pretrained ViT, has its own weights and sizes (28x28 input). Name a timm ViT with model= "
+                    "or leave them out"
+                )
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.method}-seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        from ..memory import threshold_schedule
+
+        switches, _ = method_settings(self.method)
+        return dict(
+            rank_orth=self.rank_orth, rank_res=self.rank_res, orth_scale=self.orth_scale, res_scale=self.res_scale,
+            thresholds=threshold_schedule(self.num_tasks, self.threshold_start, self.threshold_end),
+            score_rank=self.score_rank, temperature=self.temperature, gate_mode=self.gate_mode,
+            summary=self.summary, backend=self.backend, **switches,
+        )
+
+    @property
+    def calibrated(self) -> bool:
+        return method_settings(self.method)[1] and self.beta > 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
