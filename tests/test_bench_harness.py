@@ -220,15 +220,15 @@ def _sample_doc() -> dict:
     rows = []
     for variant, ms in (("frozen", 1.0), ("fused", 1.08), ("unfused", 2.5), ("unfused_compiled", 1.5)):
         rows.append({"kind": "timing", "layer": "vit_b.fc1", "shape": "768x3072", "d": 768, "n": 3072, "batch": 64,
-                     "m": 12608, "rank": None if variant == "frozen" else 16, "dtype": "bfloat16", "pass": "fwd+bwd",
-                     "variant": variant, "status": "ok", "reason": None, "median_ms": ms, "flops": 1, "bytes": 1,
+                     "m": 12608, "rank": None if variant == "frozen" else 16, "dtype": "bfloat16", "amp": "off",
+                     "pass": "fwd+bwd", "variant": variant, "status": "ok", "reason": None, "median_ms": ms, "flops": 1, "bytes": 1,
                      "tflops": 1.0, "gbps": 1.0})
     rows.append({**rows[-1], "variant": "peft", "status": "skipped", "reason": "peft is not installed",
                  "median_ms": None, "tflops": None, "gbps": None})
     for variant, n in (("frozen", 2), ("fused", 7), ("unfused", 35), ("unfused_compiled", 9), ("peft", None)):
         rows.append({"kind": "op_count", "layer": "vit_b.fc1", "shape": "768x3072", "d": 768, "n": 3072, "batch": 64,
-                     "m": 12608, "rank": None if variant == "frozen" else 16, "dtype": "bfloat16", "pass": "fwd+bwd",
-                     "variant": variant, "status": "ok" if n else "skipped", "reason": None if n else "peft is not installed",
+                     "m": 12608, "rank": None if variant == "frozen" else 16, "dtype": "bfloat16", "amp": "off",
+                     "pass": "fwd+bwd", "variant": variant, "status": "ok" if n else "skipped", "reason": None if n else "peft is not installed",
                      "device_ops": n, "method": "torch.profiler" if n else None, "budget": None, "kernels": None,
                      "torch_ops": None, "syncs": None})
     return {**doc, "results": rows + comparison_rows(rows)}
@@ -277,7 +277,7 @@ def test_committed_results_of_schema_1_are_still_read_and_rendered():
     # compile-*.json are the ahead-of-time compile tables, checked by tests/test_aot_compile.py
     files = sorted(f for f in (ROOT / "bench" / "results").glob("*.json") if not f.name.startswith("compile-"))
     docs = [json.loads(f.read_text()) for f in files]
-    assert "duallora-bench/1" in READABLE_SCHEMAS and SCHEMA == "duallora-bench/2"
+    assert {"duallora-bench/1", "duallora-bench/2"} <= set(READABLE_SCHEMAS) and SCHEMA == "duallora-bench/3"
     assert [validate_doc(d) for d in docs] == [[] for _ in docs]
     old = [f for f, d in zip(files, docs) if d["schema"] == "duallora-bench/1" and d["command"] == "bench"]
     assert old, "a committed /1 bench file"

@@ -88,6 +88,42 @@ def test_training_step_of_a_layer_has_no_host_sync_and_fits_the_budget(gen):
     assert not ops.syncs and ops.total <= STEP_BUDGET, ops
 
 
+def _counted_step(fn, x, dy, params):
+    _step(fn, x, dy)  # first call: autotuning / compilation, not steady state
+    for p in params:
+        p.grad = None
+    with count_device_ops() as ops:
+        _step(fn, x, dy)
+    return ops
+
+
+def test_autocast_adds_to_the_fused_step_only_the_casts_it_adds_to_nn_linear(gen):
+    # float32 parameters and input under bf16 autocast, as mixed-precision training runs the layer:
+    # the fused step pays what autocast makes nn.Linear pay (x, W0 and b cast forward, dX cast back)
+    # and nothing for the adapters (assembled and projected in their own dtype, ops/__init__.py).
+    x, w, b, kw = _full_problem(gen, dtype=torch.float32)
+    dy = torch.randn(*x.shape[:-1], w.shape[0], generator=gen)
+    params = [p for p in kw.values() if isinstance(p, torch.Tensor) and p.requires_grad]
+    fused = lambda: dual_lora_linear(x, w, b, backend="triton", check_basis=False, **kw)  # noqa: E731
+    linear = nn.Linear(w.shape[1], w.shape[0]).requires_grad_(False)
+    plain = _counted_step(fused, x, dy, params)
+    plain_linear = _counted_step(lambda: linear(x), x, dy, [])
+
+    def autocast(fn):
+        def run():
+            with torch.autocast("cpu", dtype=BF16):
+                return fn()
+        return run
+
+    amp = _counted_step(autocast(fused), x, dy.to(BF16), params)
+    amp_linear = _counted_step(autocast(lambda: linear(x)), x, dy.to(BF16), [])
+    casts = amp_linear.total - plain_linear.total
+    assert casts == 4 and amp_linear.torch_ops["_to_copy"] == 4, amp_linear
+    assert amp.total - plain.total == casts and amp.torch_ops.get("_to_copy") == casts, (plain, amp)
+    assert not amp.syncs and amp.kernels == plain.kernels
+    assert all(p.grad.dtype == torch.float32 for p in params)
+
+
 def test_a_recycled_address_does_not_skip_the_basis_check(gen):
     # Finding 2 of issue 8: the old address-keyed cache accepted a bad basis that landed where a
     # checked one had been. The check now runs on the device on every call.

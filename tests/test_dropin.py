@@ -47,17 +47,45 @@ def test_autocast_casts_like_f_linear(dtype, backend, gen):
         y = layer(x)
         want = nn.functional.linear(x, layer.weight, layer.bias)
     assert y.dtype == want.dtype == dtype
-    # the value: the float64 reference of the operands cast to the autocast dtype (the basis is not cast)
+    # the value: the float64 reference of the operands autocast casts for F.linear (x, W0, b) and of
+    # the adapter factors as stored (the op assembles A and B^T from them and rounds them once; the
+    # basis is not cast)
     cast64 = lambda t: t.detach().to(dtype).double()  # noqa: E731
+    own64 = lambda t: t.detach().double()  # noqa: E731
     ref = dual_lora_linear_reference(
-        cast64(x), cast64(layer.weight), cast64(layer.bias), orth_a=cast64(layer.orth_a), orth_b=cast64(layer.orth_b),
-        res_a=cast64(layer.res_a), res_b=cast64(layer.res_b), basis=layer.basis.double(),
+        cast64(x), cast64(layer.weight), cast64(layer.bias), orth_a=own64(layer.orth_a), orth_b=own64(layer.orth_b),
+        res_a=own64(layer.res_a), res_b=own64(layer.res_b), basis=layer.basis.double(),
         orth_scale=layer.orth_scale, res_scale=layer.res_scale)
     assert rel_err(y, ref) <= 2e-2
     # the gradients reach the float32 parameters in float32
     y.float().square().mean().backward()
     assert layer.orth_a.grad.dtype == layer.orth_b.grad.dtype == layer.res_a.grad.dtype == torch.float32
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_with_frozen_blocks_and_a_gate_reads_the_adapters_in_their_own_dtype(backend, gen):
+    # inference in task 3: float32 frozen blocks and a per-row gate beside bf16 autocast; the
+    # adapters are not cast by separate ops, and their gradients come back in float32
+    x, w, b, kw = helpers.dual_lora_problem(12, 32, 24, r_o=4, r_r=2, frozen_blocks=2, k=8, gen=gen,
+                                            dtype=torch.float32, lead=(2,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dual_lora_linear(x, w, b, backend=backend, **kw)
+    assert y.dtype == torch.bfloat16
+    low64 = lambda t: t.detach().bfloat16().double()  # noqa: E731
+    ref = dual_lora_linear_reference(low64(x), low64(w), low64(b),
+                                     **{k: v.detach().double() if torch.is_tensor(v) else v for k, v in kw.items()})
+    assert rel_err(y, ref) <= 2e-2
+    y.float().sum().backward()
+    trained = [kw["orth_a"], kw["orth_b"], kw["res_a"], kw["res_b"]]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+    # the same gradients as the float64 reference's (bf16 x and W0, so at bf16's tolerance)
+    refs = [p.detach().double().requires_grad_(True) for p in trained]
+    ref_kw = {**{k: v.detach().double() if torch.is_tensor(v) else v for k, v in kw.items()},
+              "orth_a": refs[0], "orth_b": refs[1], "res_a": refs[2], "res_b": refs[3]}
+    dual_lora_linear_reference(low64(x), low64(w), low64(b), **ref_kw).sum().backward()
+    for p, r in zip(trained, refs):
+        assert rel_err(p.grad, r.grad) <= 3e-2
 
 
 def test_low_precision_input_with_float32_weights_fails_like_nn_linear():

@@ -7,6 +7,7 @@ runs/bench/ unless ``--out`` says where.
     duallora bench                       # the full matrix on the first GPU (or the CPU)
     duallora bench --quick               # a small subset, under a minute on 2 CPU cores
     duallora bench --shapes vit_b.fc1,3072x768 --ranks 16 --dtype bf16 --out bench/results/x.json
+    duallora bench --amp bf16            # float32 layers, each forward under torch.autocast(bfloat16)
 
 Run it as a module as well: ``python -m duallora_kernels.commands.bench --quick``.
 """
@@ -17,8 +18,9 @@ import sys
 from typing import Any
 
 from ..harness import devices
-from ..harness.problems import GOALS, QUICK, RANKS, SHAPES, TOKENS, parse_dtypes, parse_list, parse_ranks, parse_shapes
-from ..harness.tables import format_table
+from ..harness.problems import (AMP_DTYPES, GOALS, QUICK, RANKS, SHAPES, TOKENS, amp_name, parse_amp, parse_dtypes,
+                                parse_list, parse_ranks, parse_shapes)
+from ..harness.tables import dtype_label, format_table
 from ..harness.timing import run_bench
 from ..harness.variants import PASSES, VARIANTS
 from ..opcount import FROZEN_STEP, STEP_BUDGET
@@ -53,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rep-ms", type=float, default=100.0, help="timed time per case (default: 100)")
     p.add_argument("--buffers", type=int, default=None,
                    help="x/dY buffers rotated between runs (default: enough to cover 2x the GPU's L2; 2 on CPU)")
+    p.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES),
+                   help="run every variant's forward under torch.autocast in this dtype, with float32 parameters and "
+                        "inputs, as mixed-precision training does (default: off); --dtype must then be float32")
     p.add_argument("--no-count", action="store_true",
                    help="do not count each variant's device operations per forward+backward (op_count rows)")
 
@@ -73,7 +78,15 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     """The matrix the flags select (``--quick`` fills what is not given)."""
     quick = dict(QUICK) if args.quick else {}
     notes = []
-    if args.quick and not args.dtype:
+    amp = parse_amp(args.amp)
+    if amp is not None:
+        dtypes = parse_dtypes(args.dtype or ["float32"])
+        if dtypes != ["float32"]:
+            raise ValueError(f"--amp {args.amp} casts float32 layers to {amp_name(amp)} as autocast does; "
+                             f"give --dtype float32 (the default with --amp), not {','.join(dtypes)}")
+        _check_amp(args.amp, _device_type(args.device))
+        quick["dtypes"] = ["float32"]
+    elif args.quick and not args.dtype:
         quick["dtypes"], note = quick_dtypes(_device_type(args.device))
         notes += [note] if note else []
     variants = parse_list(args.variants)
@@ -93,8 +106,20 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "dtypes": parse_dtypes(args.dtype or quick.get("dtypes")),
         "variants": variants, "passes": passes, "batch": batch, "count_ops": not args.no_count,
         "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "buffers": args.buffers, "seed": args.seed,
-        "notes": notes,
+        "amp": args.amp, "notes": notes,
     }
+
+
+def _check_amp(amp: str, device_type: str) -> None:
+    """ValueError (one line, what to do) where ``device_type`` cannot compute in ``--amp``'s dtype;
+    the trainer's own rule (:func:`duallora_kernels.continual.execution.amp_dtype`)."""
+    import torch
+
+    from ..continual.execution import amp_dtype
+
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return  # --device cuda without CUDA: the start of the run says so
+    amp_dtype(amp, torch.device(device_type))
 
 
 def _device_type(spec: str) -> str:
@@ -120,7 +145,7 @@ def print_table(rows: list[dict[str, Any]], file: Any = None) -> None:
         tf, gb = fused.get("tflops"), fused.get("gbps")
         pf, pb = fused.get("pct_peak_flops"), fused.get("pct_peak_bw")
         table.append([
-            c["layer"], f"{c['d']}->{c['n']}", c["m"], c["dtype"], c["pass"], c["rank"],
+            c["layer"], f"{c['d']}->{c['n']}", c["m"], dtype_label(c), c["pass"], c["rank"],
             *(_fmt(c.get(f"{v}_ms"), ".3f") for v in ("frozen", "fused", "unfused", "unfused_compiled", "peft")),
             _fmt(c["fused_over_frozen"], ".2f"), _fmt(c["unfused_over_fused"], ".2f"),
             _fmt(c.get("unfused_compiled_over_fused"), ".2f"),
@@ -140,8 +165,8 @@ def print_op_counts(rows: list[dict[str, Any]], file: Any = None) -> None:
     if not counts:
         return
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in counts)]
-    got = {(r["shape"], r["batch"], r["dtype"], r["rank"], r["variant"]): r for r in counts}
-    cases = list(dict.fromkeys((r["layer"], r["shape"], r["batch"], r["dtype"], r["rank"])
+    got = {(r["shape"], r["batch"], dtype_label(r), r["rank"], r["variant"]): r for r in counts}
+    cases = list(dict.fromkeys((r["layer"], r["shape"], r["batch"], dtype_label(r), r["rank"])
                                for r in counts if r["rank"] is not None))
 
     def cell(r: dict[str, Any] | None) -> str | None:
@@ -163,7 +188,8 @@ def measure(settings: dict[str, Any], device: Any, **kw: Any) -> list[dict[str, 
     """Say the settings' notes, then time the matrix (:func:`~duallora_kernels.harness.timing.run_bench`)."""
     for note in settings["notes"]:
         print(note, flush=True)
-    return run_bench(device=device, **{k: v for k, v in settings.items() if k != "notes"}, **kw)
+    given = {k: v for k, v in settings.items() if k not in ("notes", "amp")}
+    return run_bench(device=device, amp=parse_amp(settings.get("amp")), **given, **kw)
 
 
 def run(args: argparse.Namespace) -> int:

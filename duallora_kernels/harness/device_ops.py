@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .problems import LayerProblem
+from .problems import LayerProblem, amp_name
 from .results import error_text
 from .variants import make_step, variant_unavailable
 
@@ -100,16 +100,19 @@ def count_step(step: Callable[[], None], device: torch.device, *, warmup: int = 
 
 def op_count_row(problem: LayerProblem, variant: str, count: OpCount | None, *, status: str = "ok",
                  reason: str | None = None) -> dict[str, Any]:
-    """One ``kind="op_count"`` result row (a forward+backward of ``variant`` on ``problem``)."""
+    """One ``kind="op_count"`` result row (a forward+backward of ``variant`` on ``problem``). The
+    budgets are those of a step without autocast: under autocast every variant also pays its casts
+    (x, W0, b and the adapters to the autocast dtype), so ``budget`` is None there."""
     from ..opcount import FROZEN_STEP, STEP_BUDGET
 
     shape = problem.shape
+    budget = STEP_BUDGET if variant == "fused" else FROZEN_STEP if variant == "frozen" else None
     row: dict[str, Any] = {
         "kind": "op_count", "layer": shape.name, "shape": shape.key, "d": shape.d, "n": shape.n,
         "batch": problem.batch, "m": problem.m, "rank": None if variant == "frozen" else problem.rank,
-        "dtype": str(problem.dtype).replace("torch.", ""), "pass": "fwd+bwd", "variant": variant,
-        "status": status, "reason": reason, "device_ops": None, "method": None,
-        "budget": STEP_BUDGET if variant == "fused" else FROZEN_STEP if variant == "frozen" else None,
+        "dtype": str(problem.dtype).replace("torch.", ""), "amp": amp_name(problem.amp), "pass": "fwd+bwd",
+        "variant": variant, "status": status, "reason": reason, "device_ops": None, "method": None,
+        "budget": budget if problem.amp is None else None,
         "kernels": None, "torch_ops": None, "syncs": None,
     }
     if count is not None:

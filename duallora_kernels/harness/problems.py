@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["TOKENS", "LayerShape", "SHAPES", "RANKS", "DTYPES", "TORCH_DTYPES", "GOALS", "QUICK",
-           "parse_list", "parse_shapes", "parse_ranks", "parse_dtypes", "split_rank", "ratio", "goal_met",
+           "AMP_DTYPES", "parse_list", "parse_shapes", "parse_ranks", "parse_dtypes", "parse_amp", "amp_name",
+           "split_rank", "ratio", "goal_met",
            "LayerProblem", "make_problem", "seeded_generator"]
 
 TOKENS = 197  # a /16 ViT at 224 px: 196 patches + the class token; m = batch * TOKENS
@@ -62,6 +63,11 @@ QUICK: dict[str, Any] = {
 }
 #: The dtypes the harness knows, by name.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+#: ``--amp``: the autocast dtype of each mode (None: no autocast). Under autocast the problem's
+#: tensors stay float32 (parameters and x, as a mixed-precision model keeps them) and each
+#: forward runs in ``torch.autocast(device, dtype)``, so every variant is cast the way autocast
+#: casts ``F.linear``; dY arrives in the autocast dtype, as the next layer's backward delivers it.
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_list(spec: str | Sequence[str] | None) -> list[str]:
@@ -120,6 +126,19 @@ def parse_dtypes(spec: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def parse_amp(spec: str | None) -> torch.dtype | None:
+    """``--amp bf16|fp16|off`` -> the autocast dtype (None for off)."""
+    key = (spec or "off").strip().lower()
+    if key not in AMP_DTYPES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {spec!r}")
+    return AMP_DTYPES[key]
+
+
+def amp_name(amp: torch.dtype | None) -> str:
+    """The rows' ``amp`` field: ``"off"`` or the autocast dtype's name (``"bfloat16"``)."""
+    return "off" if amp is None else str(amp).replace("torch.", "")
+
+
 def split_rank(rank: int) -> tuple[int, int]:
     """Total rank r -> (r_o, r_r): the orthogonal adapter gets the larger half."""
     if rank < 1:
@@ -162,6 +181,7 @@ class LayerProblem:
     orth_scale: float = 0.5
     res_scale: float = 0.5
     seed: int = 0
+    amp: torch.dtype | None = None  # the autocast dtype each forward runs under (None: none)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -171,6 +191,11 @@ class LayerProblem:
     @property
     def device(self) -> torch.device:
         return self.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the matmuls run in: the autocast dtype, else the tensors' own."""
+        return self.amp or self.dtype
 
     @property
     def adapters(self) -> list[Tensor]:
@@ -220,17 +245,22 @@ def make_problem(
     seed: int = 0,
     basis_fraction: float = 0.25,
     m: int | None = None,
+    amp: torch.dtype | None = None,
 ) -> LayerProblem:
     """Random tensors for one case: m = batch * 197 rows (or ``m``), ``buffers`` copies of x and dY,
     a basis of ``round(basis_fraction * d)`` orthonormal columns (kept in >= float32, as
-    DualLoRALinear keeps it) and a per-row gate (m, 1)."""
+    DualLoRALinear keeps it) and a per-row gate (m, 1). With ``amp`` (an autocast dtype) the
+    tensors must be float32 and dY is made in ``amp`` (:data:`AMP_DTYPES`)."""
     dt = TORCH_DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if amp is not None and dt != torch.float32:
+        raise ValueError(f"autocast ({amp_name(amp)}) runs float32 parameters and inputs in low precision; "
+                         f"the problem's dtype must be float32, got {str(dt).replace('torch.', '')}")
     device = torch.device(device)
     rows = batch * TOKENS if m is None else m
     g = seeded_generator(device, seed)
     d, n = shape.d, shape.n
     xs = [_randn((rows, d), g, dt, device, 1.0, True) for _ in range(buffers)]
-    dys = [_randn((rows, n), g, dt, device, 1.0) for _ in range(buffers)]
+    dys = [_randn((rows, n), g, amp or dt, device, 1.0) for _ in range(buffers)]
     weight = _randn((n, d), g, dt, device, d**-0.5)
     bias = _randn((n,), g, dt, device, 0.1)
     k = max(1, min(d - 1, round(basis_fraction * d))) if d > 1 else 1
@@ -239,4 +269,4 @@ def make_problem(
     gate = torch.rand(rows, 1, generator=g, device=device, dtype=torch.float32).to(dt)
     adapters = _make_adapters(shape, rank, dt, device, seed + 7919 * rank)
     return LayerProblem(shape=shape, batch=batch, rank=rank, dtype=dt, xs=xs, dys=dys, weight=weight, bias=bias,
-                        basis=basis, basis_x=basis.to(dt), gate=gate, seed=seed, **adapters)
+                        basis=basis, basis_x=basis.to(dt), gate=gate, seed=seed, amp=amp, **adapters)

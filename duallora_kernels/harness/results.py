@@ -1,6 +1,6 @@
 """The results document every command writes: its header (what ran, where, with which code), the
-schema its rows follow (``duallora-bench/2``; ``/1`` files are still read), validation, and where
-and how it is written."""
+schema its rows follow (``duallora-bench/3``; ``/1`` and ``/2`` files are still read), validation,
+and where and how it is written."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -20,9 +20,12 @@ from .devices import device_info, triton_interpreting
 __all__ = ["SCHEMA", "READABLE_SCHEMAS", "DEFAULT_OUT_DIR", "run_metadata", "default_out_path", "write_json",
            "validate_doc", "load_docs", "error_text"]
 
-SCHEMA = "duallora-bench/2"
-#: Schemas still read: /1 has no op_count rows and no unfused_compiled columns.
-READABLE_SCHEMAS: tuple[str, ...] = ("duallora-bench/1", SCHEMA)
+SCHEMA = "duallora-bench/3"
+#: Schemas still read: /1 has no op_count rows and no unfused_compiled columns; /2 has no ``amp``
+#: field (its rows ran without autocast).
+READABLE_SCHEMAS: tuple[str, ...] = ("duallora-bench/1", "duallora-bench/2", SCHEMA)
+#: The row kinds that carry ``amp`` ("off" or the autocast dtype) from schema /3 on.
+_AMP_KINDS = ("timing", "comparison", "op_count")
 _TOP_KEYS: dict[str, type | tuple[type, ...]] = {
     "schema": str, "command": str, "command_line": str, "argv": list, "date": str, "git": dict, "device": dict,
     "versions": dict, "settings": dict, "complete": bool, "results": list,
@@ -147,6 +150,8 @@ def validate_doc(doc: Any) -> list[str]:
             errors.append(f"results[{i}]: not a row of a known kind ({', '.join(_ROW_KEYS)})")
             continue
         _check_keys(f"results[{i}] ({row['kind']})", row, _ROW_KEYS[row["kind"]], errors)
+        if doc.get("schema") == SCHEMA and row["kind"] in _AMP_KINDS:
+            _check_keys(f"results[{i}] ({row['kind']})", row, {"amp": str}, errors)
     return errors
 
 

@@ -11,7 +11,7 @@ from .results import load_docs
 from .variants import VARIANTS
 from .vit_models import VIT_VARIANTS
 
-__all__ = ["fmt_ratio", "format_bytes", "format_table", "HEADLINE_RANK", "speed_table", "ops_table", "saved_table",
+__all__ = ["dtype_label", "fmt_ratio", "format_bytes", "format_table", "HEADLINE_RANK", "speed_table", "ops_table", "saved_table",
            "step_tables", "render_performance"]
 
 
@@ -67,6 +67,13 @@ def _x(v: float | None, goal: bool | None = None) -> str:
     return f"{v:.2f}x" + ("" if goal is None else " ✓" if goal else " ✗")
 
 
+def dtype_label(row: dict[str, Any]) -> str:
+    """A row's dtype as the tables show it: ``float32``, or ``float32, autocast bfloat16`` for a
+    run under ``--amp`` (rows of schema /1 and /2 ran without autocast)."""
+    amp = row.get("amp", "off")
+    return row["dtype"] if amp == "off" else f"{row['dtype']}, autocast {amp}"
+
+
 def _with_note(doc: dict[str, Any]) -> str:
     note = "" if doc.get("complete", True) else " (incomplete run)"
     return f"{_device(doc)}, {doc['date'][:10]}{note}"
@@ -81,12 +88,12 @@ def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int =
         ranks = sorted({r["rank"] for r in comps})
         pick = rank if rank in ranks else ranks[-1]
         for c in comps:
-            key = (doc["device"]["name"], doc["date"][:10], c["dtype"], c["shape"], c["m"], c["rank"])
+            key = (doc["device"]["name"], doc["date"][:10], dtype_label(c), c["shape"], c["m"], c["rank"])
             if c["rank"] != pick or key in seen:  # a case measured by two files of one day: the first file's
                 continue
             seen.add(key)
             rows.append([
-                _with_note(doc), c["dtype"], f"{c['layer']} {c['d']}→{c['n']}", c["m"], c["rank"],
+                _with_note(doc), dtype_label(c), f"{c['layer']} {c['d']}→{c['n']}", c["m"], c["rank"],
                 _ms(c["frozen_ms"]), _ms(c["fused_ms"]), _ms(c["unfused_ms"]), _ms(c.get("unfused_compiled_ms")),
                 _ms(c["peft_ms"]),
                 _x(c["fused_over_frozen"], c.get("goal_fused_over_frozen")),
@@ -122,14 +129,17 @@ def ops_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int = H
         if not ranks:
             continue
         pick = rank if rank in ranks else ranks[-1]
-        got = {(r["shape"], r["batch"], r["dtype"], r["variant"]): r for r in counts if r["rank"] in (None, pick)}
-        cases = dict.fromkeys((r["layer"], r["d"], r["n"], r["shape"], r["batch"], r["m"], r["dtype"]) for r in counts)
+        got = {(r["shape"], r["batch"], dtype_label(r), r["variant"]): r for r in counts if r["rank"] in (None, pick)}
+        cases = dict.fromkeys((r["layer"], r["d"], r["n"], r["shape"], r["batch"], r["m"], dtype_label(r))
+                              for r in counts)
         for layer, d, n, shape, batch, m, dtype in cases:
             def cell(v: str) -> str:
                 r = got.get((shape, batch, dtype, v))
                 if r is None or r["status"] != "ok":
                     return "-"
                 n = r["device_ops"]
+                if r.get("amp", "off") != "off":  # the budgets are those of a step without autocast's casts
+                    return str(n)
                 if v == "fused":
                     return f"{n} {'✓' if n <= STEP_BUDGET else '✗'}"
                 return f"{n} {'✓' if n == FROZEN_STEP else '✗'}" if v == "frozen" else str(n)

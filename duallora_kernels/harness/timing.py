@@ -18,7 +18,8 @@ import torch
 from . import device_ops
 from .device_memory import is_oom
 from .devices import device_info, peak_key
-from .problems import TOKENS, TORCH_DTYPES, LayerProblem, LayerShape, goal_met, make_problem, ratio, split_rank
+from .problems import (TOKENS, TORCH_DTYPES, LayerProblem, LayerShape, amp_name, goal_met, make_problem, ratio,
+                       split_rank)
 from .results import error_text
 from .variants import PASSES, VARIANTS, make_step, variant_unavailable
 
@@ -97,19 +98,22 @@ def byte_count(m: int, d: int, n: int, rank: int, variant: str, pass_: str, elsi
 
 def timing_row(problem: LayerProblem, variant: str, pass_: str, timing: Timing | None, *,
                status: str = "ok", reason: str | None = None, peaks: dict | None = None) -> dict[str, Any]:
-    """One ``kind="timing"`` result row."""
+    """One ``kind="timing"`` result row. Under autocast (``amp``), ``dtype`` is the tensors' own
+    (float32) and ``bytes`` and the peak fractions are those of the autocast dtype the matmuls run
+    in: autocast's casts of x, W0 and the adapters are traffic every variant pays on top."""
     shape, m = problem.shape, problem.m
     dtype = str(problem.dtype).replace("torch.", "")
+    compute = str(problem.compute_dtype).replace("torch.", "")
     rank = None if variant == "frozen" else problem.rank
     r_o, r_r = split_rank(problem.rank)
     fl = flop_count(m, shape.d, shape.n, problem.rank, variant, pass_)
-    by = byte_count(m, shape.d, shape.n, problem.rank, variant, pass_, problem.dtype.itemsize)
+    by = byte_count(m, shape.d, shape.n, problem.rank, variant, pass_, problem.compute_dtype.itemsize)
     row: dict[str, Any] = {
         "kind": "timing", "layer": shape.name, "shape": shape.key, "d": shape.d, "n": shape.n,
         "batch": problem.batch, "m": m, "rank": rank,
         "rank_orth": None if rank is None else r_o, "rank_res": None if rank is None else r_r,
-        "dtype": dtype, "pass": pass_, "variant": variant, "status": status, "reason": reason,
-        "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": None,
+        "dtype": dtype, "amp": amp_name(problem.amp), "pass": pass_, "variant": variant, "status": status,
+        "reason": reason, "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": None,
         "flops": fl, "bytes": by, "tflops": None, "gbps": None, "pct_peak_flops": None, "pct_peak_bw": None,
     }
     if timing is not None:
@@ -117,7 +121,7 @@ def timing_row(problem: LayerProblem, variant: str, pass_: str, timing: Timing |
         row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
                    tflops=fl / s / 1e12, gbps=by / s / 1e9)
         if peaks:
-            peak_f = peaks["flops"].get(peak_key(dtype))
+            peak_f = peaks["flops"].get(peak_key(compute))
             if peak_f:
                 row["pct_peak_flops"] = 100 * fl / s / peak_f
             row["pct_peak_bw"] = 100 * by / s / peaks["bandwidth"]
@@ -130,22 +134,26 @@ def comparison_rows(timing_rows: Iterable[dict[str, Any]]) -> list[dict[str, Any
     side is missing) and, on fwd+bwd rows, each variant's device operations (``<variant>_ops``,
     from the ``op_count`` rows among ``timing_rows``)."""
     timing_rows = list(timing_rows)
-    n_ops = {(r["shape"], r["batch"], r["dtype"], r["variant"], r["rank"]): r["device_ops"]
+    def amp(r: dict[str, Any]) -> str:
+        return r.get("amp", "off")  # rows of schema /1 and /2 ran without autocast
+
+    n_ops = {(r["shape"], r["batch"], r["dtype"], amp(r), r["variant"], r["rank"]): r["device_ops"]
              for r in timing_rows if r["kind"] == "op_count"}
     rows = [r for r in timing_rows if r["kind"] == "timing"]
-    ms = {(r["shape"], r["batch"], r["dtype"], r["pass"], r["variant"], r["rank"]): r["median_ms"] for r in rows}
-    keys = sorted({(r["layer"], r["shape"], r["d"], r["n"], r["batch"], r["m"], r["dtype"], r["pass"], r["rank"])
-                   for r in rows if r["rank"] is not None},
-                  key=lambda k: (k[6], k[2], k[3], k[4], PASSES.index(k[7]), k[8]))
+    ms = {(r["shape"], r["batch"], r["dtype"], amp(r), r["pass"], r["variant"], r["rank"]): r["median_ms"]
+          for r in rows}
+    keys = sorted({(r["layer"], r["shape"], r["d"], r["n"], r["batch"], r["m"], r["dtype"], amp(r), r["pass"],
+                    r["rank"]) for r in rows if r["rank"] is not None},
+                  key=lambda k: (k[6], k[7], k[2], k[3], k[4], PASSES.index(k[8]), k[9]))
     out = []
-    for layer, shape, d, n, batch, m, dtype, pass_, rank in keys:
-        t = {v: ms.get((shape, batch, dtype, pass_, v, None if v == "frozen" else rank)) for v in VARIANTS}
+    for layer, shape, d, n, batch, m, dtype, amp_, pass_, rank in keys:
+        t = {v: ms.get((shape, batch, dtype, amp_, pass_, v, None if v == "frozen" else rank)) for v in VARIANTS}
         f_fr, u_f = ratio(t["fused"], t["frozen"]), ratio(t["unfused"], t["fused"])
         c_f = ratio(t["unfused_compiled"], t["fused"])
-        ops = {v: n_ops.get((shape, batch, dtype, v, None if v == "frozen" else rank)) for v in VARIANTS}
+        ops = {v: n_ops.get((shape, batch, dtype, amp_, v, None if v == "frozen" else rank)) for v in VARIANTS}
         out.append({
             "kind": "comparison", "layer": layer, "shape": shape, "d": d, "n": n, "batch": batch, "m": m,
-            "dtype": dtype, "pass": pass_, "rank": rank,
+            "dtype": dtype, "amp": amp_, "pass": pass_, "rank": rank,
             **{f"{v}_ms": t[v] for v in VARIANTS},
             "fused_over_frozen": f_fr, "unfused_over_fused": u_f, "peft_over_fused": ratio(t["peft"], t["fused"]),
             "unfused_over_frozen": ratio(t["unfused"], t["frozen"]), "unfused_compiled_over_fused": c_f,
@@ -173,8 +181,10 @@ def run_bench(
     progress: bool = True,
     on_group: Callable[[list[dict[str, Any]]], None] | None = None,
     count_ops: bool = True,
+    amp: torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
-    """Time the matrix; returns the ``timing`` and ``op_count`` rows followed by the ``comparison`` rows.
+    """Time the matrix (every forward under ``torch.autocast(device, amp)`` when ``amp`` is given;
+    the dtypes must then be float32); returns the ``timing`` and ``op_count`` rows followed by the ``comparison`` rows.
 
     The frozen layer does not depend on the rank and is timed once per (shape, dtype, pass).
     A variant that cannot run here gets a ``status="skipped"`` row with its reason; one that fails
@@ -195,9 +205,9 @@ def run_bench(
         bar = tqdm(total=len(cases) * per_case, desc="bench", leave=False, dynamic_ncols=True)
     try:
         for dtype, shape in cases:
-            elsize = TORCH_DTYPES[dtype].itemsize
+            elsize = (amp or TORCH_DTYPES[dtype]).itemsize
             nbuf = buffers or buffer_count(batch * TOKENS * (shape.d + shape.n) * elsize, device)
-            base = make_problem(shape, ranks[0], dtype, device, batch=batch, buffers=nbuf, seed=seed)
+            base = make_problem(shape, ranks[0], dtype, device, batch=batch, buffers=nbuf, seed=seed, amp=amp)
             for rank_i, rank in enumerate(ranks):
                 problem = base if rank_i == 0 else base.with_rank(rank)
                 for variant in variants:

@@ -231,13 +231,25 @@ def layer_forward(variant: str, problem: LayerProblem) -> tuple[Callable[[Tensor
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
 
+def _under_autocast(f: Callable[[Tensor], Tensor], device_type: str, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    def forward(x: Tensor) -> Tensor:
+        with torch.autocast(device_type, dtype=dtype):
+            return f(x)
+
+    return forward
+
+
 def make_step(variant: str, pass_: str, problem: LayerProblem) -> Callable[[], None]:
     """A zero-argument callable running one forward (``"fwd"``, autograd recording as in
     training) or forward+backward (``"fwd+bwd"``), on the next x/dY buffer each call. Gradients
-    are reset to None at the start of each call, so nothing accumulates."""
+    are reset to None at the start of each call, so nothing accumulates. With ``problem.amp`` the
+    forward runs under ``torch.autocast`` and the backward outside it, as a mixed-precision
+    training loop does."""
     if pass_ not in PASSES:
         raise ValueError(f"unknown pass {pass_!r}; choose from {PASSES}")
     f, trainable = layer_forward(variant, problem)
+    if problem.amp is not None:
+        f = _under_autocast(f, problem.device.type, problem.amp)
     xs, dys = problem.xs, problem.dys
     state = {"i": 0}
 

@@ -85,8 +85,10 @@ def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype)
 
 
-def _check_pair(prefix: str, a: Tensor | None, b: Tensor | None, x: Tensor, n: int, d: int) -> int:
-    """Check an (A, B) adapter pair; returns its rank (0 when absent)."""
+def _check_pair(prefix: str, a: Tensor | None, b: Tensor | None, x: Tensor, n: int, d: int,
+                own_dtype: bool = False) -> int:
+    """Check an (A, B) adapter pair; returns its rank (0 when absent). ``own_dtype`` (under
+    autocast): the factors may keep a dtype autocast would cast instead of x's."""
     if (a is None) != (b is None):
         raise ValueError(f"{prefix}_a and {prefix}_b must be given together (got only one of them)")
     if a is None:
@@ -95,7 +97,8 @@ def _check_pair(prefix: str, a: Tensor | None, b: Tensor | None, x: Tensor, n: i
     check.tensor(f"{prefix}_b", b, ndim=2)
     for name, t in ((f"{prefix}_a", a), (f"{prefix}_b", b)):
         check.same_device(name, t, x, "x")
-        check.same_dtype(name, t, x, "x")
+        if not (own_dtype and t.dtype in _AUTOCAST_ELIGIBLE):
+            check.same_dtype(name, t, x, "x")
     r = a.shape[0]
     if r < 1 and prefix != "frozen":
         raise ValueError(f"{prefix}_a must have at least one row (rank >= 1), got shape {tuple(a.shape)}")
@@ -157,22 +160,32 @@ def dual_lora_linear(
     Returns:
         Y (..., n) in x's dtype.
 
-    Under ``torch.autocast`` the op is cast as ``F.linear`` is: x, weight, bias and every adapter
-    factor (float32/float16/bfloat16) are cast to the autocast dtype and Y comes out in it; the
-    gradients reach the parameters in their own dtype through the casts. The gate and the basis
+    Under ``torch.autocast`` the op computes as ``F.linear`` is cast: x, weight and bias
+    (float32/float16/bfloat16) are cast to the autocast dtype, the kernels run on low-precision
+    operands and Y comes out in the autocast dtype. The adapter factors are not cast by separate
+    ops: the step that assembles A and B^T anyway reads them in their own dtype and writes A and
+    B^T in the autocast dtype (one rounding, after the projections), and the gradient projection
+    writes each factor's gradient in its own dtype -- one rounding where casting first makes two,
+    and none of the 4 cast launches forward and 4 backward that casting the factors would add. The gate and the basis
     are not cast (the kernels read them in float32). Outside autocast every tensor but the gate
     and the basis must share x's dtype, the rule of ``nn.Linear``, which raises for a bfloat16
     input and float32 weights: a TypeError that names the tensor.
     """
     cast = autocast_dtype(x.device) if isinstance(x, Tensor) else None
     if cast is not None:
-        args = [_autocast(t, cast) for t in (x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b)]
+        x, weight, bias = (_autocast(t, cast) for t in (x, weight, bias))
+        # The adapters stay as given (the docstring); a float64 factor is left to fail the dtype
+        # check, as autocast leaves float64 to fail F.linear.
         with torch.autocast(x.device.type, enabled=False):
-            return dual_lora_linear(
-                args[0], args[1], args[2], orth_a=args[3], orth_b=args[4], res_a=args[5], res_b=args[6],
-                frozen_a=args[7], frozen_b=args[8], gate=gate, basis=basis, orth_scale=orth_scale,
-                res_scale=res_scale, backend=backend, check_basis=check_basis,
-            )
+            return _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
+                               orth_scale, res_scale, backend, check_basis, adapters_own_dtype=True)
+    return _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale,
+                       res_scale, backend, check_basis, adapters_own_dtype=False)
+
+
+def _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale,
+                res_scale, backend, check_basis, *, adapters_own_dtype: bool) -> Tensor:
+    """:func:`dual_lora_linear` after autocast: validate, then run the registered op."""
     check.tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., d)")
@@ -189,9 +202,9 @@ def dual_lora_linear(
         check.same_dtype("bias", bias, x, "x")
     orth_scale = check.finite("orth_scale", orth_scale)
     res_scale = check.finite("res_scale", res_scale)
-    _check_pair("orth", orth_a, orth_b, x, n, d)
-    r_train = _check_pair("res", res_a, res_b, x, n, d)
-    r_frozen = _check_pair("frozen", frozen_a, frozen_b, x, n, d)
+    _check_pair("orth", orth_a, orth_b, x, n, d, adapters_own_dtype)
+    r_train = _check_pair("res", res_a, res_b, x, n, d, adapters_own_dtype)
+    r_frozen = _check_pair("frozen", frozen_a, frozen_b, x, n, d, adapters_own_dtype)
     if frozen_a is not None and (frozen_a.requires_grad or frozen_b.requires_grad):
         raise ValueError("frozen_a / frozen_b must not require grad: pass the training block as res_a / res_b")
     if basis is not None:
