@@ -105,9 +105,20 @@ def test_two_gloo_processes_equal_one_process_keep_identical_bases_and_span_m(tm
     torch.set_num_threads(1)
     single = _Recording(TrainConfig(**SMALL, out_dir=str(tmp_path / "single")), progress=False, log=lambda m: None)
     one = _state(single, single.run())
+    # The two runs sum the same per-sample gradients and Gram statistics in another order (DDP adds
+    # two partial sums; one process adds 13 terms), so they agree to float32 rounding, not bit for bit,
+    # and how far depends on the CPU's BLAS. What is compared exactly is what rounding cannot move
+    # here: the basis sizes (set by a threshold on the statistics' energy, far from it in this
+    # configuration). An accuracy can move only if a test sample's two best logits tie to rounding,
+    # so the accuracies may differ by at most one test sample per entry; the weights and bases, which
+    # decide the outputs, are compared at float32 tolerance below.
     assert r0["results"]["basis_sizes"] == one["results"]["basis_sizes"]
-    assert r0["results"]["accuracy_matrix"] == one["results"]["accuracy_matrix"]
-    assert r0["results"]["task_id_accuracy"] == pytest.approx(one["results"]["task_id_accuracy"])
+    per_task = SMALL["test_per_class"] * TrainConfig(**SMALL).classes_per_task  # test samples of a task
+    for t, (row, row_one) in enumerate(zip(r0["results"]["accuracy_matrix"], one["results"]["accuracy_matrix"])):
+        assert len(row) == len(row_one) == t + 1
+        assert row == pytest.approx(row_one, abs=1.0 / per_task + 1e-9), (t, row, row_one)
+    for t, (acc, acc_one) in enumerate(zip(r0["results"]["task_id_accuracy"], one["results"]["task_id_accuracy"])):
+        assert (acc is None) == (acc_one is None) and (acc is None or abs(acc - acc_one) <= 1.0 / (per_task * (t + 1)) + 1e-9)
     for key in ("bases", "task_bases", "weights"):
         for name in one[key]:
             a, b = r0[key][name], one[key][name]
