@@ -8,7 +8,8 @@
 # commands rewrite their JSON after every variant, so a step cut off at its limit still returns
 # what finished, marked "complete": false):
 #   1. setup         the device, versions and commit; the device slug that names the files
-#   2. kernel-tests  the Triton kernel tests compiled on the GPU (fixed configs, DUALLORA_AUTOTUNE=0;
+#   2. kernel-tests  the Triton kernel tests compiled on the GPU, and the drop-in under autocast and
+#                    Inductor (tests/test_gpu_dropin.py) (fixed configs, DUALLORA_AUTOTUNE=0;
 #                    the backend="cuda" tests deselected: the CUDA extension has its own issue)
 #   3. headline      bf16, the four ViT-B/16 layers, rank 16, batch 64: frozen / fused /
 #                    torch.compile'd unfused / unfused / PEFT, with device-op counts;
@@ -82,7 +83,7 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export DUALLORA_TEST_SEED=${DUALLORA_TEST_SEED:-$(( (RANDOM << 16) | RANDOM ))}
 
 LAYERS=vit_b.proj,vit_b.qkv,vit_b.fc1,vit_b.fc2
-TEST_FILES="tests/test_fused_linear.py tests/test_gram.py tests/test_task_scores.py tests/test_stability.py"
+TEST_FILES="tests/test_fused_linear.py tests/test_gram.py tests/test_task_scores.py tests/test_stability.py tests/test_gpu_dropin.py"
 SETUP_PY='import platform, torch, triton
 from duallora_kernels.harness.devices import device_slug
 name = torch.cuda.get_device_name()

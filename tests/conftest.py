@@ -46,7 +46,8 @@ if _MODE == "cuda":
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 #: What DUALLORA_TEST_DEVICE=cuda runs; the other files test torch code, data, the CLI, etc.
-KERNEL_TEST_FILES = ("test_fused_linear.py", "test_gram.py", "test_task_scores.py", "test_stability.py")
+KERNEL_TEST_FILES = ("test_fused_linear.py", "test_gram.py", "test_task_scores.py", "test_stability.py",
+                     "test_gpu_dropin.py")
 
 # Fresh random inputs every run; the seed is printed in the header so a failure can be replayed
 # with DUALLORA_TEST_SEED=<seed>.
