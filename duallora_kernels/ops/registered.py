@@ -14,6 +14,14 @@ second. Both run one of the :class:`.launchers.Launchers` implementations: ``"tr
 (:data:`.fused_linear.TRITON`), ``"cuda"`` (:mod:`.cuda`) or ``"torch"`` (:data:`.launchers.TORCH`,
 also used for dtypes no kernel takes: float64). Arguments are validated by
 :func:`duallora_kernels.ops.dual_lora_linear`; these functions assume valid ones.
+
+torch.compile (Inductor too) keeps each op as one opaque node: the graph around it is compiled,
+the kernels inside run as written, and nothing breaks the graph. Letting Inductor see the Triton
+kernels themselves (``torch.library.triton_op`` with ``wrap_triton`` launches) is not done: it can
+be neither traced nor run without a GPU -- under ``TRITON_INTERPRET=1`` torch's ``wrap_triton``
+hands back the interpreted kernel unwrapped, and tracing a compiled one needs a GPU target for its
+mutation analysis -- so it waits for a GPU session (tests/test_gpu_dropin.py checks the opaque op
+under Inductor there).
 """
 from __future__ import annotations
 
