@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from duallora_kernels.ops import aot
+from duallora_kernels.ops import aot, aot_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: The GEMM-shaped kernels whose main loops must run wgmma on Hopper (by kernel name).
@@ -24,7 +24,7 @@ GEMM_KERNELS = {"_fused_forward_kernel", "_fused_backward_kernel", "_gram_kernel
 
 
 def _problems(doc: dict) -> list[str]:
-    return [msg for row in doc["rows"] for msg in aot.row_problems(row)]
+    return [msg for row in doc["rows"] for msg in aot_table.row_problems(row)]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def ci_table(tmp_path_factory) -> dict:
 
 
 def test_ci_subset_compiles_within_the_contract(ci_table):
-    assert aot.validate(ci_table) == []
+    assert aot_table.validate(ci_table) == []
     problems = _problems(ci_table)
     assert not problems, "\n".join(problems)
 
@@ -70,7 +70,7 @@ def test_a_full_table_is_committed():
 @pytest.mark.parametrize("path", _committed(), ids=lambda p: p.name)
 def test_committed_table_holds_the_schema_and_the_contract(path):
     doc = json.loads(path.read_text())
-    assert aot.validate(doc) == []
+    assert aot_table.validate(doc) == []
     assert doc["subset"] == "full" and set(doc["archs"]) == set(aot.ARCHS)
     assert {(r["dtype"], r["rank"]) for r in doc["rows"]} == set(map(tuple, aot.CASES))
     assert path.name == f"compile-{doc['triton']}.json"
@@ -83,7 +83,7 @@ def test_row_problems_catch_each_breach():
             "n_spills": 0, "stack_bytes": 0, "local_bytes": 0, "shared_bytes": 1024, "tensor_core_dots": 1,
             "gemm_dots": 1, "atomic_sems": ["relaxed"], "ptx": {"wgmma": 4, "mma_sync": 0},
             "sass": {"HGMMA": 4, "HMMA": 0, "STL": 0, "LDL": 0, "fenced_atomics": 0}}
-    assert aot.row_problems(good) == []
+    assert aot_table.row_problems(good) == []
     breaches = [
         {"compiled": False, "error": "boom"},
         {"n_spills": 4, "stack_bytes": 16, "sass": {**good["sass"], "STL": 2}},
@@ -93,10 +93,10 @@ def test_row_problems_catch_each_breach():
         {"arch": 86},  # wgmma on Ampere: the wrong target
     ]
     for change in breaches:
-        assert aot.row_problems({**good, **change}), change
+        assert aot_table.row_problems({**good, **change}), change
     # float32 may spill (IEEE dots run on FMA units); acq_rel atomics may be fenced.
-    assert aot.row_problems({**good, "dtype": "float32", "n_spills": 4, "sass": {**good["sass"], "STL": 2}}) == []
-    assert aot.row_problems({**good, "atomic_sems": ["acq_rel"], "sass": {**good["sass"], "fenced_atomics": 2}}) == []
+    assert aot_table.row_problems({**good, "dtype": "float32", "n_spills": 4, "sass": {**good["sass"], "STL": 2}}) == []
+    assert aot_table.row_problems({**good, "atomic_sems": ["acq_rel"], "sass": {**good["sass"], "fenced_atomics": 2}}) == []
 
 
 _FENCE_PROBE = '''

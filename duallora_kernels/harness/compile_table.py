@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..ops import aot
+from ..ops import aot_table
+from ..ops._kernel_utils import smem_limit
 
 __all__ = ["render", "render_compile"]
 
@@ -57,9 +58,9 @@ def _headline(rows: list[dict[str, Any]], kernels: list[str]) -> list[str]:
         if not ok:
             out.append(f"| `{kernel}` | {len(mine)} | **{len(mine)}** | - | - | - | - |")
             continue
-        worst = max(ok, key=lambda r: r["shared_bytes"] / aot.smem_limit(r["arch"]))
-        worst_kb, worst_pct = worst["shared_bytes"] / 1024, 100 * worst["shared_bytes"] / aot.smem_limit(worst["arch"])
-        spilling = sum(1 for r in ok if r["dtype"] in aot.LOWP and r["stack_bytes"] + r["local_bytes"])
+        worst = max(ok, key=lambda r: r["shared_bytes"] / smem_limit(r["arch"]))
+        worst_kb, worst_pct = worst["shared_bytes"] / 1024, 100 * worst["shared_bytes"] / smem_limit(worst["arch"])
+        spilling = sum(1 for r in ok if r["dtype"] in aot_table.LOWP and r["stack_bytes"] + r["local_bytes"])
         hopper = [r for r in ok if r["arch"] >= 90 and r["tensor_core_dots"]]
         wgmma = f"{sum(1 for r in hopper if r['ptx']['wgmma'])} of {len(hopper)}" if hopper else "no tensor-core dots"
         failed = len(mine) - len(ok)
@@ -83,7 +84,7 @@ def render(path: Path, doc: dict[str, Any]) -> str:
     kernels = sorted({r["kernel"] for r in rows})
     ordered = sorted(lines.items(), key=lambda kv: (kernels.index(kv[0][0]), list(DTYPE).index(kv[0][1]),
                                                      min(kv[1][0]), -kv[0][2]))
-    problems = [msg for r in rows for msg in aot.row_problems(r)]
+    problems = [msg for r in rows for msg in aot_table.row_problems(r)]
     # The README lists a few per kernel, so that one kernel's many do not hide another's.
     shown = [msg for kernel in kernels for msg in [m for m in problems if m.startswith(kernel + " ")][:PER_KERNEL]]
     dirty = ", uncommitted kernel changes" if doc.get("git_dirty") else ""
@@ -134,7 +135,7 @@ def render_compile(results: Path) -> str:
     blocks = []
     for path in sorted(results.glob("compile-*.json")):
         doc = json.loads(path.read_text())
-        errors = aot.validate(doc)
+        errors = aot_table.validate(doc)
         if errors:
             print(f"render_compile_table: skipping {path}: {errors[0]}", file=sys.stderr)
             continue

@@ -23,7 +23,8 @@ explicit ``GPUTarget``; ptxas and cuobjdump ship inside the triton wheel. So thi
 
 writes bench/results/compile-<triton version>.json (the full table; the README shows it, see
 bench/render_compile_table.py). tests/test_aot_compile.py runs the ci subset and applies
-:func:`row_problems` to it and to every committed table.
+:func:`.aot_table.row_problems` to it and to every committed table. Reading the cubins is
+:mod:`.cubin`; the table's schema and checks are :mod:`.aot_table`.
 """
 from __future__ import annotations
 
@@ -32,8 +33,6 @@ import datetime
 import importlib
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,9 +45,10 @@ from typing import Any, Iterator
 import torch
 
 from ._kernel_utils import ARCHS, AUTOTUNE_ENV, kernel_name, observe_launches, smem_limit, target_arch
+from .aot_table import SCHEMA, row_problems, to_json
+from .cubin import inspect_cubin, ir_facts, ptx_counts
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA = 1
 #: (dtype, rank of each adapter block) compiled by the full table.
 CASES = (("bfloat16", 16), ("bfloat16", 64), ("float16", 16), ("float16", 64), ("float32", 16))
 #: (arch, dtype, rank) of the CI subset, fixed config only: one Hopper, one Ampere consumer card,
@@ -57,7 +57,6 @@ CI_SUBSET = ((90, "bfloat16", 16), (86, "float16", 64), (80, "float32", 16))
 #: ViT-B/16 at batch 64 (197 tokens), its fc1 layer; a memory basis of k columns; T task bases of u.
 SHAPES = {"batch": 64, "tokens": 197, "d": 768, "n": 3072, "basis_k": 192, "frozen_blocks": 2,
           "score_rows": 64, "tasks": 10, "task_basis_u": 64}
-LOWP = ("bfloat16", "float16")
 
 
 # ---------------------------------------------------------------------------------- capture
@@ -243,61 +242,6 @@ def plan(subset: str, archs: tuple[int, ...], kernels: set[str] | None = None,
 
 
 # ---------------------------------------------------------------------------------- compile
-_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)", re.M)
-_RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-#: SASS opcodes by what they mean: tensor cores (Hopper warpgroup / Ampere-style), cp.async,
-#: TMA, global atomics, fences, local memory (spill) traffic and scalar float32 FMAs.
-SASS_OPS = {"HGMMA": ("HGMMA",), "HMMA": ("HMMA",), "LDGSTS": ("LDGSTS",),
-            "TMA": ("UTMALDG", "UTMASTG", "UTMAREDG", "UBLKCP"), "atomics": ("ATOM", "ATOMG", "RED", "REDG"),
-            "MEMBAR": ("MEMBAR",), "FENCE": ("FENCE",), "STL": ("STL",), "LDL": ("LDL",), "FFMA": ("FFMA",)}
-PTX_OPS = {"wgmma": r"\bwgmma\.mma_async", "mma_sync": r"\bmma\.sync", "cp_async": r"\bcp\.async\.c[ag]\b",
-           "tma": r"\bcp\.async\.bulk\.tensor", "atom": r"\batom\.", "red": r"\bred\."}
-
-
-def _tool(name: str) -> str:
-    import triton
-
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    return str(bundled) if bundled.exists() else (shutil.which(name) or name)
-
-
-def inspect_cubin(cubin: bytes) -> dict:
-    """Registers, stack/local bytes, static shared bytes and SASS opcode counts from cuobjdump."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    regs, stack, static_shared, local = map(int, _RESOURCES.search(usage).groups())
-    ops = [m.group(1) for m in _SASS_LINE.finditer(sass)]
-    counts = {label: sum(op in names for op in ops) for label, names in SASS_OPS.items()}
-    # A fenced atomic: a GPU/system-scope MEMBAR within the few instructions before an ATOM/RED
-    # (what a default acq_rel tl.atomic_add emits); CTA-scope MEMBARs order shared memory only.
-    full = [m.group(1) + m.group(2) for m in _SASS_LINE.finditer(sass)]
-    fenced = sum(1 for i, op in enumerate(ops) if op in SASS_OPS["atomics"] and any(
-        p.startswith("MEMBAR") and (".GPU" in p or ".SYS" in p) for p in full[max(0, i - 4):i]))
-    return {"regs": regs, "stack_bytes": stack, "local_bytes": local, "static_shared_bytes": static_shared,
-            "sass": {**counts, "fenced_atomics": fenced}}
-
-
-_DOT = re.compile(r"tt\.dot (?P<args>[^:]*): tensor<(?:\d+x)+(?P<a>\w+)> \* tensor<[^>]*> "
-                  r"-> tensor<(?P<m>\d+)x(?P<n>\d+)x")
-
-
-def _ir_facts(ttir: str) -> dict:
-    """What the kernel asks for, from its Triton IR: its dots, those tensor cores can run
-    (bf16/fp16/fp8 operands, or float32 with a TF32/bf16x-based input precision; IEEE float32
-    runs on FMA units), those of them GEMM-shaped (an output tile of at least 64 x 64, which
-    Hopper runs as wgmma), and the memory semantics its atomics request."""
-    dots = [m.groupdict() for m in _DOT.finditer(ttir)]
-    tc = [d for d in dots if d["a"] != "f32" or re.search(r"inputPrecision = (tf32|bf16x)", d["args"])]
-    gemm = [d for d in tc if int(d["m"]) >= 64 and int(d["n"]) >= 64]
-    sems = sorted(set(re.findall(r"tt\.atomic_\w+ \w+, (\w+),", ttir)))
-    return {"dots": len(dots), "tensor_core_dots": len(tc), "gemm_dots": len(gemm), "atomic_sems": sems}
-
-
 _JOB_ONLY = ("signature", "constexprs", "attrs", "options", "module", "qualname", "key")
 
 
@@ -318,9 +262,8 @@ def compile_job(job: dict) -> dict:
                shared_bytes=int(kernel.metadata.shared), num_warps=kernel.metadata.num_warps)
     row.update(inspect_cubin(kernel.asm["cubin"]))
     row["n_spills"] = (row["stack_bytes"] + row["local_bytes"]) // 4  # as Triton's n_spills: local bytes / 4
-    ptx = kernel.asm["ptx"]
-    row["ptx"] = {label: len(re.findall(pattern, ptx)) for label, pattern in PTX_OPS.items()}
-    row.update(_ir_facts(kernel.asm["ttir"]))
+    row["ptx"] = ptx_counts(kernel.asm["ptx"])
+    row.update(ir_facts(kernel.asm["ttir"]))
     return row
 
 
@@ -350,60 +293,6 @@ def run_jobs(jobs: list[dict], n_jobs: int = 1) -> Iterator[dict]:
             yield from rows
 
 
-# ---------------------------------------------------------------------------------- checks
-def row_problems(row: dict) -> list[str]:
-    """What a row breaks of the cost contract (empty: fine); the test asserts none."""
-    where = f"{row['kernel']} sm_{row['arch']} {row['dtype']} r{row['rank']} [{row['config']}]"
-    if not row.get("compiled"):
-        last = [ln for ln in str(row.get("error")).splitlines() if ln.strip()] or ["?"]
-        return [f"{where}: does not compile: {last[-1].strip()[:300]}"]
-    problems = []
-    if row["dtype"] in LOWP and (row["n_spills"] or row["sass"]["STL"] or row["sass"]["LDL"]):
-        problems.append(f"{where}: spills ({row['stack_bytes'] + row['local_bytes']} B local, "
-                        f"{row['sass']['STL']} STL / {row['sass']['LDL']} LDL)")
-    if row["shared_bytes"] > smem_limit(row["arch"]):
-        problems.append(f"{where}: {row['shared_bytes']} B shared > the {smem_limit(row['arch'])} B limit")
-    tc = row["ptx"]["wgmma"] + row["ptx"]["mma_sync"]
-    if row["tensor_core_dots"] and not (tc and row["sass"]["HGMMA"] + row["sass"]["HMMA"]):
-        problems.append(f"{where}: {row['tensor_core_dots']} tensor-core dots but no wgmma/mma.sync")
-    if row["arch"] >= 90 and row["gemm_dots"] and not (row["ptx"]["wgmma"] and row["sass"]["HGMMA"]):
-        problems.append(f"{where}: {row['gemm_dots']} GEMM-shaped dots but no wgmma on sm_90")
-    if row["arch"] < 90 and row["ptx"]["wgmma"]:
-        problems.append(f"{where}: wgmma on sm_{row['arch']}")
-    if row["atomic_sems"] == ["relaxed"] and row["sass"]["fenced_atomics"]:
-        problems.append(f"{where}: requests relaxed atomics but {row['sass']['fenced_atomics']} are fenced")
-    return problems
-
-
-#: Keys (and types) every table and every compiled row has; :func:`validate` checks them.
-DOC_KEYS = {"schema": int, "kind": str, "triton": str, "torch": str, "date": str, "git_commit": str, "command": str,
-            "subset": str, "archs": list, "shapes": dict, "smem_limits": dict, "pruning": list, "rows": list}
-ROW_KEYS = {"kernel": str, "launch": str, "dtype": str, "rank": int, "arch": int, "config": str, "kept": bool,
-            "fixed": bool, "variant": str, "compiled": bool}
-COMPILED_KEYS = {"regs": int, "shared_bytes": int, "stack_bytes": int, "local_bytes": int, "n_spills": int,
-                 "compile_s": float, "ptx": dict, "sass": dict, "dots": int, "tensor_core_dots": int,
-                 "gemm_dots": int, "atomic_sems": list}
-
-
-def validate(doc: Any) -> list[str]:
-    """Schema errors of a compile table (empty: valid)."""
-    if not isinstance(doc, dict):
-        return ["not a JSON object"]
-    errors = [f"{k}: missing or not {t.__name__}" for k, t in DOC_KEYS.items() if not isinstance(doc.get(k), t)]
-    if errors:
-        return errors
-    if doc["schema"] != SCHEMA or doc["kind"] != "aot-compile":
-        errors.append(f"schema {doc['schema']} / kind {doc['kind']!r}: expected {SCHEMA} / 'aot-compile'")
-    for i, row in enumerate(doc["rows"]):
-        wanted = {**ROW_KEYS, **(COMPILED_KEYS if isinstance(row, dict) and row.get("compiled") else {})}
-        errors += [f"rows[{i}].{k}: missing or not {t.__name__}" for k, t in wanted.items()
-                   if not isinstance(row.get(k) if isinstance(row, dict) else None, (float, int) if t is float else t)]
-        if isinstance(row, dict) and row.get("compiled"):
-            errors += [f"rows[{i}].sass.{k}: missing" for k in (*SASS_OPS, "fenced_atomics") if k not in row["sass"]]
-            errors += [f"rows[{i}].ptx.{k}: missing" for k in PTX_OPS if k not in row["ptx"]]
-    return errors
-
-
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -418,16 +307,6 @@ def _kernels_changed() -> bool:
         return subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "duallora_kernels"], cwd=ROOT).returncode == 1
     except OSError:
         return False
-
-
-def to_json(doc: dict) -> str:
-    """``doc`` as indented JSON with one line per row and per pruning entry: a table of hundreds
-    of rows stays readable, and a re-run's diff shows which rows changed."""
-    lists = {key: doc[key] for key in ("rows", "pruning")}
-    text = json.dumps({**doc, **{key: f"@{key}@" for key in lists}}, indent=2)
-    for key, items in lists.items():
-        text = text.replace(f'"@{key}@"', "[\n" + ",\n".join("    " + json.dumps(item) for item in items) + "\n  ]")
-    return text + "\n"
 
 
 def default_output() -> Path:
