@@ -2,33 +2,55 @@
 
 A prebuilt extension (``duallora_kernels._C``, built by setup.py when CUDA is present) is used
 if it imports; otherwise csrc/ is compiled once with ``torch.utils.cpp_extension.load`` (JIT,
-cached under ``TORCH_EXTENSIONS_DIR``; needs nvcc). Without a CUDA device every entry point
-raises a RuntimeError that says so.
+cached under ``TORCH_EXTENSIONS_DIR``; needs nvcc, and links the CUDA runtime that
+:mod:`.cuda_build` finds: the toolkit's, or the versioned one of pip's CUDA wheels). Without a
+CUDA device every entry point raises a RuntimeError that says so; with neither a prebuilt
+extension nor nvcc, a one-line RuntimeError says what to install.
 
-* :func:`cuda_launchers`: the fused forward/backward of csrc/fused_linear.cu behind the
-  same registered op and autograd formula as the Triton op (:mod:`.registered`), so
-  the two share gradient bookkeeping and the memory projections. SIMT kernels (no tensor
-  cores): the portable variant, not the fast one. Total adapter rank r <= 128.
-* :func:`gram_cuda`, :func:`task_scores_cuda`: csrc/memory_ops.cu; float64 is computed natively.
+* :func:`cuda_launchers`: the fused forward/backward of csrc/fused_forward.cu and
+  csrc/fused_backward.cu behind the same registered op and autograd formula as the Triton op
+  (:mod:`.registered`), so the two share gradient bookkeeping and the memory projections.
+  Tensor cores: ``mma.sync`` m16n8k16 through inline PTX (csrc/mma_sm80.cuh says why not
+  CUTLASS/CuTe or WMMA), 128 x 128 x 32 tiles, 3-stage ``cp.async`` pipelines (2 at padded rank
+  128), 16-byte loads, within 99 KB of shared memory so that they run on sm_86/sm_89 as on sm_80
+  and sm_90; float32 accumulation, T stored in x's dtype. bfloat16 and float16 only, total rank
+  r <= 128. Other calls run :data:`.launchers.TORCH` (cuBLAS): float32 (so that TF32 is used
+  exactly when torch's float32 matmul precision allows it, which is what the Triton path does
+  with ``tl.dot``; a float32 CUDA kernel on SIMT FMA would be slower than cuBLAS, and an
+  mma.sync TF32 variant is not written yet), float64, and r > 128.
+* :func:`gram_cuda`, :func:`task_scores_cuda`: csrc/memory_ops.cu (SIMT, float32 / float64
+  accumulation; not rewritten on tensor cores: gram runs once per task over the task's data,
+  task_scores is (b x T x d x u), off the training step's path).
 
 Inputs are made contiguous before the launch (a copy only for strided inputs), unlike the Triton
-kernels, which read strided rows in place. float64 runs the reference for the linear op.
-Status: compile-checked with nvcc for sm_90; not yet run on a GPU in this repository's history.
+kernels, which read strided rows in place.
+
+Which backend ``"auto"`` picks is :func:`duallora_kernels.ops.resolve_backend`'s: Triton on every
+GPU (its wgmma path is Hopper's state of the art); this backend is chosen by name until a
+measurement on sm_8x says it is faster there. Status: compile-checked for sm_80/86/89/90
+(tests/test_cuda_compile.py, bench/results/cuda-compile-*.json); not yet run on a GPU.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from . import cuda_build
+from .launchers import TORCH, Launchers
 from .reference import TINY_NORM, task_scores_reference
 
 __all__ = ["cuda_launchers", "gram_cuda", "task_scores_cuda", "load_extension", "build_extension", "CSRC"]
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("bindings.cpp", "memory_ops.cu", "fused_linear.cu")
+SOURCES = ("bindings.cpp", "memory_ops.cu", "fused_forward.cu", "fused_backward.cu")
+#: What the fused kernels take; other calls run the torch launchers (cuBLAS), see the module doc.
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+MAX_RANK = 128
 # csrc/memory_ops.cu divides by max(||z||^2, eps): with eps = float32's smallest normal it scores
 # like the reference down to that norm (below it the reference gives 0 and the kernel 0 / eps = 0
 # for an all-zero z).
@@ -58,15 +80,27 @@ def build_extension(verbose: bool = False):
             f"backend='cuda': the CUDA sources {missing} are not in {CSRC}; use a source checkout, or install "
             "with DUALLORA_BUILD_CUDA=1 so that the prebuilt extension duallora_kernels._C exists"
         )
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import CUDA_HOME, load
 
     return load(
         name="duallora_kernels_cuda",
         sources=[str(CSRC / s) for s in SOURCES],
         extra_cuda_cflags=["-O3"],
         extra_include_paths=_pip_cuda_include_dirs(),
+        extra_ldflags=link_flags(CUDA_HOME),
         verbose=verbose,
     )
+
+
+def link_flags(cuda_home: str | None) -> list[str]:
+    """Linker flags for the CUDA runtime (:mod:`.cuda_build`); a one-line error without nvcc."""
+    nvcc = cuda_build.nvcc_path(cuda_home)
+    if nvcc is None:
+        raise RuntimeError(cuda_build.missing_toolchain_message(CSRC))
+    lib = cuda_build.find_cudart([*cuda_build.toolkit_dirs(cuda_home, nvcc), *cuda_build.wheel_lib_dirs()])
+    if lib is None:
+        return []  # torch's own -L$CUDA_HOME/lib64 -lcudart is then the only hope; its error names it
+    return cuda_build.cudart_link_flags(lib, Path(tempfile.gettempdir()) / f"duallora-cudart-{os.getuid()}")
 
 
 def load_extension():
@@ -81,6 +115,10 @@ def load_extension():
             try:
                 from .. import _C as ext  # built by setup.py
             except ImportError:
+                from torch.utils.cpp_extension import CUDA_HOME
+
+                if cuda_build.nvcc_path(CUDA_HOME) is None:
+                    raise RuntimeError(cuda_build.missing_toolchain_message(CSRC)) from None
                 try:
                     ext = build_extension()
                 except Exception as err:  # a compiler error is long; keep it, say what failed first
@@ -126,24 +164,31 @@ def _gate_rows(gate, lay, d_rows: int):
     return gate.reshape(d_rows, gate.shape[-1]).to(torch.float32).contiguous() if lay.has_gate else None
 
 
+def _kernel_takes(x: Tensor, lay) -> bool:
+    return x.dtype in KERNEL_DTYPES and lay.r <= MAX_RANK
+
+
 def _cuda_forward(x, weight, bias, a, bt, gate, lay, store_t):
+    if not _kernel_takes(x, lay):
+        return TORCH.forward(x, weight, bias, a, bt, gate, lay, store_t)
     n, d = weight.shape
     g = _gate_rows(gate, lay, x.numel() // d)
     y, t = load_extension().dual_lora_forward(
         x.reshape(-1, d).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), a, bt, g,
         lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale, store_t,
     )
-    # The kernel writes T in float32; the graph keeps it in x's dtype, as the Triton op does
-    # (fused_linear's "What is saved"): an (m, r) cast, r << n.
-    return y.view(*x.shape[:-1], n), None if t is None else t.to(x.dtype)
+    # T comes out unscaled in x's dtype, as the graph keeps it (fused_linear's "What is saved").
+    return y.view(*x.shape[:-1], n), t
 
 
 def _cuda_backward(dy, x, weight, a, bt, gate, t, lay, plan, grad):
+    if not _kernel_takes(dy, lay):
+        return TORCH.backward(dy, x, weight, a, bt, gate, t, lay, plan, grad)
     n, d = weight.shape
     g = _gate_rows(gate, lay, dy.numel() // n)
     x2 = x.reshape(-1, d).contiguous() if plan.need_da else None
     dx, da, dbt, dbias = load_extension().dual_lora_backward(
-        dy.reshape(-1, n).contiguous(), weight.contiguous(), a, bt, g, None if t is None else t.float(), x2,
+        dy.reshape(-1, n).contiguous(), weight.contiguous(), a, bt, g, t, x2,
         lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale,
         plan.da_orth_end, plan.da_res_start, plan.db_orth_end, plan.db_res_start, plan.need_dx, plan.need_dbias,
     )
@@ -156,7 +201,5 @@ def _cuda_backward(dy, x, weight, a, bt, gate, t, lay, plan, grad):
 
 def cuda_launchers():
     """The CUDA C++ kernels as :class:`.launchers.Launchers` (the small-matrix steps in torch)."""
-    from .launchers import Launchers
-
     load_extension()
     return Launchers(_cuda_forward, _cuda_backward)
