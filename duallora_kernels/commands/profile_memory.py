@@ -7,9 +7,15 @@ frozen model vs PEFT LoRA (and full fine-tuning as a reference).
     largest batch whose step fits under each of ``--budgets`` GiB
     (torch.cuda.set_per_process_memory_fraction), for ``--max-batch-variants``.
 
+(c) ``--plan``: no GPU needed. The peak memory of one training step at ``--step-batch``, split into
+    parameters, gradients, optimizer state, saved activations, transient, allocator overhead,
+    cuBLAS workspace and CUDA context, and the largest batch that fits each of ``--gpus``, for each
+    variant side by side (harness/memory_plan.py: the step traced on fake tensors).
+
     duallora profile-memory                      # everything the device allows
     duallora profile-memory --quick              # small and CPU-friendly (ViT at batch 2)
     python -m duallora_kernels.commands.profile_memory --scope layer
+    duallora profile-memory --plan --gpus rtx3060-12gb,rtx4090 --amp bf16 --rank 16
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from ..harness.problems import parse_dtypes, parse_list, parse_shapes
 from ..harness.tables import fmt_ratio, format_bytes, format_table
 from ..harness.vit_models import VIT_VARIANTS
 from .common import add_common_arguments, module_main, run_command
+from .plan_memory import add_plan_arguments, model_settings, run_plan_command
 
 HELP = "bytes saved for backward (layer, whole ViT); GPU peak memory and largest batch per memory budget"
 SCOPES = ("layer", "vit", "step", "max-batch")
@@ -39,8 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(command="profile-memory", _suffix="-memory")
     p.add_argument("--scope", default=",".join(SCOPES),
                    help="what to measure: layer, vit (saved bytes), step, max-batch (GPU only); default: all")
-    p.add_argument("--variants", default=",".join(VIT_VARIANTS),
-                   help=f"saved-bytes and step variants, subset of {','.join(VIT_VARIANTS)}")
+    p.add_argument("--variants", default=None,
+                   help=f"saved-bytes and step variants, subset of {','.join(VIT_VARIANTS)} (default: all; "
+                        "--plan also knows inference)")
     p.add_argument("--max-batch-variants", default="fused,unfused", help="variants of the largest-batch search")
     p.add_argument("--shapes", action="append", default=None, help="layer shapes for --scope layer (default: all six)")
     p.add_argument("--rank", type=int, default=16, help="total adapter rank (default: 16)")
@@ -53,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, default=100, help="classes of the head (default: 100)")
     for flag in ("img-size", "patch-size", "depth", "embed-dim", "num-heads"):
         p.add_argument(f"--{flag}", type=int, default=None, help=f"override the model's {flag.replace('-', ' ')}")
+    add_plan_arguments(p)
 
 
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,7 +69,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     bad = [s for s in scopes if s not in SCOPES]
     if bad:
         raise ValueError(f"--scope: unknown {bad}; choose from {SCOPES}")
-    variants = parse_list(args.variants)
+    variants = parse_list(args.variants or ",".join(VIT_VARIANTS))
     mb_variants = parse_list(args.max_batch_variants)
     bad = [v for v in variants + mb_variants if v not in VIT_VARIANTS]
     if bad:
@@ -70,11 +79,9 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         budgets = [float(b) for b in parse_list(args.budgets)]
     except ValueError:
         raise ValueError(f"--budgets must be numbers of GiB like 8,12,16,24, got {args.budgets!r}") from None
-    timm_kwargs = {k: getattr(args, k) for k in ("img_size", "patch_size", "depth", "embed_dim", "num_heads")
-                   if getattr(args, k) is not None}
+    timm_kwargs, label = model_settings(args)
     if args.rank < 1:
         raise ValueError(f"--rank must be >= 1, got {args.rank}")
-    label = args.model + ("" if not timm_kwargs else " (" + ", ".join(f"{k}={v}" for k, v in timm_kwargs.items()) + ")")
     return {
         "scopes": scopes, "variants": variants, "max_batch_variants": mb_variants, "dtypes": dtypes,
         "shapes": parse_shapes(args.shapes or (["768x768,768x2304,768x3072,3072x768"] if args.quick else None)),
@@ -145,6 +152,8 @@ def print_tables(rows: list[dict[str, Any]], file: Any = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        return run_plan_command(args)
     return run_command(args, settings_from, run_profile, print_tables, show_triton=False)
 
 

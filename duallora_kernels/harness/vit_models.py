@@ -2,6 +2,7 @@
 adapted as each variant, and one training step of it."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -11,21 +12,30 @@ from torch import Tensor, nn
 from .problems import TORCH_DTYPES, seeded_generator, split_rank
 from .variants import UnfusedDualLoRALinear
 
-__all__ = ["VIT_TARGETS", "VIT_VARIANTS", "build_vit", "prepare_dual_lora", "build_vit_variant", "vit_images",
+__all__ = ["VIT_TARGETS", "VIT_VARIANTS", "build_vit", "prepare_dual_lora", "inject_dual_lora", "load_training_state",
+           "build_vit_variant", "vit_images",
            "training_step"]
 
 #: Linear layers of a timm ViT block that DualLoRA (and the PEFT baseline) adapt.
 VIT_TARGETS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
-_PEFT_TARGET_REGEX = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+
+
+def _peft_target_regex(targets: Sequence[str]) -> str:
+    """PEFT's target_modules for the blocks' linear layers named ``targets`` (qkv, proj, fc1, fc2)."""
+    return r".*blocks\.\d+\.(attn|mlp)\.(" + "|".join(targets) + ")"
+
+
 def build_vit(model_name: str = "vit_base_patch16_224", *, num_classes: int = 100, device: torch.device | str = "cpu",
               dtype: str | torch.dtype = "float32", seed: int = 0, **timm_kwargs: Any) -> nn.Module:
     """A randomly initialised timm ViT (no download) with every weight frozen but the head.
-    ``timm_kwargs`` override its configuration (img_size, depth, embed_dim, num_heads, ...)."""
+    ``timm_kwargs`` override its configuration (img_size, depth, embed_dim, num_heads, ...).
+    ``device="meta"``: built on the meta device (shapes only, no init arithmetic)."""
     import timm
 
     dt = TORCH_DTYPES[dtype] if isinstance(dtype, str) else dtype
     torch.manual_seed(seed)
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():
+        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **timm_kwargs)
     model = model.to(device=device, dtype=dt)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("head."))
@@ -47,26 +57,51 @@ def prepare_dual_lora(model: nn.Module, rank: int, *, backend: str = "triton", b
     the middle of task 2 (through ``load_state_dict``, as when resuming a checkpoint): one task
     done, a memory basis M of ``round(basis_fraction * d)`` orthonormal columns, orthogonal adapter
     and residual block trainable, with random values (B != 0, so every product is real work)."""
-    from ..nn import dual_lora_layers, inject
+    inject_dual_lora(model, rank, backend=backend, targets=targets)
+    return load_training_state(model, rank, basis_fraction=basis_fraction, seed=seed)
+
+
+def inject_dual_lora(model: nn.Module, rank: int, *, backend: str = "triton",
+                     targets: Sequence[str] = VIT_TARGETS) -> nn.Module:
+    """The first half of :func:`prepare_dual_lora`: DualLoRA layers of total rank ``rank`` in place
+    of ``targets`` (on the meta device too)."""
+    from ..nn import inject
 
     r_o, r_r = split_rank(rank)
     inject(model, targets, rank_orth=r_o, rank_res=max(1, r_r), use_res=r_r > 0, backend=backend)
+    return model
+
+
+def load_training_state(model: nn.Module, rank: int, *, basis_fraction: float = 0.25, seed: int = 0,
+                        random_values: bool = True) -> nn.Module:
+    """The second half of :func:`prepare_dual_lora`. ``random_values=False``: the same shapes and
+    task state with identity columns for the bases and the adapters' storage untouched (no QR,
+    no random numbers, no orthonormality check): for a model whose values do not matter, the
+    memory planner's."""
+    from ..nn import dual_lora_layers
+
+    _, r_r = split_rank(rank)
     for i, layer in enumerate(dual_lora_layers(model).values()):
         d, n = layer.in_features, layer.out_features
         g = torch.Generator().manual_seed(seed + 1009 * i)
         k = max(1, min(d - 1, round(basis_fraction * d)))
-        raw = torch.randn(d, k + layer.score_rank, generator=g, dtype=torch.float64)
-        basis = torch.linalg.qr(raw.to(layer.weight.device))[0]  # float64: orthonormal to the layer's check
+        if random_values:
+            raw = torch.randn(d, k + layer.score_rank, generator=g, dtype=torch.float64)
+            basis = torch.linalg.qr(raw.to(layer.weight.device))[0]  # float64: orthonormal to the layer's check
+        else:
+            basis = torch.eye(d, k + layer.score_rank, dtype=torch.float64, device=layer.weight.device)
         state = layer.state_dict()
         wdt = layer.weight.dtype
         rnd = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).to(wdt)  # noqa: E731
-        state.update(
-            basis=basis[:, :k], basis_sizes=torch.tensor([k]), task_bases=basis[None, :, k:],
-            in_task=torch.tensor(True), res_active=torch.tensor(r_r > 0),
-            orth_a=rnd(layer.rank_orth, d, s=d**-0.5), orth_b=rnd(n, layer.rank_orth, s=0.01),
-            res_a=rnd(layer.rank_res, d, s=d**-0.5), res_b=rnd(n, layer.rank_res, s=0.01),
-        )
-        layer.load_state_dict(state)
+        state.update(basis=basis[:, :k], basis_sizes=torch.tensor([k]), task_bases=basis[None, :, k:],
+                     in_task=torch.tensor(True), res_active=torch.tensor(r_r > 0))
+        if random_values:
+            state.update(orth_a=rnd(layer.rank_orth, d, s=d**-0.5), orth_b=rnd(n, layer.rank_orth, s=0.01),
+                         res_a=rnd(layer.rank_res, d, s=d**-0.5), res_b=rnd(n, layer.rank_res, s=0.01))
+            layer.load_state_dict(state)
+        else:  # the basis set as the buffer it is: load_state_dict would check it (seconds for ViT-L)
+            layer.load_state_dict({k_: v for k_, v in state.items() if k_ != "basis"}, strict=False)
+            layer.basis = basis[:, :k].to(layer.basis.dtype).contiguous()
         for p in (layer.orth_a, layer.orth_b) + ((layer.res_a, layer.res_b) if r_r else ()):
             p.requires_grad_(True)
     return model
@@ -90,31 +125,40 @@ VIT_VARIANTS: tuple[str, ...] = ("fused", "unfused", "frozen", "peft", "full_ft"
 
 def build_vit_variant(variant: str, model_name: str = "vit_base_patch16_224", *, rank: int = 16,
                       device: torch.device | str = "cpu", dtype: str = "bfloat16", seed: int = 0,
-                      num_classes: int = 100, **timm_kwargs: Any) -> nn.Module:
+                      num_classes: int = 100, empty: bool = False, targets: Sequence[str] = VIT_TARGETS,
+                      **timm_kwargs: Any) -> nn.Module:
     """A ViT (:func:`build_vit`) adapted as ``variant``: ``frozen`` (only the head trains),
     ``full_ft`` (everything trains), ``fused`` (DualLoRALinear, Triton backend), ``unfused``
     (:class:`UnfusedDualLoRALinear` twins of the same layers) or ``peft`` (LoRA rank ``rank`` on
-    qkv/proj/fc1/fc2). The head trains in every variant."""
+    the same ``targets``, default qkv/proj/fc1/fc2). The head trains in every variant. ``empty``: built on the meta device and
+    given uninitialised storage on ``device`` (the same modules and state, no init arithmetic:
+    for the memory planner, which needs shapes and dtypes, not values)."""
     if variant not in VIT_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VIT_VARIANTS}")
-    model = build_vit(model_name, num_classes=num_classes, device=device, dtype=dtype, seed=seed, **timm_kwargs)
+    model = build_vit(model_name, num_classes=num_classes, device="meta" if empty else device, dtype=dtype, seed=seed,
+                      **timm_kwargs)
     if variant == "full_ft":
         for p in model.parameters():
             p.requires_grad_(True)
     elif variant in ("fused", "unfused"):
-        prepare_dual_lora(model, rank, backend="triton" if variant == "fused" else "torch", seed=seed)
+        inject_dual_lora(model, rank, backend="triton" if variant == "fused" else "torch", targets=targets)
+    elif variant == "peft":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=_peft_target_regex(targets), bias="none")
+        model = inject_adapter_in_model(cfg, model)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name or name.startswith("head."))
+    if empty:
+        model = model.to_empty(device=device)
+    if variant == "peft":  # PEFT makes its factors in float32 (DualLoRA layers keep their bases in >= float32)
+        model = model.to(device=device, dtype=TORCH_DTYPES[dtype])
+    if variant in ("fused", "unfused"):
+        load_training_state(model, rank, seed=seed, random_values=not empty)
         if variant == "unfused":
             from ..nn import DualLoRALinear
 
             _replace_modules(model, DualLoRALinear, UnfusedDualLoRALinear.from_dual_lora)
-    elif variant == "peft":
-        from peft import LoraConfig, inject_adapter_in_model
-
-        cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=_PEFT_TARGET_REGEX, bias="none")
-        model = inject_adapter_in_model(cfg, model)
-        for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name or name.startswith("head."))
-        model = model.to(device=device, dtype=TORCH_DTYPES[dtype])
     return model.train()
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: int, num_classes: int,
