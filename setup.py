@@ -5,11 +5,24 @@ build environment, a CUDA toolkit (nvcc) found and a GPU visible -- or always wh
 ``DUALLORA_BUILD_CUDA=1`` (then torch and nvcc must be present: install with
 ``pip install --no-build-isolation``). Otherwise the package is pure Python, and
 ``backend="cuda"`` compiles csrc/ on first use instead (duallora_kernels/ops/cuda.py).
+The CUDA runtime is linked from the toolkit, or from pip's CUDA wheels when the toolkit has no
+``libcudart.so`` (duallora_kernels/ops/cuda_build.py, loaded by path: the package itself is not
+importable before it is built).
 """
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 from setuptools import setup
+
+
+def _cuda_build():
+    path = Path(__file__).resolve().parent / "duallora_kernels" / "ops" / "cuda_build.py"
+    spec = importlib.util.spec_from_file_location("duallora_cuda_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cuda_extension():
@@ -25,10 +38,18 @@ def _cuda_extension():
         return {}
     if CUDA_HOME is None:
         sys.exit("DUALLORA_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+    build = _cuda_build()
+    nvcc = build.nvcc_path(CUDA_HOME)
+    if nvcc is None:
+        sys.exit("DUALLORA_BUILD_CUDA=1 but nvcc was not found (PATH or CUDA_HOME/bin)")
+    cudart = build.find_cudart([*build.toolkit_dirs(CUDA_HOME, nvcc), *build.wheel_lib_dirs()])
+    link = build.cudart_link_flags(cudart, Path("build") / "cudart") if cudart else []
     ext = CUDAExtension(
         "duallora_kernels._C",
-        sources=["csrc/bindings.cpp", "csrc/memory_ops.cu", "csrc/fused_linear.cu"],
+        sources=["csrc/bindings.cpp", "csrc/memory_ops.cu", "csrc/fused_forward.cu", "csrc/fused_backward.cu"],
+        include_dirs=build.wheel_include_dirs(),
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        extra_link_args=link,
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 

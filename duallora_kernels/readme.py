@@ -12,6 +12,8 @@ The sections (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``), in REA
   (:func:`duallora_kernels.harness.tables.render_performance`)
 * ``compile-table``: the ahead-of-time kernel compiles, bench/results/compile-*.json
   (:func:`duallora_kernels.harness.compile_table.render_compile`)
+* ``cuda-compile-table``: the CUDA backend's kernels compiled per arch, bench/results/cuda-compile-*.json
+  (:func:`duallora_kernels.harness.cuda_compile_table.render_cuda_compile`)
 
 Nothing in a section is typed by hand; every row names the file it comes from.
 """
@@ -49,8 +51,8 @@ def _results_table(args: argparse.Namespace) -> str:
 def _perf_table(args: argparse.Namespace) -> str:
     from .harness.tables import render_performance
 
-    # compile-*.json are the compile tables' (the compile-table section)
-    files = sorted(p for p in args.bench_results.glob("*.json") if not p.name.startswith("compile-"))
+    # compile-*.json and cuda-compile-*.json are the compile tables' (their own sections)
+    files = sorted(p for p in args.bench_results.glob("*.json") if not p.name.startswith(("compile-", "cuda-compile-")))
     return render_performance(files, root=args.readme.resolve().parent, rank=args.rank)
 
 
@@ -60,10 +62,17 @@ def _compile_table(args: argparse.Namespace) -> str:
     return render_compile(args.bench_results)
 
 
+def _cuda_compile_table(args: argparse.Namespace) -> str:
+    from .harness.cuda_compile_table import render_cuda_compile
+
+    return render_cuda_compile(args.bench_results)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {
     "results-table": _results_table,
     "perf-table": _perf_table,
     "compile-table": _compile_table,
+    "cuda-compile-table": _cuda_compile_table,
 }
 
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from duallora_kernels.ops import cuda, cuda_aot, cuda_build
 
@@ -122,3 +123,18 @@ def test_jit_link_against_the_found_cudart(tmp_path, monkeypatch):
          is_python_module=False, verbose=False)
     built = list((tmp_path / "ext").rglob("duallora_tiny_link.so"))
     assert len(built) == 1 and os.path.getsize(built[0]) > 0
+
+
+def test_auto_takes_triton_on_every_gpu_until_a_measurement_names_one(monkeypatch):
+    import duallora_kernels.ops as ops
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(ops, "_triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert ops.CUDA_FASTER_ON == frozenset()
+    assert ops.resolve_backend("auto", gpu) == "triton"
+    monkeypatch.setattr(ops, "CUDA_FASTER_ON", frozenset({(8, 6), (8, 9)}))
+    assert ops.resolve_backend("auto", gpu) == "cuda"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert ops.resolve_backend("auto", gpu) == "triton"
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"

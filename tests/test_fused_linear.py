@@ -325,6 +325,47 @@ def test_gpu_backends_match_reference(backend, dtype, gen):
                             backend=backend, sum_loss=True)
 
 
+# backend="cuda" on CUDA tensors: every shape of CASES in every dtype (bf16/fp16 run csrc/'s
+# tensor-core kernels, float32 the torch launchers), plus shapes that cross the kernels' 128-row /
+# 128-column tiles and 32-wide pipeline stages, rows that are not 16-byte aligned (d, n not
+# multiples of 8: the element-wise load path, odd n: no paired stores) and every padded rank
+# (R = 16, 64, 128; r = r_o + r_r * (1 + frozen)).
+CUDA_SHAPES = [c[:8] + c[9:] for c in CASES] + [
+    ((), 300, 520, 272, 16, 16, 1, 64, None),
+    ((), 129, 130, 131, 40, 20, 3, 16, None),
+    ((2,), 197, 768, 64, 8, 8, 0, 32, "transposed"),
+    ((), 5, 8, 8, 1, 1, 0, 1, None),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("lead, m, d, n, r_o, r_r, frozen, k, layout", CUDA_SHAPES)
+def test_cuda_backend_matches_reference(lead, m, d, n, r_o, r_r, frozen, k, layout, dtype, gen):
+    x, w, b, kw = dual_lora_problem(m, d, n, r_o, r_r, frozen, k, gen, dtype=dtype, lead=lead, device="cuda")
+    if layout:
+        x = _strided(x, layout)
+    check_against_reference(x, w, b, kw, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_backend_gradient_subsets_and_plain_layer(dtype, gen):
+    # Each of dX, dA, dB, dbias alone (the kernel's runtime flags), and no adapter at all.
+    x, w, b, kw = dual_lora_problem(300, 136, 200, 8, 8, 1, 12, gen, dtype=dtype, device="cuda")
+    x.requires_grad_(False)
+    b.requires_grad_(False)
+    kw["orth_a"].requires_grad_(False)
+    kw["res_b"].requires_grad_(False)
+    check_against_reference(x, w, b, kw, backend="cuda")  # dA (residual), dB (orthogonal)
+    kw["orth_b"].requires_grad_(False)
+    check_against_reference(x, w, b, kw, backend="cuda")  # dA alone
+    x.requires_grad_(True)
+    kw["res_a"].requires_grad_(False)
+    check_against_reference(x, w, b.requires_grad_(True), kw, backend="cuda")  # dX and dbias
+    check_against_reference(x, w, b, {}, backend="cuda")  # the plain linear layer
+
+
 def test_poisoned_outputs_are_nan(monkeypatch):
     out = _kernel_utils.new_output((3, 5), torch.bfloat16, TEST_DEVICE)
     assert torch.isnan(out).all() and out.device.type == TEST_DEVICE.type

@@ -30,10 +30,13 @@ def _table(path: Path, doc: dict[str, Any]) -> list[str]:
         f"The CUDA backend's tensor-core kernels (csrc/{', csrc/'.join(doc['sources'])}), compiled on a CPU by nvcc "
         f"{doc['nvcc']} for {', '.join(f'sm_{a}' for a in doc['archs'])} (`{doc['command'].strip()}`, "
         f"{doc['date'][:10]}, commit {doc['git_commit'][:10]}{', uncommitted changes' if doc['git_dirty'] else ''}): "
-        f"**{len(rows)} kernels of {len(kernels)}, {len(problems) or 'no'} problems**; device-code compile time "
-        f"per arch (one core): {per_arch}. bf16 and fp16 compile to the same resources and mix (one line for both "
-        f"where they agree). Shared memory = static + the dynamic bytes of csrc/fused_tiles.h. Source: "
+        f"**{len(rows)} instantiations of {len(kernels)} kernels (bf16/fp16 x padded rank x arch), "
+        f"{len(problems) or 'no'} problems**; device-code compile time per arch (nvcc on one shared core): "
+        f"{per_arch}. One line holds bf16 and fp16 (a range where they differ). Shared memory = static + the "
+        f"dynamic bytes of csrc/fused_tiles.h. Source: "
         f"[{path.name}](bench/results/{path.name}); checked by tests/test_cuda_compile.py.",
+        "",
+        "<details><summary>per kernel, padded rank and arch</summary>",
         "",
         "| kernel | R_PAD | arch | regs | smem KB (of limit) | spills | HMMA | LDGSTS | LDSM | atomics | FFMA |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -49,6 +52,7 @@ def _table(path: Path, doc: dict[str, Any]) -> list[str]:
             f"| `{kernel}` | {rank} | sm_{-neg_arch} | {_span([r['regs'] for r in group])} "
             f"| {smem / 1024:.0f} / {group[0]['smem_limit'] // 1024} | {'0' if not spills else f'**{spills} B**'} "
             f"| {cell('HMMA')} | {cell('LDGSTS')} | {cell('LDSM')} | {cell('atomics')} | {cell('FFMA')} |")
+    out += ["", "</details>"]
     for p in problems:
         out.append(f"\n**problem:** {p}")
     return out

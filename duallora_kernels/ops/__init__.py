@@ -2,7 +2,8 @@
 
 Backends: ``"torch"`` (torch ops, :data:`.launchers.TORCH`; the CPU path), ``"triton"`` (fused
 kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"cuda"`` (the optional extension
-built from csrc/) and ``"auto"`` (Triton for CUDA tensors, torch otherwise). Every backend of the
+built from csrc/) and ``"auto"`` (Triton for CUDA tensors -- or the CUDA backend on the compute
+capabilities of :data:`CUDA_FASTER_ON`, none yet -- torch otherwise). Every backend of the
 linear op runs through one op registered with ``torch.library`` (:mod:`.registered`), so
 torch.compile, torch.export, autocast and meta tensors see it like an aten op; the spec all of
 them are tested against is :mod:`.reference`.
@@ -23,6 +24,10 @@ from .reference import gram_reference, task_scores_reference
 __all__ = ["BACKENDS", "resolve_backend", "autocast_dtype", "dual_lora_linear", "gram", "task_scores"]
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
+#: Compute capabilities (major, minor) on which ``backend="auto"`` takes the CUDA C++ backend: those
+#: where a measurement (``duallora bench``'s cuda variant) found it faster than Triton. Empty until
+#: one has run: Triton everywhere meanwhile, and Triton stays Hopper's (sm_90) default regardless.
+CUDA_FASTER_ON: frozenset[tuple[int, int]] = frozenset()
 
 
 def _triton_available() -> bool:
@@ -37,7 +42,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend (``"torch"``, ``"triton"`` or ``"cuda"``) for tensors on ``device``."""
     check.choice("backend", backend, BACKENDS)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        if device.type != "cuda" or not _triton_available():
+            return "torch"
+        if CUDA_FASTER_ON and torch.cuda.get_device_capability(device) in CUDA_FASTER_ON:
+            return "cuda"
+        return "triton"
     if backend == "triton":
         if not _triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")

@@ -61,16 +61,6 @@ _ext = None
 _lock = threading.Lock()
 
 
-def _pip_cuda_include_dirs() -> list[str]:
-    # torch's CUDA headers include cusparse.h, cublas_v2.h, ...; with pip's CUDA wheels (and no
-    # full toolkit) those live in site-packages/nvidia/*/include.
-    try:
-        import nvidia
-    except ImportError:
-        return []
-    return [str(p) for root in nvidia.__path__ for p in sorted(Path(root).glob("*/include"))]
-
-
 def build_extension(verbose: bool = False):
     """Compile csrc/ (JIT) and return the module. Needs nvcc, not a GPU: it also serves as the
     compile check on machines without one (set TORCH_CUDA_ARCH_LIST, e.g. "9.0", there)."""
@@ -86,7 +76,7 @@ def build_extension(verbose: bool = False):
         name="duallora_kernels_cuda",
         sources=[str(CSRC / s) for s in SOURCES],
         extra_cuda_cflags=["-O3"],
-        extra_include_paths=_pip_cuda_include_dirs(),
+        extra_include_paths=cuda_build.wheel_include_dirs(),
         extra_ldflags=link_flags(CUDA_HOME),
         verbose=verbose,
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 __all__ = ["find_cudart", "cudart_link_flags", "nvcc_path", "toolkit_dirs", "wheel_lib_dirs",
-           "missing_toolchain_message"]
+           "wheel_include_dirs", "missing_toolchain_message"]
 
 _VERSIONED = re.compile(r"^libcudart\.so\.(\d+)(?:\.\d+)*$")
 
@@ -52,14 +52,22 @@ def toolkit_dirs(cuda_home: str | None, nvcc: Path | None) -> list[Path]:
     return dirs
 
 
+def _nvidia_roots(site_dirs: Iterable[str] | None) -> list[Path]:
+    """The ``nvidia`` namespace folders of pip's CUDA wheels in ``site_dirs`` (default: sys.path)."""
+    roots = [Path(site) / "nvidia" for site in (site_dirs if site_dirs is not None else sys.path)]
+    return [root for root in roots if root.is_dir()]
+
+
 def wheel_lib_dirs(site_dirs: Iterable[str] | None = None) -> list[Path]:
-    """``nvidia/<pkg>/lib`` of pip's CUDA wheels in ``site_dirs`` (default: sys.path)."""
-    dirs: list[Path] = []
-    for site in site_dirs if site_dirs is not None else sys.path:
-        root = Path(site) / "nvidia"
-        if root.is_dir():
-            dirs += [p for p in (*sorted(root.glob("cu*/lib")), root / "cuda_runtime" / "lib") if p.is_dir()]
-    return dirs
+    """``nvidia/<pkg>/lib`` of pip's CUDA wheels (``cu13``-style or ``cuda_runtime``)."""
+    return [p for root in _nvidia_roots(site_dirs)
+            for p in (*sorted(root.glob("cu[0-9]*/lib")), root / "cuda_runtime" / "lib") if p.is_dir()]
+
+
+def wheel_include_dirs(site_dirs: Iterable[str] | None = None) -> list[str]:
+    """``nvidia/<pkg>/include`` of pip's CUDA wheels: torch's CUDA headers include cusparse.h,
+    cublas_v2.h, ..., which live there when there is no full toolkit."""
+    return [str(p) for root in _nvidia_roots(site_dirs) for p in sorted(root.glob("*/include"))]
 
 
 def _cudart_in(directory: Path) -> Path | None:
