@@ -138,3 +138,19 @@ def test_auto_takes_triton_on_every_gpu_until_a_measurement_names_one(monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert ops.resolve_backend("auto", gpu) == "triton"
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("dtype, r_o, r_r", [(torch.float32, 8, 8), (torch.float64, 8, 8), (torch.bfloat16, 64, 65)])
+def test_what_the_kernels_do_not_take_runs_the_torch_launchers(dtype, r_o, r_r, gen, monkeypatch):
+    # float32 (cuBLAS, TF32 as torch allows), float64 and r > 128 never reach the extension.
+    from duallora_kernels.ops.launchers import TORCH, Layout
+
+    monkeypatch.setattr(cuda, "load_extension", lambda: pytest.fail("the extension was called"))
+    x = torch.randn(5, 24, generator=gen, dtype=torch.float64).to(dtype)
+    w = torch.randn(12, 24, generator=gen, dtype=torch.float64).to(dtype)
+    a = torch.randn(r_o + r_r, 24, generator=gen, dtype=torch.float64).to(dtype)
+    bt = torch.randn(r_o + r_r, 12, generator=gen, dtype=torch.float64).to(dtype)
+    lay = Layout(a, r_o, r_r, None, 0.5, 2.0)
+    y, t = cuda._cuda_forward(x, w, None, a, bt, None, lay, True)
+    y_ref, t_ref = TORCH.forward(x, w, None, a, bt, None, lay, True)
+    assert torch.equal(y, y_ref) and torch.equal(t, t_ref)
