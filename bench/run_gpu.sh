@@ -14,7 +14,12 @@
 #   3. headline      bf16, the four ViT-B/16 layers, rank 16, batch 64: frozen / fused /
 #                    torch.compile'd unfused / unfused / PEFT, with device-op counts;
 #                    at most two autotune configs per kernel (DUALLORA_AUTOTUNE=2)
-#   4. memory        saved bytes (the four layers, a whole ViT-B/16) and the ViT-B/16 step's peak memory
+#   4. memory        saved bytes (the four layers, a whole ViT-B/16)
+#   5. plan-check    the memory planner against the GPU: ViT-B/16 training steps (float32 parameters,
+#                    bf16 autocast, AdamW) of fused / unfused / PEFT / full fine-tuning / frozen at
+#                    batches 32 and 64, torch.cuda.max_memory_allocated and max_memory_reserved beside
+#                    the prediction and its error; also the device's CUDA context (the step's peak
+#                    memory that step 4 measured before, now measured here with the prediction)
 # The limits add up to under 8 minutes (the dry run prints the sum). At the end: one summary line
 # per step, also in $OUT/summary.txt. Exit status: 0 when every step exited 0, else 1.
 #
@@ -24,7 +29,7 @@
 #   DUALLORA_GIT_COMMIT=<sha> bash bench/run_gpu.sh       # where the copy has no .git: the commit for the files
 #   bash bench/run_gpu.sh --collect DIR                   # back home: copy DIR's results into bench/results/
 #                                                         # and regenerate the README table
-# Limits (seconds): SETUP_LIMIT TESTS_LIMIT HEADLINE_LIMIT MEMORY_LIMIT; WORKERS (pytest-xdist
+# Limits (seconds): SETUP_LIMIT TESTS_LIMIT HEADLINE_LIMIT MEMORY_LIMIT PLAN_LIMIT; WORKERS (pytest-xdist
 # processes when xdist imports; 0: none); PY (default python3); DUALLORA_TEST_SEED.
 set -u
 START=$PWD  # relative OUT and --collect paths are relative to where the script was started
@@ -61,7 +66,7 @@ if [ -n "$COLLECT" ]; then
     for f in "${files[@]}"; do
         cp -v "$f" "$RESULTS_DIR/" || exit 1
     done
-    "$PY" -m duallora_kernels.readme --section perf-table --bench-results "$RESULTS_DIR" --readme "$README_FILE" || exit 1
+    "$PY" -m duallora_kernels.readme --section perf-table --section memory-plan --bench-results "$RESULTS_DIR" --readme "$README_FILE" || exit 1
     echo "then: git add ${files[*]/#$COLLECT/$RESULTS_DIR} $README_FILE"
     exit 0
 fi
@@ -70,11 +75,12 @@ PY=${PY:-python3}
 DATE=$(date -u +%F)
 OUT=${OUT:-$ROOT/runs/gpu-$(date -u +%Y%m%dT%H%M%S)}
 OUT=$(abs "$OUT")
-STEPS=${STEPS:-setup,kernel-tests,headline,memory}
+STEPS=${STEPS:-setup,kernel-tests,headline,memory,plan-check}
 SETUP_LIMIT=${SETUP_LIMIT:-30}
 TESTS_LIMIT=${TESTS_LIMIT:-135}
 HEADLINE_LIMIT=${HEADLINE_LIMIT:-185}
-MEMORY_LIMIT=${MEMORY_LIMIT:-95}
+MEMORY_LIMIT=${MEMORY_LIMIT:-45}
+PLAN_LIMIT=${PLAN_LIMIT:-50}
 WORKERS=${WORKERS:-8}
 SLUG=${SLUG:-<device-slug>}   # set by the setup step from the device's name
 XDIST=                         # "-n $WORKERS " once the setup step found pytest-xdist
@@ -96,16 +102,18 @@ print("slug:", device_slug(name))'
 plan() {
     local p=$OUT/$SLUG-$DATE xdist=$XDIST
     [ "$XDIST_KNOWN" = 0 ] && [ "$WORKERS" != 0 ] && xdist="[-n $WORKERS if pytest-xdist imports] "
-    STEP_NAMES=(setup kernel-tests headline memory)
-    STEP_LIMITS=("$SETUP_LIMIT" "$TESTS_LIMIT" "$HEADLINE_LIMIT" "$MEMORY_LIMIT")
-    STEP_GRACE=(5 10 5 5)
-    STEP_SIGNAL=(TERM INT TERM TERM)
-    STEP_OUTPUTS=("$OUT/run_gpu.log" "$p-kernel-tests.txt" "$p-headline.json" "$p-memory.json")
+    STEP_NAMES=(setup kernel-tests headline memory plan-check)
+    STEP_LIMITS=("$SETUP_LIMIT" "$TESTS_LIMIT" "$HEADLINE_LIMIT" "$MEMORY_LIMIT" "$PLAN_LIMIT")
+    STEP_GRACE=(5 10 5 5 5)
+    STEP_SIGNAL=(TERM INT TERM TERM TERM)
+    STEP_OUTPUTS=("$OUT/run_gpu.log" "$p-kernel-tests.txt" "$p-headline.json" "$p-memory.json"
+                  "$OUT/plan-check-$SLUG-$DATE.json")
     STEP_CMDS=(
         "$PY -c '<the device, versions and slug: SETUP_PY in this script>'"
         "DUALLORA_TEST_DEVICE=cuda TRITON_INTERPRET=0 DUALLORA_AUTOTUNE=0 $PY -m pytest -q -rs --tb=short --durations=10 $xdist-k 'not cuda_backend and not (gpu_backends and cuda)' $TEST_FILES"
         "DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.bench --no-progress --dtype bfloat16 --shapes $LAYERS --ranks 16 --batch 64 --variants frozen,fused,unfused_compiled,unfused,peft --out $p-headline.json"
-        "DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.profile_memory --no-progress --scope layer,vit,step --dtype bfloat16 --rank 16 --shapes $LAYERS --batch 64 --vit-batch 64 --step-batch 64 --out $p-memory.json"
+        "DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.profile_memory --no-progress --scope layer,vit --dtype bfloat16 --rank 16 --shapes $LAYERS --batch 64 --vit-batch 64 --step-batch 64 --out $p-memory.json"
+        "DUALLORA_AUTOTUNE=0 $PY -m duallora_kernels.harness.plan_check --batches 32,64 --variants fused,unfused,peft,full_ft,frozen --out $OUT/plan-check-$SLUG-$DATE.json"
     )
 }
 
@@ -200,7 +208,7 @@ main() {
     cat "$HEADER"
     note "setup: exit 0 after ${SECONDS} s (limit ${SETUP_LIMIT} s) -> $SLUG, commit $COMMIT"
     local i
-    for i in 1 2 3; do
+    for i in 1 2 3 4; do
         if selected "${STEP_NAMES[$i]}"; then run_step "$i"; else note "${STEP_NAMES[$i]}: not run (STEPS=$STEPS)"; fi
     done
     rm -f "$HEADER"

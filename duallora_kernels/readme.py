@@ -10,6 +10,8 @@ The sections (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``), in REA
   results/variation/ (rendered by results/render_table.py's ``render``)
 * ``perf-table``: the benchmark and memory results, bench/results/*.json
   (:func:`duallora_kernels.harness.tables.render_performance`)
+* ``memory-plan``: the memory planner's predictions and their GPU checks, bench/results/plan-*.json
+  (:func:`duallora_kernels.harness.plan_report.render_plan_section`)
 * ``compile-table``: the ahead-of-time kernel compiles, bench/results/compile-*.json
   (:func:`duallora_kernels.harness.compile_table.render_compile`)
 * ``cuda-compile-table``: the CUDA backend's kernels compiled per arch, bench/results/cuda-compile-*.json
@@ -51,9 +53,16 @@ def _results_table(args: argparse.Namespace) -> str:
 def _perf_table(args: argparse.Namespace) -> str:
     from .harness.tables import render_performance
 
-    # compile-*.json and cuda-compile-*.json are the compile tables' (their own sections)
-    files = sorted(p for p in args.bench_results.glob("*.json") if not p.name.startswith(("compile-", "cuda-compile-")))
+    # compile-*.json, cuda-compile-*.json and plan-*.json have their own sections
+    files = sorted(p for p in args.bench_results.glob("*.json")
+                   if not p.name.startswith(("compile-", "cuda-compile-", "plan-")))
     return render_performance(files, root=args.readme.resolve().parent, rank=args.rank)
+
+
+def _memory_plan(args: argparse.Namespace) -> str:
+    from .harness.plan_report import render_plan_section
+
+    return render_plan_section(sorted(args.bench_results.glob("plan-*.json")), root=args.readme.resolve().parent)
 
 
 def _compile_table(args: argparse.Namespace) -> str:
@@ -71,6 +80,7 @@ def _cuda_compile_table(args: argparse.Namespace) -> str:
 SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {
     "results-table": _results_table,
     "perf-table": _perf_table,
+    "memory-plan": _memory_plan,
     "compile-table": _compile_table,
     "cuda-compile-table": _cuda_compile_table,
 }

@@ -178,3 +178,23 @@ def test_plan_settings_reject_bad_input():
                       (["--dtype", "bf16,fp32"], "one parameter --dtype"), (["--gpus", ""], "at least one GPU")):
         with pytest.raises(ValueError, match=msg):
             plan_settings_from(p.parse_args(["--plan", *argv]))
+
+
+def test_the_gpu_check_pairs_each_measurement_with_its_prediction(monkeypatch):
+    from duallora_kernels.harness import plan_check
+
+    monkeypatch.setattr(plan_check, "this_gpu", lambda device: gpu("h100-80gb"))
+    monkeypatch.setattr(plan_check, "measure_step",
+                        lambda *a: {"measured_allocated": 100 * MiB, "measured_reserved": 120 * MiB})
+    s = {**_settings(), "batches": [2, 4], "variants": ["frozen", "full_ft"]}
+    saved: list = []
+    rows = plan_check.run_check(s, torch.device("cpu"), lambda r: saved.append(len(r)))
+    assert [(r["variant"], r["batch"]) for r in rows] == [("frozen", 2), ("frozen", 4), ("full_ft", 2), ("full_ft", 4)]
+    plan = memory_plan.plan_variant("full_ft", {**s, "batch": 2}, memory_plan.geometry(s))
+    r = rows[3]
+    assert r["predicted_reserved"] == plan.reserved(gpu("h100-80gb"), 4) > 0
+    assert r["predicted_allocated"] == plan.allocated(gpu("h100-80gb"), 4)
+    assert r["reserved_error"] == pytest.approx(r["predicted_reserved"] / (120 * MiB) - 1)
+    assert saved == [2, 4]  # the JSON is rewritten after each variant
+    if not torch.cuda.is_available():
+        assert plan_check.main(["--out", "unused.json"]) == 2

@@ -4,6 +4,7 @@ CLIs accept) and its real control flow with a stand-in python (time limits, file
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -15,6 +16,7 @@ import pytest
 
 from duallora_kernels.commands import bench as bench_cmd
 from duallora_kernels.commands import profile_memory as mem_cmd
+from duallora_kernels.harness import plan_check
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "run_gpu.sh"
@@ -62,8 +64,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     text, steps = _plan(out, DRY_RUN="1")
     assert not out.exists()  # nothing ran, nothing was created
     assert text.splitlines()[:2] == ["run_gpu.sh plan (dry run: nothing runs)", f"OUT={out}"]
-    assert [s["name"] for s in steps] == ["setup", "kernel-tests", "headline", "memory"]  # the priority order
-    assert [s["n"] for s in steps] == [1, 2, 3, 4]
+    assert [s["name"] for s in steps] == ["setup", "kernel-tests", "headline", "memory", "plan-check"]  # priority order
+    assert [s["n"] for s in steps] == [1, 2, 3, 4, 5]
     total = sum(s["limit"] + s["grace"] for s in steps)
     assert total < LEASE_S
     assert re.search(rf"^total: {sum(s['limit'] for s in steps)} s of limits \+ \d+ s to stop = {total} s$", text, re.M)
@@ -98,12 +100,19 @@ def test_the_plans_commands_are_what_the_issue_asks_and_the_clis_accept_them(tmp
     assert mem.startswith("DUALLORA_AUTOTUNE=2 ")
     margs = _parse(mem_cmd, _cli_args(mem, "duallora_kernels.commands.profile_memory"))
     ms = mem_cmd.settings_from(margs)
-    assert ms["scopes"] == ["layer", "vit", "step"] and ms["dtypes"] == ["bfloat16"] and ms["rank"] == 16
+    assert ms["scopes"] == ["layer", "vit"] and ms["dtypes"] == ["bfloat16"] and ms["rank"] == 16
     assert (ms["batch"], ms["vit_batch"], ms["step_batch"]) == (64, 64, 64)
     assert Path(margs.out).parent == out and margs.out.name.endswith("-memory.json")
+    check = by["plan-check"]["command"]  # the planner against the GPU: every variant, two batches b and 2b
+    assert check.startswith("DUALLORA_AUTOTUNE=0 ")
+    cargs = plan_check.build_parser().parse_args(_cli_args(check, "duallora_kernels.harness.plan_check"))
+    assert cargs.batches == "32,64" and set(cargs.variants.split(",")) == {"fused", "unfused", "peft", "full_ft", "frozen"}
+    assert cargs.out.parent == out and cargs.out.name.startswith("plan-check-")
     # a subset keeps the priority order, and the setup always comes first
     _, sub = _plan(out, DRY_RUN="1", STEPS="memory,kernel-tests")
     assert [s["name"] for s in sub] == ["setup", "kernel-tests", "memory"]
+    _, sub = _plan(out, DRY_RUN="1", STEPS="plan-check")
+    assert [s["name"] for s in sub] == ["setup", "plan-check"]
 
 
 FAKE_PY = r"""#!/usr/bin/env bash
@@ -116,6 +125,7 @@ case "$*" in
   *"-m pytest"*) echo "pytest autotune=$DUALLORA_AUTOTUNE device=$DUALLORA_TEST_DEVICE path=$PYTHONPATH"; echo "3 passed" ;;
   *commands.bench*) echo '{"rows": 1}' > "$out"; echo "bench autotune=$DUALLORA_AUTOTUNE" ;;
   *profile_memory*) echo '{"rows": 0}' > "$out"; exec sleep 30 ;;
+  *plan_check*) echo '{"results": []}' > "$out"; echo "plan-check autotune=$DUALLORA_AUTOTUNE" ;;
 esac
 """
 
@@ -133,11 +143,12 @@ def test_a_run_with_a_stand_in_python_writes_under_out_and_summarises_each_step(
     date = re.search(r"date (\S+) \(UTC\)", proc.stdout)[1]
     prefix = f"fake-gpu-{date}"
     assert files == sorted([f"{prefix}-headline.json", f"{prefix}-kernel-tests.txt", f"{prefix}-memory.json",
-                            "run_gpu.log", "summary.txt"])
+                            f"plan-check-{prefix}.json", "run_gpu.log", "summary.txt"])
     summary = (out / "summary.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in summary] == ["setup", "kernel-tests", "headline", "memory"]
+    assert [line.split(":")[0] for line in summary] == ["setup", "kernel-tests", "headline", "memory", "plan-check"]
     assert summary[1].startswith("kernel-tests: exit 0 after") and summary[2].startswith("headline: exit 0 after")
     assert summary[3].startswith("memory: cut off at its limit (exit 124)") and str(out) in summary[3]
+    assert summary[4].startswith("plan-check: exit 0 after")  # a step cut off does not stop the next one
     assert proc.stdout.rstrip().endswith("\n".join(summary))  # the last lines of the output
     log = (out / f"{prefix}-kernel-tests.txt").read_text()
     assert log.startswith("# duallora kernel tests, compiled on a GPU")
@@ -178,16 +189,23 @@ def test_collect_copies_the_returned_files_and_renders_the_table(tmp_path):
     shutil.copy(src, back / "h200-2031-01-02-headline.json")
     (back / "h200-2031-01-02-kernel-tests.txt").write_text("# log\n3 passed\n")
     (back / "run_gpu.log").write_text("not collected\n")
+    check = {"schema": "duallora-plan-check/1", "device": {"name": "NVIDIA H200"}, "results": [
+        {"variant": "fused", "batch": 32, "status": "ok", "measured_reserved": 3 << 30, "predicted_reserved": 3.2 * 2**30,
+         "reserved_error": 0.0667, "allocated_error": -0.02}]}
+    (back / "plan-check-h200-2031-01-02.json").write_text(json.dumps(check))
     results, readme = tmp_path / "results", tmp_path / "README.md"
     start, end = markers("perf-table")
-    readme.write_text(f"# x\n{start}\nold\n{end}\n")
+    plan_start, plan_end = markers("memory-plan")
+    readme.write_text(f"# x\n{start}\nold\n{end}\n{plan_start}\nold plan\n{plan_end}\n")
     proc = subprocess.run(["bash", str(SCRIPT), "--collect", "back"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env=_env(tmp_path / "unused", PY=sys.executable, RESULTS_DIR=str(results),
                                                 README_FILE=str(readme)))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in results.iterdir()) == ["h200-2031-01-02-headline.json", "h200-2031-01-02-kernel-tests.txt"]
+    assert sorted(p.name for p in results.iterdir()) == ["h200-2031-01-02-headline.json", "h200-2031-01-02-kernel-tests.txt",
+                                                         "plan-check-h200-2031-01-02.json"]
     text = readme.read_text()
     assert "old" not in text and "h200-2031-01-02-headline.json" in text and "vit_b.fc1 768→3072" in text
+    assert "| NVIDIA H200 | fused | 32 | 3.00 GiB | 3.20 GiB | +6.7% | -2.0% | yes |" in text  # the plan check
     assert f"then: git add {results}/h200-2031-01-02-headline.json" in proc.stdout
     empty = subprocess.run(["bash", str(SCRIPT), "--collect", str(tmp_path / "nothing")], capture_output=True,
                            text=True, timeout=60, env=_env(tmp_path / "unused", RESULTS_DIR=str(results)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GiB", "MiB", "GpuSpec", "GPUS", "DRIVER_RESERVED_FRACTION", "CONTEXT_MIB", "CUBLAS_WORKSPACE_BYTES",
+__all__ = ["GiB", "MiB", "GpuSpec", "GPUS", "DRIVER_RESERVED_FRACTION", "CONTEXT_MIB", "cublas_workspace_bytes",
            "gpu", "parse_gpus"]
 
 GiB = 1 << 30
@@ -25,13 +25,14 @@ DRIVER_RESERVED_FRACTION = 0.015
 #: a ViT step. An estimate (a few hundred MiB, larger on Hopper); the GPU check measures it on the
 #: GPU it runs on (total - free - reserved after a step).
 CONTEXT_MIB = {80: 500, 86: 400, 89: 400, 90: 600}
+_CONTEXT_MIB_OTHER = 600
 
-#: cuBLAS workspace PyTorch allocates through its caching allocator per (handle, stream):
-#: aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize(): 4096 * 8 * 1024 bytes on
-#: Hopper (32 MiB), 4096 * 1024 * 2 + 16 * 1024 * 8 otherwise. A training step uses two handles
-#: (the forward's thread and the autograd engine's).
-CUBLAS_WORKSPACE_BYTES = {80: 4096 * 1024 * 2 + 16 * 1024 * 8, 86: 4096 * 1024 * 2 + 16 * 1024 * 8,
-                          89: 4096 * 1024 * 2 + 16 * 1024 * 8, 90: 4096 * 8 * 1024}
+def cublas_workspace_bytes(arch: int) -> int:
+    """The cuBLAS workspace PyTorch allocates through its caching allocator per (handle, stream):
+    aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize(): 4096 * 8 * 1024 bytes
+    (32 MiB) on compute capability 9.x, 10.x and 12.x, 4096 * 1024 * 2 + 16 * 1024 * 8 otherwise.
+    A training step uses two handles (the forward's thread and the autograd engine's)."""
+    return 4096 * 8 * 1024 if arch // 10 in (9, 10, 12) else 4096 * 1024 * 2 + 16 * 1024 * 8
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class GpuSpec:
 
     @property
     def context_bytes(self) -> int:
-        return CONTEXT_MIB[self.arch] * MiB
+        return CONTEXT_MIB.get(self.arch, _CONTEXT_MIB_OTHER) * MiB
 
     @property
     def usable_bytes(self) -> int:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from .allocator_model import segment_bytes
-from .gpus import CUBLAS_WORKSPACE_BYTES, GpuSpec
+from .gpus import GpuSpec, cublas_workspace_bytes
 from .memory_trace import CATEGORIES, FakeTraining, StepTrace
 from .vit_models import VIT_VARIANTS, build_vit, build_vit_variant
 
@@ -69,7 +69,7 @@ def gpu_extras(g: GpuSpec, geo: Geometry, batch: int, *, train: bool, half_atten
     (float32 dQ accumulator over tokens rounded to 128 and the softmax row sums;
     flash-attention 2's mha_bwd), at the backward's peak."""
     handles = 2 if train else 1
-    ws = CUBLAS_WORKSPACE_BYTES[g.arch]
+    ws = cublas_workspace_bytes(g.arch)
     rows = _round_up(geo.tokens, 128)
     scratch = batch * geo.heads * rows * (_round_up(geo.head_dim, 32) + 1) * 4 if train and half_attention else 0
     return {"workspace_allocated": handles * ws, "workspace_reserved": handles * segment_bytes(ws),
@@ -97,16 +97,24 @@ class VariantPlan:
         last = list(t1.phases)[-1]
         self.reserved_line = fit_line(b, t1.phases[last].reserved, 2 * b, t2.phases[last].reserved)
 
+    def _tensors(self, batch: int) -> float:
+        """The traced tensors' allocated peak at ``batch`` (the largest of the phases' lines)."""
+        return max(a + s * batch for a, s in self.alloc_lines.values())
+
     def allocated(self, g: GpuSpec, batch: int) -> int:
+        """Predicted ``max_memory_allocated``: the phases' lines, the attention scratch on the
+        backward's, and the cuBLAS workspaces."""
         extras = gpu_extras(g, self.geo, batch, train=self.train, half_attention=self.half_attention)
         per_phase = [a + s * batch + (extras["attention_scratch"] if ph == "backward" else 0)
                      for ph, (a, s) in self.alloc_lines.items()]
         return int(max(per_phase)) + extras["workspace_allocated"]
 
     def reserved(self, g: GpuSpec, batch: int) -> int:
+        """Predicted ``max_memory_reserved``: the allocator replay's line (at least the tensors'
+        peak), the attention scratch and the cuBLAS workspaces' segments."""
         extras = gpu_extras(g, self.geo, batch, train=self.train, half_attention=self.half_attention)
         a, s = self.reserved_line
-        tensors = max(a + s * batch, self.allocated(g, batch) - extras["workspace_allocated"])
+        tensors = max(a + s * batch, self._tensors(batch))
         return int(tensors) + extras["attention_scratch"] + extras["workspace_reserved"]
 
     def largest_batch(self, g: GpuSpec, cap: int) -> int:

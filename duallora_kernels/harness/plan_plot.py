@@ -39,8 +39,9 @@ def plot_plan(doc: dict[str, Any], out: Path, gpu: str | None = None) -> Path:
         bottom = [b + v for b, v in zip(bottom, values)]
     s = doc["settings"]
     left.set_ylabel("GiB")
+    left.set_ylim(0, max(bottom) * 1.45)  # room for the legend above the bars
     left.set_title(f"one training step at batch {s['batch']} ({key})", fontsize=10)
-    left.legend(fontsize=7, loc="upper right")
+    left.legend(fontsize=7, loc="upper left", ncol=2)
     gpus = [g["gpu"] for g in rows[0]["gpus"]]
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
@@ -49,7 +50,7 @@ def plot_plan(doc: dict[str, Any], out: Path, gpu: str | None = None) -> Path:
     right.set_xticks(range(len(gpus)), gpus, rotation=20, fontsize=8)
     right.set_ylabel("largest batch")
     right.set_yscale("log", base=2)
-    right.set_title("largest batch that fits (predicted)", fontsize=10)
+    right.set_title(f"largest batch that fits (predicted; searched up to {s['max_batch_cap']})", fontsize=10)
     right.legend(fontsize=7)
     fig.suptitle(f"{s['model_label']}: parameters {s['dtype']}, autocast {s['amp']}, {s['optimizer']}, "
                  f"rank {s['rank']} (predicted on the CPU; unvalidated on hardware unless a plan check says so)",
