@@ -91,10 +91,11 @@ def cudart_link_flags(lib: Path, link_dir: Path) -> list[str]:
     directory = lib.parent
     if lib.name != "libcudart.so":
         link_dir.mkdir(parents=True, exist_ok=True)
-        link = link_dir / "libcudart.so"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(lib.resolve())
+        staged = link_dir / f".libcudart.so.{os.getpid()}"  # made aside, then renamed over: concurrent builds agree
+        if staged.is_symlink():
+            staged.unlink()
+        staged.symlink_to(lib.resolve())
+        os.replace(staged, link_dir / "libcudart.so")
         directory = link_dir
     return [f"-L{directory}", f"-Wl,-rpath,{lib.parent}"]
 
