@@ -31,6 +31,7 @@ def test_kernels_compile_on_tensor_cores_without_spills_within_shared_memory(tmp
     assert [c["source"] for c in compiles] == list(cuda_aot.SOURCES)
     assert [p for r in rows for p in cuda_aot.row_problems(r)] == []
     for r in rows:  # the pipeline and ldmatrix are there too, and the backward's sums are atomics
+        assert r["sass"]["HMMA_in_loops"] >= 32 + r["rank_pad"] // 4  # the warp tile's and the low-rank product's
         assert r["sass"]["LDGSTS"] > 0 and r["sass"]["LDSM"] > 0
         assert (r["sass"]["atomics"] > 0) == (r["kernel"] == "fused_backward_kernel")
 
@@ -38,9 +39,9 @@ def test_kernels_compile_on_tensor_cores_without_spills_within_shared_memory(tmp
 def test_row_problems_flags_what_the_issue_forbids():
     good = {"kernel": "fused_forward_kernel", "dtype": "bfloat16", "rank_pad": 16, "arch": 86, "regs": 130,
             "stack_bytes": 0, "local_bytes": 0, "shared_bytes": 65280, "smem_limit": 99 * 1024,
-            "sass": {"HMMA": 52, "HGMMA": 0, "STL": 0, "LDL": 0, "LDGSTS": 16}}
+            "sass": {"HMMA": 52, "HMMA_in_loops": 36, "HGMMA": 0, "STL": 0, "LDL": 0, "LDGSTS": 16}}
     assert cuda_aot.row_problems(good) == []
-    simt = {**good, "sass": {**good["sass"], "HMMA": 0}}
+    simt = {**good, "sass": {**good["sass"], "HMMA": 16, "HMMA_in_loops": 0}}  # tensor cores in the epilogue only
     spilling = {**good, "local_bytes": 8, "sass": {**good["sass"], "STL": 2}}
     too_big = {**good, "shared_bytes": 99 * 1024 + 16}
     assert "tensor cores" in cuda_aot.row_problems(simt)[0]

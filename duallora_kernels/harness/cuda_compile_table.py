@@ -38,7 +38,7 @@ def _table(path: Path, doc: dict[str, Any]) -> list[str]:
         "",
         "<details><summary>per kernel, padded rank and arch</summary>",
         "",
-        "| kernel | R_PAD | arch | regs | smem KB (of limit) | spills | HMMA | LDGSTS | LDSM | atomics | FFMA |",
+        "| kernel | R_PAD | arch | regs | smem KB (of limit) | spills | HMMA (in loops) | LDGSTS | LDSM | atomics | FFMA |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups: dict[tuple, list[dict]] = {}
@@ -51,7 +51,7 @@ def _table(path: Path, doc: dict[str, Any]) -> list[str]:
         out.append(
             f"| `{kernel}` | {rank} | sm_{-neg_arch} | {_span([r['regs'] for r in group])} "
             f"| {smem / 1024:.0f} / {group[0]['smem_limit'] // 1024} | {'0' if not spills else f'**{spills} B**'} "
-            f"| {cell('HMMA')} | {cell('LDGSTS')} | {cell('LDSM')} | {cell('atomics')} | {cell('FFMA')} |")
+            f"| {cell('HMMA')} ({cell('HMMA_in_loops')}) | {cell('LDGSTS')} | {cell('LDSM')} | {cell('atomics')} | {cell('FFMA')} |")
     out += ["", "</details>"]
     for p in problems:
         out.append(f"\n**problem:** {p}")
