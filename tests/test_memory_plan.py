@@ -66,22 +66,23 @@ def test_traced_saved_bytes_equal_the_hook_counter_on_a_real_model(variant, amp)
     assert real.activation_bytes > 0
 
 
-def test_gradient_and_optimizer_terms_equal_a_real_steps_tensors():
+@pytest.mark.parametrize("optimizer,states", [("adamw", 2), ("sgd", 1)])
+def test_gradient_and_optimizer_terms_equal_a_real_steps_tensors(optimizer, states):
     batch = 2
     model = _build("unfused", empty=False)
-    opt = make_optimizer(model)
-    planned_step(model, opt, 1, CLASSES, None)  # the warm-up step makes AdamW's state
+    opt = make_optimizer(model, optimizer)
+    planned_step(model, opt, 1, CLASSES, None)  # the warm-up step makes the optimizer's state
     state = [t for st in opt.state.values() for t in st.values() if t.dim() > 0]
     real_opt = sum(block_bytes(t.untyped_storage().nbytes()) for t in state)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert real_opt == sum(2 * block_bytes(p.numel() * 4) for p in trainable)  # AdamW: exp_avg, exp_avg_sq
+    assert real_opt == sum(states * block_bytes(p.numel() * 4) for p in trainable)  # AdamW: exp_avg, exp_avg_sq
     images = torch.randn(batch, 3, 32, 32).requires_grad_(True)
     F.cross_entropy(model(images).float(), torch.randint(0, CLASSES, (batch,))).backward()
     real_grads = sum(block_bytes(p.grad.untyped_storage().nbytes()) for p in trainable)
     params = sum(block_bytes(t.untyped_storage().nbytes()) for t in {t.untyped_storage().data_ptr(): t
                  for t in [*model.parameters(), *model.buffers()]}.values())
 
-    traced = FakeTraining(partial(_build, "unfused", True), CLASSES, None).trace(batch)
+    traced = FakeTraining(partial(_build, "unfused", True), CLASSES, None, optimizer=optimizer).trace(batch)
     step = traced.phases["optimizer"].at_peak
     assert step["optimizer"] == real_opt
     assert step["gradients"] == real_grads
@@ -194,6 +195,7 @@ def test_the_gpu_check_pairs_each_measurement_with_its_prediction(monkeypatch):
     r = rows[3]
     assert r["predicted_reserved"] == plan.reserved(gpu("h100-80gb"), 4) > 0
     assert r["predicted_allocated"] == plan.allocated(gpu("h100-80gb"), 4)
+    assert r["predicted_resident"] == plan.traces[2].resident_bytes + 2 * 32 * MiB  # two cuBLAS workspaces on sm_90
     assert r["reserved_error"] == pytest.approx(r["predicted_reserved"] / (120 * MiB) - 1)
     assert saved == [2, 4]  # the JSON is rewritten after each variant
     if not torch.cuda.is_available():

@@ -18,11 +18,9 @@ from PEFT itself; when peft is not installed that variant is reported as skipped
 from __future__ import annotations
 
 import importlib.util
-import math
 from functools import partial
+from dataclasses import dataclass
 from typing import Any, Callable
-
-import torch
 
 from .allocator_model import segment_bytes
 from .gpus import GpuSpec, cublas_workspace_bytes
@@ -30,11 +28,10 @@ from .memory_trace import CATEGORIES, FakeTraining, StepTrace
 from .vit_models import VIT_VARIANTS, build_vit, build_vit_variant
 
 __all__ = ["PLAN_SCHEMA", "PLAN_VARIANTS", "peft_missing", "Geometry", "geometry", "gpu_extras", "fit_line",
-           "plan_variant", "run_plan"]
+           "VariantPlan", "plan_variant", "run_plan", "not_fitting", "estimate_note"]
 
 PLAN_SCHEMA = "duallora-plan/1"
 PLAN_VARIANTS: tuple[str, ...] = (*VIT_VARIANTS, "inference")
-PHASES = ("forward", "backward", "optimizer")
 
 
 def peft_missing() -> str | None:
@@ -44,11 +41,14 @@ def peft_missing() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
 class Geometry:
     """What the attention scratch depends on: heads, tokens and head size of the model."""
 
-    def __init__(self, heads: int, tokens: int, head_dim: int, blocks: int) -> None:
-        self.heads, self.tokens, self.head_dim, self.blocks = heads, tokens, head_dim, blocks
+    heads: int
+    tokens: int
+    head_dim: int
+    blocks: int
 
 
 def geometry(s: dict[str, Any]) -> Geometry:
@@ -86,7 +86,7 @@ class VariantPlan:
     """The traces of one variant at two batches and what follows from them."""
 
     def __init__(self, variant: str, s: dict[str, Any], geo: Geometry, trace: Callable[[int], StepTrace]) -> None:
-        self.variant, self.s, self.geo, self._trace = variant, s, geo, trace
+        self.variant, self.s, self.geo = variant, s, geo
         self.train = variant != "inference"
         self.half_attention = s["amp"] is not None or s["dtype"] in ("bfloat16", "float16")
         b = s["batch"]
@@ -208,10 +208,6 @@ def not_fitting(rows: list[dict[str, Any]]) -> list[str]:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}" if n < 10 * 2**30 else f"{n / 2**30:.1f}"
-
-
-def largest_batch_note(cap: int) -> str:
-    return f"largest batch searched up to {cap} (--max-batch-cap); '>= {cap}' when it fits there"
 
 
 def estimate_note() -> str:

@@ -227,6 +227,20 @@ def make_optimizer(model: nn.Module, name: str = "adamw") -> torch.optim.Optimiz
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
+def _warm_state(opt: torch.optim.Optimizer) -> None:
+    """The state a measured step finds, made by its warm-up step: what AdamW's and SGD's first
+    step create per parameter (``_init_group`` in torch/optim/adamw.py and sgd.py), made directly
+    (a fake warm-up step costs seconds). tests/test_memory_plan.py holds it to a real AdamW's."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if isinstance(opt, torch.optim.AdamW):
+                opt.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+            else:
+                opt.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+
+
 class FakeTraining:
     """A model made fake once (from ``build()``: real, uninitialised storage), with its optimizer
     and the state a warm-up step would have made; :meth:`trace` traces one step at any batch."""
@@ -241,12 +255,8 @@ class FakeTraining:
         self.opt = None
         with self.mode:
             self.opt = make_optimizer(self.model, optimizer) if train else None
-            if self.opt is not None:  # the optimizer state a measured step finds (made by its warm-up step)
-                for group in self.opt.param_groups:
-                    for p in group["params"]:
-                        p.grad = torch.zeros_like(p)
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+            if self.opt is not None:
+                _warm_state(self.opt)
 
     def trace(self, batch: int) -> StepTrace:
         from ..ops._kernel_utils import observe_launches

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 from .gpus import GpuSpec, MiB, cublas_workspace_bytes
-from .memory_plan import geometry, peft_missing, plan_variant
+from .memory_plan import geometry, gpu_extras, peft_missing, plan_variant
 from .memory_trace import make_optimizer, planned_step
 from .problems import parse_list
 from .results import run_metadata, write_json
@@ -49,10 +51,11 @@ def measure_step(model: torch.nn.Module, opt: Any, batch: int, num_classes: int,
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device)  # parameters, optimizer state, cuBLAS workspaces
     planned_step(model, opt, batch, num_classes, amp, seed=1)
     torch.cuda.synchronize(device)
     return {"measured_allocated": int(torch.cuda.max_memory_allocated(device)),
-            "measured_reserved": int(torch.cuda.max_memory_reserved(device))}
+            "measured_reserved": int(torch.cuda.max_memory_reserved(device)), "measured_resident": int(resident)}
 
 
 def run_check(s: dict[str, Any], device: torch.device, save: Any) -> list[dict[str, Any]]:
@@ -82,6 +85,8 @@ def run_check(s: dict[str, Any], device: torch.device, save: Any) -> list[dict[s
                 rows.append(row)
                 continue
             row["predicted_allocated"] = plan.allocated(g, b)
+            ws = gpu_extras(g, plan.geo, b, train=True, half_attention=plan.half_attention)["workspace_allocated"]
+            row["predicted_resident"] = plan.traces[s["batches"][0]].resident_bytes + ws
             row["predicted_reserved"] = plan.reserved(g, b)
             row["allocated_error"] = row["predicted_allocated"] / row["measured_allocated"] - 1
             row["reserved_error"] = row["predicted_reserved"] / row["measured_reserved"] - 1
@@ -122,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     s = {"model": args.model, "model_label": args.model, "timm_kwargs": {}, "num_classes": 100, "rank": args.rank,
          "targets": ["qkv", "proj", "fc1", "fc2"], "dtype": "float32", "amp": torch.bfloat16, "optimizer": "adamw",
          "batches": batches, "max_batch_cap": 4096, "variants": parse_list(args.variants)}
-    doc = run_metadata("plan-check", sys.argv[1:] if argv is None else argv, device,
-                       {**s, "amp": "bfloat16", "batch": batches[0]})
+    argv = sys.argv[1:] if argv is None else list(argv)
+    doc = run_metadata("plan-check", argv, device, {**s, "amp": "bfloat16", "batch": batches[0]})
     doc["schema"] = CHECK_SCHEMA
+    doc["command_line"] = shlex.join(["python", "-m", "duallora_kernels.harness.plan_check", *argv])  # not a CLI command
 
     def save(rows: list[dict[str, Any]]) -> None:
         doc["results"] = rows
@@ -134,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     free, total = torch.cuda.mem_get_info(device)
     doc["device"]["context_bytes_measured"] = int(total - free - torch.cuda.memory_reserved(device))
     doc["device"]["mem_get_info_total"] = int(total)
+    doc["settings"]["pytorch_cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # the replay assumes the default
     doc["complete"] = True
     save(rows)
     print(f"context (total - free - reserved): {doc['device']['context_bytes_measured'] / MiB:.0f} MiB of "

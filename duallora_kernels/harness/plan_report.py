@@ -64,7 +64,7 @@ def print_plan(doc: dict[str, Any], file: Any = None) -> None:
     rows = doc["results"]
     print(f"\npredicted peak of one training step: {_heading(doc)}", file=file)
     print(breakdown_table(rows), file=file)
-    print(f"\nlargest batch that fits (predicted reserved memory <= usable)", file=file)
+    print("\nlargest batch that fits (predicted reserved memory <= usable)", file=file)
     print(largest_batch_table(rows), file=file)
     for r in rows:
         if r["status"] != "ok":
