@@ -6,7 +6,8 @@ records what the planner estimates per GPU: the device's total memory and the CU
 
     python -m duallora_kernels.harness.plan_check --out plan-check-<slug>-<date>.json [--batches 32,64]
 
-Each measurement: the variant's model on the GPU (parameters float32, autocast bf16, AdamW), a
+Each measurement: the variant's model on the GPU (parameters float32, uninitialised: memory does
+not depend on the values; autocast bf16, AdamW), a
 warm-up step at the batch (optimizer state, kernels, cuBLAS workspaces), ``empty_cache``, peak
 statistics reset, one :func:`~.memory_trace.planned_step`. The JSON is rewritten after every
 variant, so a run cut off at its time limit keeps what finished (``complete: false``).
@@ -72,7 +73,9 @@ def run_check(s: dict[str, Any], device: torch.device, save: Any) -> list[dict[s
         started = time.perf_counter()
         plan = plan_variant(variant, {**s, "batch": s["batches"][0]}, geo)
         plan_s = time.perf_counter() - started
-        model = build_vit_variant(variant, s["model"], rank=s["rank"], device=device, dtype=s["dtype"],
+        # Uninitialised weights (empty=True): the same modules, shapes and state, and no seconds of
+        # init arithmetic per variant; a step's memory does not depend on the values (no host sync).
+        model = build_vit_variant(variant, s["model"], rank=s["rank"], device=device, dtype=s["dtype"], empty=True,
                                   num_classes=s["num_classes"], targets=s["targets"], **s["timm_kwargs"])
         opt = make_optimizer(model, s["optimizer"])
         for b in s["batches"]:
@@ -123,28 +126,34 @@ def main(argv: list[str] | None = None) -> int:
     if len(batches) != 2 or batches[1] != 2 * batches[0]:
         print(f"plan_check: --batches must be two batches b,2b; got {args.batches}", file=sys.stderr)
         return 2
+    variants = parse_list(args.variants)
+    if not variants or any(v not in CHECK_VARIANTS for v in variants):
+        print(f"plan_check: --variants must be among {','.join(CHECK_VARIANTS)}; got {args.variants}", file=sys.stderr)
+        return 2
     device = torch.device("cuda", torch.cuda.current_device())
     s = {"model": args.model, "model_label": args.model, "timm_kwargs": {}, "num_classes": 100, "rank": args.rank,
          "targets": ["qkv", "proj", "fc1", "fc2"], "dtype": "float32", "amp": torch.bfloat16, "optimizer": "adamw",
-         "batches": batches, "max_batch_cap": 4096, "variants": parse_list(args.variants)}
+         "batches": batches, "max_batch_cap": 4096, "variants": variants}
     argv = sys.argv[1:] if argv is None else list(argv)
     doc = run_metadata("plan-check", argv, device, {**s, "amp": "bfloat16", "batch": batches[0]})
     doc["schema"] = CHECK_SCHEMA
     doc["command_line"] = shlex.join(["python", "-m", "duallora_kernels.harness.plan_check", *argv])  # not a CLI command
 
+    doc["settings"]["pytorch_cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # the replay assumes the default
+
     def save(rows: list[dict[str, Any]]) -> None:
+        # the CUDA context as it stands (kernels load as variants run): total - free - reserved
+        free, total = torch.cuda.mem_get_info(device)
+        doc["device"]["context_bytes_measured"] = int(total - free - torch.cuda.memory_reserved(device))
+        doc["device"]["mem_get_info_total"] = int(total)
         doc["results"] = rows
         write_json(args.out, doc)
 
     rows = run_check(s, device, save)
-    free, total = torch.cuda.mem_get_info(device)
-    doc["device"]["context_bytes_measured"] = int(total - free - torch.cuda.memory_reserved(device))
-    doc["device"]["mem_get_info_total"] = int(total)
-    doc["settings"]["pytorch_cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # the replay assumes the default
     doc["complete"] = True
     save(rows)
     print(f"context (total - free - reserved): {doc['device']['context_bytes_measured'] / MiB:.0f} MiB of "
-          f"{total / 2**30:.2f} GiB; wrote {args.out}")
+          f"{doc['device']['mem_get_info_total'] / 2**30:.2f} GiB; wrote {args.out}")
     return 0
 
 
