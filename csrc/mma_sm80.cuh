@@ -31,6 +31,11 @@ namespace mma {
 
 using tiles::kThreads;
 
+#if defined(DUALLORA_WARP_EMULATION)
+// tests/test_cuda_emulation.py runs these kernels on the CPU: its header emulates the four
+// instructions below lane by lane (tests/cuda_emulation/warp_emulation.h).
+#include DUALLORA_WARP_EMULATION
+#else
 template <bool kBf16>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (kBf16) {
@@ -72,6 +77,7 @@ __device__ __forceinline__ void cp_async16(uint16_t* dst, const uint16_t* src, i
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
+#endif  // DUALLORA_WARP_EMULATION
 
 template <bool kBf16>
 __device__ __forceinline__ float to_float(uint16_t bits) {
