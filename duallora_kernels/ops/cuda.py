@@ -28,7 +28,9 @@ kernels, which read strided rows in place.
 Which backend ``"auto"`` picks is :func:`duallora_kernels.ops.resolve_backend`'s: Triton on every
 GPU (its wgmma path is Hopper's state of the art); this backend is chosen by name until a
 measurement on sm_8x says it is faster there. Status: compile-checked for sm_80/86/89/90
-(tests/test_cuda_compile.py, bench/results/cuda-compile-*.json); not yet run on a GPU.
+(tests/test_cuda_compile.py, bench/results/cuda-compile-*.json); the kernels' code executed on the
+CPU with their warp instructions emulated, against float64 (tests/test_cuda_emulation.py); not yet
+run on a GPU (tests/test_fused_linear.py's ``cuda_backend`` tests are what a GPU runs).
 """
 from __future__ import annotations
 
