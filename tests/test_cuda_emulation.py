@@ -5,8 +5,9 @@ instructions (mma.sync, ldmatrix, ldmatrix.trans, cp.async) emulated lane by lan
 defines their fragments (tests/cuda_emulation/warp_emulation.h), every CUDA thread a host thread
 and __syncthreads a barrier (tests/cuda_emulation/harness.cpp). So the kernels' own index
 arithmetic, fragment addressing, masks, pipeline stages, epilogues, gate / rank / gradient flags
-and atomics run here on fresh random inputs; what the emulation cannot show is the hardware's
-asynchrony (cp.async copies at once) and speed. Shared memory and the 16-bit outputs start as NaN,
+and atomics run here on fresh random inputs, with each cp.async landing only when its thread
+waits for it (the latest moment the PTX rules allow), so the pipeline's wait counts and stage reuse
+are checked too; what the emulation cannot show is the hardware's timing and speed. Shared memory and the 16-bit outputs start as NaN,
 so a read of something never written shows up. Skipped only where nvcc (for the CUDA headers and
 the host compile) is absent.
 """

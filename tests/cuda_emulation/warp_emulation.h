@@ -8,9 +8,9 @@
 //   B (16 x 8):  b0 = (k 2c..2c+1, n g), b1 = (k 8+2c.., n g);  C: c0,c1 = (g, 2c..), c2,c3 = (g+8, 2c..)
 //   ldmatrix: lanes 8j..8j+7 give the row addresses of matrix j; register j of lane L holds row L/4,
 //   columns 2(L%4), +1 of matrix j (.trans: rows 2(L%4), +1 of column L/4).
-// cp.async copies at once (the emulated pipeline never has data in flight, so it checks the
-// kernels' indexing and barriers, not the asynchrony). This is test code: csrc/ never includes it
-// unless a test asks.
+// cp.async copies when its thread waits for it (below). What is not emulated: the hardware's
+// timing, i.e. races that only some interleavings show. This is test code: csrc/ never includes
+// it unless a test asks.
 
 namespace detail {
 
@@ -109,10 +109,32 @@ inline void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const uint16_t* p) {
   r1 = r[1];
 }
 
+// cp.async lands as late as the PTX rules allow: a copy is made only when its thread waits for
+// its group (cp.async.wait_group N completes all but the newest N committed groups), so a read of
+// a stage before its wait, or a prefetch that overwrites a stage still being read, changes results.
+namespace detail {
+struct AsyncCopy {
+  uint16_t* dst;
+  const uint16_t* src;  // nullptr: zero-fill
+};
+inline thread_local std::vector<AsyncCopy> open_group;
+inline thread_local std::deque<std::vector<AsyncCopy>> committed;
+}  // namespace detail
+
 inline void cp_async16(uint16_t* dst, const uint16_t* src, int src_bytes) {
-  if (src_bytes == 16) std::memcpy(dst, src, 16);
-  else std::memset(dst, 0, 16);
+  detail::open_group.push_back({dst, src_bytes == 16 ? src : nullptr});
 }
-inline void cp_async_commit() {}
+inline void cp_async_commit() {
+  detail::committed.push_back(std::move(detail::open_group));
+  detail::open_group.clear();
+}
 template <int kPending>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+  while (detail::committed.size() > size_t(kPending)) {
+    for (const detail::AsyncCopy& c : detail::committed.front()) {
+      if (c.src != nullptr) std::memcpy(c.dst, c.src, 16);
+      else std::memset(c.dst, 0, 16);
+    }
+    detail::committed.pop_front();
+  }
+}
