@@ -11,17 +11,19 @@ import sys
 import typing
 
 from ..cli import INTERRUPTED, HelpFormatter, add_threads_option, apply_threads
-from ..continual.config import AMP_MODES, GATE_SOURCES, METHODS, TrainConfig
+from ..continual.config import AMP_MODES, GATE_SOURCES, METHODS, PROTOTYPE_SOURCES, TASK_SCORES, TrainConfig
 
 DESCRIPTION = (
     "Run the class-incremental benchmark: by default DualLoRA on Split Fashion-MNIST (5 tasks x 2 classes, "
-    "class order shuffled by --seed) on the self-pretrained ViT shipped with the package. After every task: "
+    "class order shuffled by --seed; --seeds 0,1,2 runs each method once per seed) on the self-pretrained ViT shipped with the package. After every task: "
     "the accuracy matrix, task-identity accuracy and a checkpoint; --resume continues from the last finished "
     "task (Ctrl-C prints the exact command). Writes OUT_DIR/<method>-seed<seed>/results.json and results.png. "
     "Options a run would not use (e.g. --checkpoint without --model) are refused."
 )
+CURVES_PNG = "a_t-curves.png"  # beside the runs, when one command makes several
 _SKIP = {"method", "targets", "train_per_class", "test_per_class", "amp", "compile"}
 _CHOICES = {"gate_mode": ("soft", "hard"), "gate_source": GATE_SOURCES, "summary": ("cls", "mean"),
+            "task_score": TASK_SCORES, "prototype_features": PROTOTYPE_SOURCES,
             "backend": ("auto", "triton", "torch", "cuda")}
 _HELP = {
     "seed": "seeds the class order, the subsets and training (logged in the results)",
@@ -49,6 +51,13 @@ _HELP = {
     "gate_source": "global: one gate from a first pass with the residual blocks off; layer: each layer gates from "
                    "its own input",
     "summary": "per-sample summary a layer scores: mean token or class token",
+    "task_score": "where the task gate's scores come from: subspace (each layer's task bases U_t), "
+                  "prototype-means (nearest class mean of the layers' input summaries), prototype-lda (class means "
+                  "and a shared covariance: linear discriminant analysis); see docs/method.md",
+    "prototype_features": "whose layer inputs prototype scores summarise: pretrained (a frozen copy of the "
+                          "pre-trained backbone: no drift) or adapted (the adapted model, residual blocks off)",
+    "prototype_shrinkage": "prototype-lda: shrinkage of the shared covariance towards its mean eigenvalue",
+    "prototype_temperature": "softmax temperature of the gate from prototype scores (log-likelihoods)",
     "beta": "calibration strength (0: off)",
     "backend": "auto: Triton on CUDA tensors, the PyTorch reference on the CPU; triton on the CPU needs "
                "TRITON_INTERPRET=1; cuda: the CUDA C++ kernels",
@@ -75,7 +84,9 @@ _IGNORED: dict[str, dict[str, str]] = {
     "seq-lora": {"rank_res": _NO_RES, "res_scale": _NO_RES, "threshold_start": _NO_MEMORY,
                  "threshold_end": _NO_MEMORY, "beta": _NO_CALIBRATION},
     "joint": {name: _ONE_TASK for name in ("rank_res", "res_scale", "threshold_start", "threshold_end", "beta",
-                                           "score_rank", "temperature", "gate_mode", "gate_source", "summary")},
+                                           "score_rank", "temperature", "gate_mode", "gate_source", "summary",
+                                           "task_score", "prototype_features", "prototype_shrinkage",
+                                           "prototype_temperature")},
 }
 
 
@@ -105,6 +116,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.register("action", "store_true", _GivenFlag)
     p.add_argument("--method", default="duallora",
                    help=f"one of {', '.join(METHODS)}; a comma-separated list; or 'all'")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="run every method once per seed (comma-separated), into OUT_DIR/<method>-seed<seed>/, "
+                        "and plot their A_t into OUT_DIR/a_t-curves.png; instead of --seed (default: --seed's one "
+                        "run)")
     p.add_argument("--full", action="store_true",
                    help="use all of Fashion-MNIST instead of --train-per-class/--test-per-class images per class")
     p.add_argument("--train-per-class", type=int, default=TrainConfig.train_per_class,
@@ -156,6 +171,12 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
         unused = [_flag(n) for n in ("train_per_class", "test_per_class") if n in given]
         if unused:
             raise ValueError(f"--full uses every image, so {' and '.join(unused)} would be ignored: give one or the other")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    if args.seeds is not None and "seed" in given:
+        raise ValueError("give --seed or --seeds, not both")
+    if args.run_name is not None and len(seeds) > 1:
+        raise ValueError(f"--run-name names one run, but --seeds {args.seeds} starts {len(seeds)} per method: "
+                         "each would overwrite the last. Leave --run-name out (runs are named <method>-seed<seed>)")
     if args.run_name is not None and len(methods) > 1:
         raise ValueError(f"--run-name names one run, but --method {args.method} starts {len(methods)}: "
                          "each would overwrite the last. Leave --run-name out (runs are named <method>-seed<seed>)")
@@ -170,7 +191,20 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     common["test_per_class"] = None if args.full else args.test_per_class
     common["amp"] = args.amp or default_amp()
     common["compile"] = args.compile
-    return [TrainConfig(method=m, **common) for m in methods]
+    del common["seed"]
+    return [TrainConfig(method=m, seed=seed, **common) for seed in seeds for m in methods]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: distinct integers >= 0, comma-separated, in the order given."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    try:
+        seeds = [int(w) for w in words]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds takes distinct integers >= 0, e.g. 0,1,2; got {text!r}")
+    return seeds
 
 
 def default_amp() -> str:
@@ -227,16 +261,34 @@ def _run(args: argparse.Namespace) -> int:
     if distributed.rank() == 0:
         print(f"duallora train: {threads} CPU thread(s) ({usable_cores()} core(s) usable by this process; "
               "--threads N to change)", flush=True)
+    results = []
     for config in configs:
         trainer = Trainer(config, progress=not args.no_progress)
         try:
-            trainer.run(resume=args.resume)
+            results.append(trainer.run(resume=args.resume))
         except KeyboardInterrupt:
             if distributed.rank() == 0:
                 print(f"duallora train: {trainer.where_stopped()}; continue with: "
                       f"{resume_command(getattr(args, '_argv', sys.argv[1:]))}", file=sys.stderr, flush=True)
             return INTERRUPTED
+    if len(results) > 1 and distributed.rank() == 0:
+        _plot_curves(results, configs[0])
     return 0
+
+
+def _plot_curves(results: list[dict], config: TrainConfig) -> None:
+    """OUT_DIR/a_t-curves.png: every method's A_t over this command's seeds (mean, one std, each seed)."""
+    from pathlib import Path
+
+    from ..continual.seeds import group_by_method, plot_curves
+
+    groups = group_by_method(results, METHODS)
+    seeds = sorted({s for g in groups for s in g.seeds})
+    path = Path(config.out_dir) / CURVES_PNG
+    plot_curves(groups, path, f"Split Fashion-MNIST ({config.num_tasks} tasks x {config.classes_per_task}), "
+                              f"seeds {', '.join(map(str, seeds))}: A_t, mean ± std")
+    print(f"duallora train: A_t of {len(groups)} method(s) over seed(s) {', '.join(map(str, seeds))} -> {path}",
+          flush=True)
 
 
 if __name__ == "__main__":  # python -m duallora_kernels.commands.train ... (without the other subcommands)

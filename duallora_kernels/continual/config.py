@@ -10,12 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHODS", "GATE_SOURCES", "AMP_MODES", "method_settings", "TrainConfig"]
+__all__ = ["METHODS", "GATE_SOURCES", "TASK_SCORES", "PROTOTYPE_SOURCES", "AMP_MODES", "method_settings", "TrainConfig"]
 
 METHODS = ("duallora", "orth-only", "res-only", "no-calibration", "seq-lora", "joint")
 # "layer": each adapted layer gates its residual blocks from its own input (one pass);
 # "global": a first pass (residual blocks off) gives the model's task gate, used by every layer.
 GATE_SOURCES = ("layer", "global")
+# Where the model's task scores come from (docs/method.md, "Task scores"; :mod:`.prototypes`).
+TASK_SCORES = ("subspace", "prototype-means", "prototype-lda")
+# Whose layer inputs the prototype scores summarise: a frozen copy of the pre-trained backbone, or the adapted model.
+PROTOTYPE_SOURCES = ("pretrained", "adapted")
 # Mixed precision of the training step (torch.autocast): the adapters' fused op computes in the autocast dtype,
 # parameters, gradients and the memory statistics stay float32/float64.
 AMP_MODES = ("bf16", "fp16", "off")
@@ -69,6 +73,10 @@ class TrainConfig:
     gate_mode: str = "soft"
     gate_source: str = "global"
     summary: str = "mean"
+    task_score: str = "prototype-lda"
+    prototype_features: str = "pretrained"
+    prototype_shrinkage: float = 2e-3
+    prototype_temperature: float = 1.0
     beta: float = 1.0
     backend: str = "auto"
     # execution: autocast dtype of the training step; torch.compile backend of the training step ("off",
@@ -99,7 +107,7 @@ class TrainConfig:
         for name in ("threshold_start", "threshold_end"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        for name in ("lr", "head_lr", "temperature"):
+        for name in ("lr", "head_lr", "temperature", "prototype_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.amp not in AMP_MODES:
@@ -108,6 +116,16 @@ class TrainConfig:
             raise ValueError(f"compile must be 'off', 'auto' or a torch.compile backend name, got {self.compile!r}")
         if self.gate_source not in GATE_SOURCES:
             raise ValueError(f"gate_source must be one of {', '.join(GATE_SOURCES)}, got {self.gate_source!r}")
+        if self.task_score not in TASK_SCORES:
+            raise ValueError(f"task_score must be one of {', '.join(TASK_SCORES)}, got {self.task_score!r}")
+        if self.task_score != "subspace" and self.gate_source != "global":
+            raise ValueError(f"task_score={self.task_score!r} scores the model's features in the global gate's first "
+                             "pass: it needs gate_source='global'")
+        if self.prototype_features not in PROTOTYPE_SOURCES:
+            raise ValueError(f"prototype_features must be one of {', '.join(PROTOTYPE_SOURCES)}, "
+                             f"got {self.prototype_features!r}")
+        if not 0.0 <= self.prototype_shrinkage <= 1.0:
+            raise ValueError(f"prototype_shrinkage must be in [0, 1], got {self.prototype_shrinkage!r}")
         if self.beta < 0 or self.weight_decay < 0:
             raise ValueError("beta and weight_decay must be >= 0")
         if self.model is None:

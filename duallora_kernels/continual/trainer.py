@@ -18,6 +18,7 @@ sits beside the new run's checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 import json
@@ -42,6 +43,7 @@ from .calibration import calibrate_logits, clear_gates, first_pass_gate, model_t
 from .config import TrainConfig
 from .data import Task, fashion_mnist_tasks, make_loader
 from .execution import Execution, check_execution
+from .prototypes import PROTOTYPE_SCORES, ClassPrototypes, PrototypeFeatures, collect_task_prototypes, prototype_gate
 from .pretrain import hardware, sha256_of
 
 __all__ = ["Trainer"]
@@ -81,6 +83,10 @@ class Trainer:
         self.total_tasks: int | None = None
         self._load_at_start: float | None = None
         self.execution: Execution | None = None
+        # the class-prototype statistics behind the task gate and the features they summarise (task_score
+        # prototype-*; made with the model by build_model), None with subspace scores
+        self.prototypes: ClassPrototypes | None = None
+        self.prototype_features: PrototypeFeatures | None = None
 
     # ------------------------------------------------------------------ set-up (no file written)
     def _tasks(self) -> list[Task]:
@@ -114,7 +120,16 @@ class Trainer:
     def build_model(self) -> nn.Module:
         from ..vit import ContinualViT
 
-        return ContinualViT(self._backbone(), adapter=self.config.layer_kwargs(), targets=self.config.targets)
+        c = self.config
+        backbone = self._backbone()
+        use_prototypes = c.task_score in PROTOTYPE_SCORES and c.method != "joint"
+        self.prototypes = ClassPrototypes(c.task_score, c.prototype_shrinkage) if use_prototypes else None
+        # the frozen pre-trained backbone the prototype features are read from: copied before the adapters go in
+        reference = (copy.deepcopy(backbone).eval().requires_grad_(False)
+                     if use_prototypes and c.prototype_features == "pretrained" else None)
+        model = ContinualViT(backbone, adapter=c.layer_kwargs(), targets=c.targets)
+        self.prototype_features = PrototypeFeatures(model, c.prototype_features, reference) if use_prototypes else None
+        return model
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -135,6 +150,8 @@ class Trainer:
         if resume:
             start = self._restore(model, history, tasks)
         model.to(ex.device)
+        if self.prototype_features is not None and self.prototype_features.reference is not None:
+            self.prototype_features.reference.to(ex.device)
         self.total_tasks, self.tasks_checkpointed = len(tasks), start
         run_dir = c.run_dir
         distributed.barrier()  # every rank has read the checkpoint before rank 0 moves files
@@ -265,10 +282,14 @@ class Trainer:
         model.eval()
         stats = self._collect(model, task, f"task {t}: collect bases")
         task_stats = None
-        if c.gate_source == "global" and _has_residual_blocks(model):
+        if c.gate_source == "global" and self.prototypes is None and _has_residual_blocks(model):
             # The global gate is computed with the residual blocks off: U_t must see the same features.
             task_stats = self._collect(model, task, f"task {t}: collect task bases", residual=False)
         end_task(model, stats, task_stats)
+        if self.prototypes is not None:  # after end_task: the model every later test of this task meets
+            collect_task_prototypes(self.prototype_features, self.prototypes,
+                                    self._loader(task.train, c.batch_size * 2, shuffle=False),
+                                    model.task_label_ranges[t], ex.device)
 
     def _training_step(self, model: nn.Module, t: int, offset: int, ex: Execution) -> Callable:
         """``step(x, y) -> loss`` of task t: under autocast when --amp is on, compiled when --compile is, and
@@ -358,7 +379,8 @@ class Trainer:
         c = self.config
         hard = c.gate_mode == "hard"
         if c.gate_source == "global":
-            gate = first_pass_gate(model, x, num_tasks, c.temperature, hard)
+            gate = (prototype_gate(self.prototype_features, x, self.prototypes, num_tasks, c.prototype_temperature, hard)
+                    if self.prototypes is not None else first_pass_gate(model, x, num_tasks, c.temperature, hard))
             set_gate(model, gate)
             try:
                 return model(x), gate
@@ -380,6 +402,8 @@ class Trainer:
             self.tasks_checkpointed = t + 1
             return
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if self.prototypes is not None:
+            tensors.update(self.prototypes.state_tensors())
         atomic_write(run_dir / weights, lambda tmp: save_file(tensors, tmp))
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -416,7 +440,10 @@ class Trainer:
         done = int(state["tasks_done"])
         for t in range(done):
             model.add_task_head(tasks[t].num_classes)
-        model.load_state_dict(load_file(str(c.run_dir / state["weights"])))
+        tensors = load_file(str(c.run_dir / state["weights"]))
+        if self.prototypes is not None:
+            self.prototypes.load_state_tensors(tensors)
+        model.load_state_dict(tensors)
         for name, value in state["history"].items():
             setattr(history, name, value)
         self.log(f"[{c.name}] resumed after task {done - 1} from {path}")
