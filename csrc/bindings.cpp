@@ -7,7 +7,6 @@
 #include <torch/extension.h>
 
 namespace duallora {
-at::Tensor gram(const at::Tensor& x2, int64_t chunk);
 at::Tensor task_scores(const at::Tensor& z, const at::Tensor& bases, double eps);
 std::vector<at::Tensor> dual_lora_forward(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                           const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& bt,
@@ -23,7 +22,6 @@ std::vector<at::Tensor> dual_lora_backward(const at::Tensor& dy2, const at::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "duallora_kernels CUDA kernels (see duallora_kernels/ops/cuda.py)";
-  m.def("gram", &duallora::gram, "x^T x of a contiguous (m, d) tensor; row chunks of `chunk` per block");
   m.def("task_scores", &duallora::task_scores, "||U_t^T z||^2 / max(||z||^2, eps), all tasks in one launch");
   m.def("dual_lora_forward", &duallora::dual_lora_forward, "fused DualLoRA forward: returns [Y, T]");
   m.def("dual_lora_backward", &duallora::dual_lora_backward, "fused DualLoRA backward: returns [dX, dA, dB^T, dbias]");

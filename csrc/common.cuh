@@ -1,15 +1,9 @@
-// Small device helpers shared by the CUDA kernels of duallora_kernels.
+// Small device helpers of csrc/memory_ops.cu (block reductions).
 #pragma once
 
 #include <cuda_runtime.h>
 
 namespace duallora {
-
-// at::Half / at::BFloat16 convert through their float operators; float/double are plain casts.
-template <typename acc_t, typename T>
-__device__ __forceinline__ acc_t to_acc(T v) {
-  return static_cast<acc_t>(v);
-}
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

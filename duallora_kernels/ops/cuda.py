@@ -18,9 +18,10 @@ extension nor nvcc, a one-line RuntimeError says what to install.
   exactly when torch's float32 matmul precision allows it, which is what the Triton path does
   with ``tl.dot``; a float32 CUDA kernel on SIMT FMA would be slower than cuBLAS, and an
   mma.sync TF32 variant is not written yet), float64, and r > 128.
-* :func:`gram_cuda`, :func:`task_scores_cuda`: csrc/memory_ops.cu (SIMT, float32 / float64
-  accumulation; not rewritten on tensor cores: gram runs once per task over the task's data,
-  task_scores is (b x T x d x u), off the training step's path).
+* :func:`gram_cuda`: cuBLAS (one GEMM; bf16/fp16 on tensor cores with a float32 result).
+* :func:`task_scores_cuda`: csrc/memory_ops.cu, one SIMT launch for all tasks (float32 / float64
+  accumulation): (b x T x d x u) multiply-adds, off the training step's path, where cuBLAS would
+  take a batched GEMM plus three elementwise launches.
 
 Inputs are made contiguous before the launch (a copy only for strided inputs), unlike the Triton
 kernels, which read strided rows in place.
@@ -100,8 +101,7 @@ def load_extension():
     global _ext
     if _ext is not None:
         return _ext
-    if not torch.cuda.is_available():
-        raise RuntimeError("backend='cuda' needs a CUDA device, and torch.cuda.is_available() is False here")
+    _require_device()
     with _lock:
         if _ext is None:
             try:
@@ -119,25 +119,28 @@ def load_extension():
     return _ext
 
 
+def _require_device() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError("backend='cuda' needs a CUDA device, and torch.cuda.is_available() is False here")
+
+
 def _require_cuda(name: str, t: Tensor) -> None:
     if not t.is_cuda:
         raise RuntimeError(f"backend='cuda' needs CUDA tensors, got {name} on {t.device}")
 
 
 def gram_cuda(x: Tensor) -> Tensor:
-    """``x^T x`` (d, d) over all rows of x (..., d); float32 out (float64 for float64 input)."""
-    ext = load_extension()
+    """``x^T x`` (d, d) over all rows of x (..., d); float32 out (float64 for float64 input).
+
+    cuBLAS, not a kernel of csrc/: one GEMM of (d x m) by (m x d), on tensor cores with float32
+    accumulation and output for bfloat16/float16 (``torch.mm(..., out_dtype=torch.float32)``), in
+    float32 (TF32 as torch's matmul precision allows) or float64 otherwise. It runs once per task
+    over the task's inputs; a hand-written kernel would be a GEMM no better than cuBLAS's."""
+    _require_device()
     _require_cuda("x", x)
-    d = x.shape[-1]
-    x2 = x.reshape(-1, d).contiguous()
-    m = x2.shape[0]
-    # Split the rows so about four waves of blocks run even when d gives few tiles.
-    tiles = max(1, -(-d // 32))
-    blocks = tiles * (tiles + 1) // 2
-    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    splits = max(1, min(-(-target // blocks), -(-m // 256)))
-    g = ext.gram(x2, max(1, -(-m // splits)))
-    return (g + g.T) * 0.5  # both triangles are summed with atomics: make (i, j) and (j, i) one value
+    x2 = x.reshape(-1, x.shape[-1])
+    g = torch.mm(x2.T, x2, out_dtype=torch.float32) if x2.dtype in KERNEL_DTYPES else x2.T @ x2
+    return (g + g.T) * 0.5  # exactly symmetric, as gram_reference
 
 
 def task_scores_cuda(z: Tensor, task_bases: Tensor) -> Tensor:
