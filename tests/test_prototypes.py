@@ -120,3 +120,9 @@ def test_prototype_scores_need_the_global_gate():
         TrainConfig(task_score="prototype-lda", gate_source="layer")
     with pytest.raises(ValueError, match="task_score must be one of"):
         TrainConfig(task_score="lda")
+
+
+def test_a_run_recorded_before_task_scores_existed_reads_as_subspace():
+    old = {k: v for k, v in TrainConfig().to_json().items() if not k.startswith(("task_score", "prototype_"))}
+    assert TrainConfig.from_json(old).task_score == "subspace"
+    assert TrainConfig.from_json(TrainConfig().to_json()).task_score == "prototype-lda"

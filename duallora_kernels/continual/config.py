@@ -169,4 +169,5 @@ class TrainConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        # a run recorded before task_score existed scored tasks by subspaces (other later settings: their defaults)
+        return cls(**{"task_score": "subspace", **{k: v for k, v in d.items() if k in known}})

@@ -21,7 +21,6 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import json
 import os
 import platform
 import sys
@@ -35,11 +34,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._io import atomic_write, atomic_write_json
+from .._io import atomic_write_json
 from ..memory import all_reduce_stats, check_finite_stats
 from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task, residual_off, set_gate
 from . import distributed, metrics
 from .calibration import calibrate_logits, clear_gates, first_pass_gate, model_task_gate
+from .checkpoint import read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .data import Task, fashion_mnist_tasks, make_loader
 from .execution import Execution, check_execution
@@ -48,11 +48,7 @@ from .pretrain import hardware, sha256_of
 
 __all__ = ["Trainer"]
 
-CHECKPOINT_FORMAT = 1
 
-
-# Fields that may differ between a run and its resumption without changing its results.
-_RESUME_FREE = ("out_dir", "run_name", "data_root", "backend", "compile")
 # What a run writes into its folder; a run that starts from task 0 moves an earlier run's into previous/.
 _RUN_OUTPUTS = ("results.json", "results.png", "checkpoint.json", "task-*.safetensors")
 
@@ -392,61 +388,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, model: nn.Module, history: _History, t: int) -> None:
-        from safetensors.torch import save_file
-
-        run_dir = self.config.run_dir
-        weights = f"task-{t}.safetensors"
         distributed.barrier()  # every rank has finished task t (its state is the same on every rank)
-        if distributed.rank() != 0:
-            distributed.barrier()
-            self.tasks_checkpointed = t + 1
-            return
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        if self.prototypes is not None:
-            tensors.update(self.prototypes.state_tensors())
-        atomic_write(run_dir / weights, lambda tmp: save_file(tensors, tmp))
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "tasks_done": t + 1,
-            "weights": weights,
-            "config": self.config.to_json(),
-            "history": dataclasses.asdict(history),
-        }
-        atomic_write_json(run_dir / "checkpoint.json", state)  # the commit point: names the weights
+        if distributed.rank() == 0:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            if self.prototypes is not None:
+                tensors.update(self.prototypes.state_tensors())
+            write_checkpoint(self.config.run_dir, t + 1, tensors, self.config, dataclasses.asdict(history))
         self.tasks_checkpointed = t + 1
-        for old in run_dir.glob("task-*.safetensors"):
-            if old.name != weights:
-                old.unlink(missing_ok=True)
         distributed.barrier()  # no rank goes on (or stops) before the checkpoint is complete
 
     def _restore(self, model: nn.Module, history: _History, tasks: Sequence[Task]) -> int:
-        from safetensors.torch import load_file
-
         c = self.config
-        path = c.run_dir / "checkpoint.json"
-        if not path.is_file():
+        found = read_checkpoint(c)
+        if found is None:
             self.log(f"[{c.name}] --resume: no checkpoint in {c.run_dir}; starting from task 0")
             return 0
-        state = json.loads(path.read_text())
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} has checkpoint format {state.get('format')}, this version reads {CHECKPOINT_FORMAT}")
-        # settings added since the checkpoint was made (amp, compile) count as their defaults
-        saved = {k: v for k, v in TrainConfig.from_json(state["config"]).to_json().items() if k not in _RESUME_FREE}
-        mine = {k: v for k, v in self.config.to_json().items() if k not in _RESUME_FREE}
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-        if diff:
-            raise ValueError(f"--resume: the checkpoint in {c.run_dir} was made with other settings {diff} "
-                             "(checkpoint, now); use the same settings or another --out-dir/--run-name")
+        state, tensors = found
         done = int(state["tasks_done"])
         for t in range(done):
             model.add_task_head(tasks[t].num_classes)
-        tensors = load_file(str(c.run_dir / state["weights"]))
         if self.prototypes is not None:
             self.prototypes.load_state_tensors(tensors)
         model.load_state_dict(tensors)
         for name, value in state["history"].items():
             setattr(history, name, value)
-        self.log(f"[{c.name}] resumed after task {done - 1} from {path}")
+        self.log(f"[{c.name}] resumed after task {done - 1} from {c.run_dir / 'checkpoint.json'}")
         return done
 
     # ------------------------------------------------------------------ results

@@ -1,0 +1,58 @@
+"""A run's checkpoint after each finished task: the weights (``task-<t>.safetensors``: the model's state and
+the task-identity statistics) and ``checkpoint.json`` (format, tasks done, the weights' file name, the run's
+settings and its history so far), written atomically; ``checkpoint.json`` is the commit point.
+
+The trainer (:mod:`.trainer`) decides when and on which rank; these functions only write and read.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .._io import atomic_write, atomic_write_json
+from .config import TrainConfig
+
+__all__ = ["CHECKPOINT_FORMAT", "RESUME_FREE", "write_checkpoint", "read_checkpoint"]
+
+CHECKPOINT_FORMAT = 1
+# Fields that may differ between a run and its resumption without changing its results.
+RESUME_FREE = ("out_dir", "run_name", "data_root", "backend", "compile")
+
+
+def write_checkpoint(run_dir: Path, tasks_done: int, tensors: dict[str, Tensor], config: TrainConfig,
+                     history: dict[str, Any]) -> None:
+    """Write the weights, then checkpoint.json naming them, then drop the weights of earlier tasks."""
+    from safetensors.torch import save_file
+
+    weights = f"task-{tasks_done - 1}.safetensors"
+    atomic_write(run_dir / weights, lambda tmp: save_file(tensors, tmp))
+    state = {"format": CHECKPOINT_FORMAT, "tasks_done": tasks_done, "weights": weights,
+             "config": config.to_json(), "history": history}
+    atomic_write_json(run_dir / "checkpoint.json", state)  # the commit point: names the weights
+    for old in run_dir.glob("task-*.safetensors"):
+        if old.name != weights:
+            old.unlink(missing_ok=True)
+
+
+def read_checkpoint(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+    """checkpoint.json's state and its weights from ``config.run_dir``, or None when there is none;
+    ValueError for another format or a checkpoint made with other settings."""
+    from safetensors.torch import load_file
+
+    path = config.run_dir / "checkpoint.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {state.get('format')}, this version reads {CHECKPOINT_FORMAT}")
+    # settings added since the checkpoint was made count as what runs did before them (TrainConfig.from_json)
+    saved = {k: v for k, v in TrainConfig.from_json(state["config"]).to_json().items() if k not in RESUME_FREE}
+    mine = {k: v for k, v in config.to_json().items() if k not in RESUME_FREE}
+    diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+    if diff:
+        raise ValueError(f"--resume: the checkpoint in {config.run_dir} was made with other settings {diff} "
+                         "(checkpoint, now); use the same settings or another --out-dir/--run-name")
+    return state, load_file(str(config.run_dir / state["weights"]))
