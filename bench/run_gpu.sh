@@ -22,6 +22,10 @@
 #                    memory that step 4 measured before, now measured here with the prediction)
 # The limits add up to under 8 minutes (the dry run prints the sum). At the end: one summary line
 # per step, also in $OUT/summary.txt. Exit status: 0 when every step exited 0, else 1.
+#   6. cuda-backend  NOT in the default run (its build alone may take minutes): a second lease
+#                    command, STEPS=cuda-backend bash bench/run_gpu.sh, builds the CUDA C++ extension
+#                    for the device's arch only (needs nvcc there), runs the backend="cuda" tests,
+#                    and benches frozen / fused / cuda on the headline's layers
 #
 #   OUT=/some/dir bash bench/run_gpu.sh                   # from anywhere; default OUT: <repo>/runs/gpu-<UTC time>
 #   DRY_RUN=1 bash bench/run_gpu.sh   (or --dry-run)      # print the plan: steps, limits, commands, outputs
@@ -29,7 +33,7 @@
 #   DUALLORA_GIT_COMMIT=<sha> bash bench/run_gpu.sh       # where the copy has no .git: the commit for the files
 #   bash bench/run_gpu.sh --collect DIR                   # back home: copy DIR's results into bench/results/
 #                                                         # and regenerate the README table
-# Limits (seconds): SETUP_LIMIT TESTS_LIMIT HEADLINE_LIMIT MEMORY_LIMIT PLAN_LIMIT; WORKERS (pytest-xdist
+# Limits (seconds): SETUP_LIMIT TESTS_LIMIT HEADLINE_LIMIT MEMORY_LIMIT PLAN_LIMIT CUDA_LIMIT; WORKERS (pytest-xdist
 # processes when xdist imports; 0: none); PY (default python3); DUALLORA_TEST_SEED.
 set -u
 START=$PWD  # relative OUT and --collect paths are relative to where the script was started
@@ -81,6 +85,8 @@ TESTS_LIMIT=${TESTS_LIMIT:-135}
 HEADLINE_LIMIT=${HEADLINE_LIMIT:-185}
 MEMORY_LIMIT=${MEMORY_LIMIT:-45}
 PLAN_LIMIT=${PLAN_LIMIT:-50}
+CUDA_LIMIT=${CUDA_LIMIT:-540}
+CAP=${CAP:-<capability>}       # the device's compute capability (9.0), set by the setup step
 WORKERS=${WORKERS:-8}
 SLUG=${SLUG:-<device-slug>}   # set by the setup step from the device's name
 XDIST=                         # "-n $WORKERS " once the setup step found pytest-xdist
@@ -90,6 +96,7 @@ export DUALLORA_TEST_SEED=${DUALLORA_TEST_SEED:-$(( (RANDOM << 16) | RANDOM ))}
 
 LAYERS=vit_b.proj,vit_b.qkv,vit_b.fc1,vit_b.fc2
 TEST_FILES="tests/test_fused_linear.py tests/test_gram.py tests/test_task_scores.py tests/test_stability.py tests/test_gpu_dropin.py"
+CUDA_BUILD_PY='import time; t = time.time(); from duallora_kernels.ops.cuda import load_extension; load_extension(); print(f"CUDA extension built/loaded in {time.time() - t:.0f} s")'
 SETUP_PY='import platform, torch, triton
 from duallora_kernels.harness.devices import device_slug
 name = torch.cuda.get_device_name()
@@ -102,18 +109,19 @@ print("slug:", device_slug(name))'
 plan() {
     local p=$OUT/$SLUG-$DATE xdist=$XDIST
     [ "$XDIST_KNOWN" = 0 ] && [ "$WORKERS" != 0 ] && xdist="[-n $WORKERS if pytest-xdist imports] "
-    STEP_NAMES=(setup kernel-tests headline memory plan-check)
-    STEP_LIMITS=("$SETUP_LIMIT" "$TESTS_LIMIT" "$HEADLINE_LIMIT" "$MEMORY_LIMIT" "$PLAN_LIMIT")
-    STEP_GRACE=(5 10 5 5 5)
-    STEP_SIGNAL=(TERM INT TERM TERM TERM)
+    STEP_NAMES=(setup kernel-tests headline memory plan-check cuda-backend)
+    STEP_LIMITS=("$SETUP_LIMIT" "$TESTS_LIMIT" "$HEADLINE_LIMIT" "$MEMORY_LIMIT" "$PLAN_LIMIT" "$CUDA_LIMIT")
+    STEP_GRACE=(5 10 5 5 5 10)
+    STEP_SIGNAL=(TERM INT TERM TERM TERM TERM)
     STEP_OUTPUTS=("$OUT/run_gpu.log" "$p-kernel-tests.txt" "$p-headline.json" "$p-memory.json"
-                  "$OUT/plan-check-$SLUG-$DATE.json")
+                  "$OUT/plan-check-$SLUG-$DATE.json" "$p-cuda.json")
     STEP_CMDS=(
         "$PY -c '<the device, versions and slug: SETUP_PY in this script>'"
         "DUALLORA_TEST_DEVICE=cuda TRITON_INTERPRET=0 DUALLORA_AUTOTUNE=0 $PY -m pytest -q -rs --tb=short --durations=10 $xdist-k 'not cuda_backend and not (gpu_backends and cuda)' $TEST_FILES"
         "DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.bench --no-progress --dtype bfloat16 --shapes $LAYERS --ranks 16 --batch 64 --variants frozen,fused,unfused_compiled,unfused,peft --out $p-headline.json"
         "DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.profile_memory --no-progress --scope layer,vit --dtype bfloat16 --rank 16 --shapes $LAYERS --batch 64 --vit-batch 64 --step-batch 64 --out $p-memory.json"
         "DUALLORA_AUTOTUNE=0 $PY -m duallora_kernels.harness.plan_check --batches 32,64 --variants fused,unfused,peft,full_ft,frozen --out $OUT/plan-check-$SLUG-$DATE.json"
+        "export TORCH_CUDA_ARCH_LIST=$CAP MAX_JOBS=16; $PY -c '$CUDA_BUILD_PY' || exit 3; DUALLORA_TEST_DEVICE=cuda TRITON_INTERPRET=0 $PY -m pytest -q -rs --tb=short -k 'cuda_backend or (gpu_backends and cuda)' tests/test_fused_linear.py tests/test_gram.py tests/test_task_scores.py; rc=\$?; DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.bench --no-progress --dtype bfloat16 --shapes $LAYERS --ranks 16 --batch 64 --variants frozen,fused,cuda --out $p-cuda.json || rc=1; exit \$rc"
     )
 }
 
@@ -192,6 +200,7 @@ main() {
         return 1
     fi
     SLUG=$(printf '%s\n' "$setup" | sed -n 's/^slug: //p')
+    CAP=$(printf '%s\n' "$setup" | sed -n 's/.*(capability (\([0-9]*\), \([0-9]*\))).*/\1.\2/p')
     if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n $WORKERS "; fi
     XDIST_KNOWN=1
     plan
@@ -208,7 +217,7 @@ main() {
     cat "$HEADER"
     note "setup: exit 0 after ${SECONDS} s (limit ${SETUP_LIMIT} s) -> $SLUG, commit $COMMIT"
     local i
-    for i in 1 2 3 4; do
+    for i in 1 2 3 4 5; do
         if selected "${STEP_NAMES[$i]}"; then run_step "$i"; else note "${STEP_NAMES[$i]}: not run (STEPS=$STEPS)"; fi
     done
     rm -f "$HEADER"

@@ -218,7 +218,7 @@ def _sample_doc() -> dict:
     doc["device"].update(type="cuda", name="NVIDIA H100 80GB HBM3", slug="h100-80gb-hbm3")
     doc["date"] = "2031-01-02T03:04:05+00:00"
     rows = []
-    for variant, ms in (("frozen", 1.0), ("fused", 1.08), ("unfused", 2.5), ("unfused_compiled", 1.5)):
+    for variant, ms in (("frozen", 1.0), ("fused", 1.08), ("unfused", 2.5), ("unfused_compiled", 1.5), ("cuda", 1.4)):
         rows.append({"kind": "timing", "layer": "vit_b.fc1", "shape": "768x3072", "d": 768, "n": 3072, "batch": 64,
                      "m": 12608, "rank": None if variant == "frozen" else 16, "dtype": "bfloat16", "amp": "off",
                      "pass": "fwd+bwd", "variant": variant, "status": "ok", "reason": None, "median_ms": ms, "flops": 1, "bytes": 1,
@@ -251,13 +251,15 @@ def test_renderer_fills_the_readme_between_the_markers(tmp_path):
     section = text[text.index(start):text.index(end)]
     speed, ops = [line for line in section.splitlines() if "vit_b.fc1 768→3072" in line]
     cells = [c.strip() for c in speed.strip("|").split("|")]
-    assert cells[:10] == ["H100 80GB HBM3, 2031-01-02", "bfloat16", "vit_b.fc1 768→3072", "12608", "16",
-                          "1.000", "1.080", "2.500", "1.500", "-"]
-    assert cells[10:13] == ["1.08x ✓", "2.31x ✓", "1.39x ✓"] and "h100-2031-01-02.json" in cells[-1]
+    assert cells[:11] == ["H100 80GB HBM3, 2031-01-02", "bfloat16", "vit_b.fc1 768→3072", "12608", "16",
+                          "1.000", "1.080", "2.500", "1.500", "-", "1.400"]
+    assert cells[11:16] == ["1.08x ✓", "2.31x ✓", "1.39x ✓", "2.50x", "1.40x ✗"] and "h100-2031-01-02.json" in cells[-1]
     assert "fused/frozen (goal ≤ 1.08)" in section and "compiled/fused (goal ≥ 1.3)" in section
+    assert "cuda/frozen (goal ≤ 1.35)" in section
     # device operations: one column per variant in VARIANTS' order, then the method
     cells = [c.strip() for c in ops.strip("|").split("|")]
-    assert cells[4:] == ["16", "7 ✓", "35", "2 ✓", "-", "9", "torch.profiler", "[h100-2031-01-02.json](bench/results/h100-2031-01-02.json)"]
+    assert cells[4:] == ["16", "7 ✓", "35", "2 ✓", "-", "9", "-", "torch.profiler",
+                         "[h100-2031-01-02.json](bench/results/h100-2031-01-02.json)"]
     assert "fused (budget ≤ 8)" in section
     assert readme_cmd.main([*perf, "--check"]) == 0
     readme.write_text(text.replace("1.080", "9.999"))

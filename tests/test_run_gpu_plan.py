@@ -145,7 +145,9 @@ def test_a_run_with_a_stand_in_python_writes_under_out_and_summarises_each_step(
     assert files == sorted([f"{prefix}-headline.json", f"{prefix}-kernel-tests.txt", f"{prefix}-memory.json",
                             f"plan-check-{prefix}.json", "run_gpu.log", "summary.txt"])
     summary = (out / "summary.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in summary] == ["setup", "kernel-tests", "headline", "memory", "plan-check"]
+    assert [line.split(":")[0] for line in summary] == ["setup", "kernel-tests", "headline", "memory", "plan-check",
+                                                        "cuda-backend"]
+    assert summary[5].startswith("cuda-backend: not run")  # a second command of its own (STEPS=cuda-backend)
     assert summary[1].startswith("kernel-tests: exit 0 after") and summary[2].startswith("headline: exit 0 after")
     assert summary[3].startswith("memory: cut off at its limit (exit 124)") and str(out) in summary[3]
     assert summary[4].startswith("plan-check: exit 0 after")  # a step cut off does not stop the next one
@@ -210,3 +212,32 @@ def test_collect_copies_the_returned_files_and_renders_the_table(tmp_path):
     empty = subprocess.run(["bash", str(SCRIPT), "--collect", str(tmp_path / "nothing")], capture_output=True,
                            text=True, timeout=60, env=_env(tmp_path / "unused", RESULTS_DIR=str(results)))
     assert empty.returncode == 1 and "no *.json" in empty.stderr
+
+
+def test_the_cuda_backend_step_is_a_second_command_of_its_own(tmp_path):
+    # Not in the default run (the build alone may take minutes); STEPS=cuda-backend fits one command.
+    out = tmp_path / "out"
+    _, default = _plan(out, DRY_RUN="1")
+    assert "cuda-backend" not in [s["name"] for s in default]
+    _, steps = _plan(out, DRY_RUN="1", STEPS="cuda-backend")
+    assert [s["name"] for s in steps] == ["setup", "cuda-backend"] and steps[1]["n"] == 6
+    assert sum(s["limit"] + s["grace"] for s in steps) < 600  # one lease command
+    cmd = steps[1]["command"]
+    assert "TORCH_CUDA_ARCH_LIST=<capability>" in cmd and "load_extension()" in cmd
+    assert "-k 'cuda_backend or (gpu_backends and cuda)'" in cmd and "DUALLORA_TEST_DEVICE=cuda" in cmd
+    bench = cmd[cmd.index("DUALLORA_AUTOTUNE=2"):cmd.index(" || rc=1")]
+    args = _parse(bench_cmd, _cli_args(bench, "duallora_kernels.commands.bench"))
+    s = bench_cmd.settings_from(args)
+    assert s["variants"] == ["frozen", "fused", "cuda"] and s["dtypes"] == ["bfloat16"] and s["batch"] == 64
+    assert Path(args.out).parent == out and args.out.name.endswith("-cuda.json")
+    # run with a stand-in python: the arch comes from the setup step, a failed build stops the step
+    fake = tmp_path / "fakepy"
+    fake.write_text(FAKE_PY.replace('*"-m pytest"*)', '*"-m pytest"*) echo "arch=$TORCH_CUDA_ARCH_LIST";'))
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(SCRIPT)], env=_env(out, PY=str(fake), STEPS="cuda-backend"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "arch=9.0" in proc.stdout and "3 passed" in proc.stdout
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[-1].startswith("cuda-backend: exit 0 after") and summary[-1].endswith("-cuda.json")
+    assert [line.split(":")[0] for line in summary][1:5] == ["kernel-tests", "headline", "memory", "plan-check"]

@@ -95,21 +95,23 @@ def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int =
             rows.append([
                 _with_note(doc), dtype_label(c), f"{c['layer']} {c['d']}→{c['n']}", c["m"], c["rank"],
                 _ms(c["frozen_ms"]), _ms(c["fused_ms"]), _ms(c["unfused_ms"]), _ms(c.get("unfused_compiled_ms")),
-                _ms(c["peft_ms"]),
+                _ms(c["peft_ms"]), _ms(c.get("cuda_ms")),
                 _x(c["fused_over_frozen"], c.get("goal_fused_over_frozen")),
                 _x(c["unfused_over_fused"], c.get("goal_unfused_over_fused")),
                 _x(c.get("unfused_compiled_over_fused"), c.get("goal_unfused_compiled_over_fused")),
-                _x(c.get("unfused_over_frozen")), _source(path, root),
+                _x(c.get("unfused_over_frozen")), _x(c.get("cuda_over_frozen"), c.get("goal_cuda_over_frozen")),
+                _source(path, root),
             ])
     if not rows:
         return None
     headers = ["device, date", "dtype", "layer d→n", "m", "r", "frozen ms", "fused ms", "unfused ms", "compiled ms",
-               "peft ms", f"fused/frozen (goal {_goal('fused_over_frozen')})",
+               "peft ms", "cuda ms", f"fused/frozen (goal {_goal('fused_over_frozen')})",
                f"unfused/fused (goal {_goal('unfused_over_fused')})",
-               f"compiled/fused (goal {_goal('unfused_compiled_over_fused')})", "unfused/frozen", "source"]
+               f"compiled/fused (goal {_goal('unfused_compiled_over_fused')})", "unfused/frozen",
+               f"cuda/frozen (goal {_goal('cuda_over_frozen')})", "source"]
     return ("**One DualLoRA layer, forward+backward** (median ms; rank "
             f"{rank} or the file's largest; every rank is in the JSON; compiled = the unfused composition under "
-            "torch.compile, GPU only; '-' = not run on that device, see the file's reasons)\n\n"
+            "torch.compile, GPU only; cuda = the CUDA C++ tensor-core backend (csrc/); '-' = not run on that device, see the file's reasons)\n\n"
             + format_table(headers, rows, markdown=True))
 
 

@@ -130,8 +130,8 @@ def timing_row(problem: LayerProblem, variant: str, pass_: str, timing: Timing |
 
 def comparison_rows(timing_rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One ``kind="comparison"`` row per (shape, batch, dtype, pass, rank): the variants' medians,
-    the ratios fused/frozen, unfused/fused, peft/fused and unfused_compiled/fused (None where a
-    side is missing) and, on fwd+bwd rows, each variant's device operations (``<variant>_ops``,
+    the ratios fused/frozen, unfused/fused, peft/fused, unfused_compiled/fused, cuda/frozen and
+    cuda/fused (None where a side is missing) and, on fwd+bwd rows, each variant's device operations (``<variant>_ops``,
     from the ``op_count`` rows among ``timing_rows``)."""
     timing_rows = list(timing_rows)
     def amp(r: dict[str, Any]) -> str:
@@ -149,7 +149,7 @@ def comparison_rows(timing_rows: Iterable[dict[str, Any]]) -> list[dict[str, Any
     for layer, shape, d, n, batch, m, dtype, amp_, pass_, rank in keys:
         t = {v: ms.get((shape, batch, dtype, amp_, pass_, v, None if v == "frozen" else rank)) for v in VARIANTS}
         f_fr, u_f = ratio(t["fused"], t["frozen"]), ratio(t["unfused"], t["fused"])
-        c_f = ratio(t["unfused_compiled"], t["fused"])
+        c_f, cu_fr = ratio(t["unfused_compiled"], t["fused"]), ratio(t["cuda"], t["frozen"])
         ops = {v: n_ops.get((shape, batch, dtype, amp_, v, None if v == "frozen" else rank)) for v in VARIANTS}
         out.append({
             "kind": "comparison", "layer": layer, "shape": shape, "d": d, "n": n, "batch": batch, "m": m,
@@ -160,6 +160,8 @@ def comparison_rows(timing_rows: Iterable[dict[str, Any]]) -> list[dict[str, Any
             "goal_fused_over_frozen": goal_met("fused_over_frozen", f_fr) if pass_ == "fwd+bwd" else None,
             "goal_unfused_over_fused": goal_met("unfused_over_fused", u_f) if pass_ == "fwd+bwd" else None,
             "goal_unfused_compiled_over_fused": goal_met("unfused_compiled_over_fused", c_f) if pass_ == "fwd+bwd" else None,
+            "cuda_over_frozen": cu_fr, "cuda_over_fused": ratio(t["cuda"], t["fused"]),
+            "goal_cuda_over_frozen": goal_met("cuda_over_frozen", cu_fr) if pass_ == "fwd+bwd" else None,
             **({f"{v}_ops": ops[v] for v in VARIANTS} if pass_ == "fwd+bwd" else {}),
         })
     return out

@@ -12,6 +12,9 @@
   ``x W0^T`` and backward ``dY W0``).
 * ``peft``: PEFT's LoRA on the same ``nn.Linear`` with the same total rank r (only when
   ``import peft`` works).
+* ``cuda``: :func:`duallora_kernels.ops.dual_lora_linear` with ``backend="cuda"``, the CUDA C++
+  tensor-core kernels of csrc/ (a CUDA device, and the prebuilt extension or nvcc to build it on
+  first use: minutes, before the first timed call).
 * ``unfused_compiled``: ``unfused`` under ``torch.compile`` (default mode, ``dynamic=False``,
   ``fullgraph=True``, so a graph break is an error row rather than a silent eager fallback), on
   a CUDA device only: on the CPU, Inductor's C++ code takes minutes per shape and is not what the
@@ -32,10 +35,10 @@ from torch import Tensor, nn
 from .devices import triton_interpreting
 from .problems import LayerProblem, seeded_generator
 
-__all__ = ["VARIANTS", "PASSES", "COMPILED", "unfused_dual_lora_linear", "UnfusedDualLoRALinear",
+__all__ = ["VARIANTS", "PASSES", "COMPILED", "unfused_dual_lora_linear", "UnfusedDualLoRALinear", "cuda_unavailable",
            "variant_unavailable", "layer_forward", "make_step"]
 
-VARIANTS: tuple[str, ...] = ("fused", "unfused", "frozen", "peft", "unfused_compiled")
+VARIANTS: tuple[str, ...] = ("fused", "unfused", "frozen", "peft", "unfused_compiled", "cuda")
 PASSES: tuple[str, ...] = ("fwd", "fwd+bwd")
 #: The torch.compile'd unfused variant's name in ``--variants`` and the JSON.
 COMPILED = "unfused_compiled"
@@ -128,6 +131,23 @@ def compiled_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def cuda_unavailable(device: torch.device) -> str | None:
+    """Why the CUDA C++ backend cannot run on ``device`` (None when it can): it needs a CUDA device
+    and either the prebuilt extension or nvcc to build it (said before anything is built)."""
+    if device.type != "cuda":
+        return "the CUDA C++ backend needs a CUDA device (its CPU check is tests/test_cuda_emulation.py)"
+    try:
+        from .. import _C  # noqa: F401 - built by setup.py with DUALLORA_BUILD_CUDA=1
+    except ImportError:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        from ..ops import cuda, cuda_build
+
+        if cuda_build.nvcc_path(CUDA_HOME) is None:
+            return cuda_build.missing_toolchain_message(cuda.CSRC)
+    return None
+
+
 def compiled_forward(problem: LayerProblem) -> Callable[[Tensor], Tensor]:
     """``f(x)``: the unfused composition of ``problem`` under ``torch.compile`` (compiled on the
     first call, once per problem; see the module doc)."""
@@ -166,6 +186,8 @@ def variant_unavailable(variant: str, device: torch.device, purpose: str = "time
             if purpose == "count":
                 return "the fused Triton kernel needs a CUDA device (or TRITON_INTERPRET=1 set before launch, slow)"
             return "the fused Triton kernel needs a CUDA device (interpreter timings under TRITON_INTERPRET=1 mean nothing)"
+    if variant == "cuda":
+        return cuda_unavailable(device)
     if variant == "peft":
         try:
             import peft  # noqa: F401
@@ -211,7 +233,7 @@ def layer_forward(variant: str, problem: LayerProblem) -> tuple[Callable[[Tensor
     if variant == "unfused":
         return (lambda x: unfused_dual_lora_linear(x, p.weight, p.bias, p.orth_a, p.orth_b, p.res_a, p.res_b,
                                                    p.basis_x, p.gate, p.orth_scale, p.res_scale)), p.adapters
-    if variant == "fused":
+    if variant in ("fused", "cuda"):
         from ..ops import dual_lora_linear
 
         # check_basis=False: as DualLoRALinear does, the basis is validated where it is made (here:
@@ -220,7 +242,8 @@ def layer_forward(variant: str, problem: LayerProblem) -> tuple[Callable[[Tensor
                                   check_basis=False)
         if p.res_a is not None:
             kw.update(res_a=p.res_a, res_b=p.res_b, gate=p.gate, res_scale=p.res_scale)
-        return (lambda x: dual_lora_linear(x, p.weight, p.bias, backend="triton", **kw)), p.adapters
+        backend = "triton" if variant == "fused" else "cuda"
+        return (lambda x: dual_lora_linear(x, p.weight, p.bias, backend=backend, **kw)), p.adapters
     if variant == "peft":
         module = p._cache.get("peft")
         if module is None:
