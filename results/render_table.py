@@ -7,7 +7,8 @@ backbone's pretraining with another thread count; notes.json says in words what 
     python results/render_table.py            # rewrite the README section
     python results/render_table.py --check    # exit 1 if it is out of date
 
-The runs come from ``duallora train --method all --out-dir results/split-fmnist``; each variation's
+The runs come from ``duallora train --method all --seeds 0,1,2 --out-dir results/split-fmnist`` (a row per method:
+each metric's mean ± std over the seeds; the A_t plot that command writes beside them); each variation's
 command is the one recorded in its results.json (its ``argv``, and ``TRITON_INTERPRET`` when set).
 """
 from __future__ import annotations
@@ -22,11 +23,15 @@ from typing import Any, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 try:
     from duallora_kernels._readme import update
+    from duallora_kernels.commands.train import CURVES_PNG
     from duallora_kernels.continual.config import METHODS
+    from duallora_kernels.continual.seeds import Spread, group_by_method
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
     from duallora_kernels._readme import update
+    from duallora_kernels.commands.train import CURVES_PNG
     from duallora_kernels.continual.config import METHODS
+    from duallora_kernels.continual.seeds import Spread, group_by_method
 
 
 def _pct(v: float | None) -> str:
@@ -63,34 +68,58 @@ def _load(docs: Sequence[dict[str, Any]]) -> str:
             "shared the cores), so the run times are slower than on an idle machine.")
 
 
+def _spread(v: Spread | None, scale: float = 100.0, fmt: str = ".1f") -> str:
+    """"mean ± std" (one seed: the value alone); "-" when the metric does not apply."""
+    if v is None:
+        return "-"
+    return f"{scale * v.mean:{fmt}}" + ("" if v.std is None else f" ± {scale * v.std:{fmt}}")
+
+
+
+
 def render_runs(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> list[str]:
     first = docs[0][1]
     c = first["config"]
+    groups = group_by_method([d for _, d in docs], METHODS)
+    path_of = {id(d): p for p, d in docs}
+    seeds = sorted({s for g in groups for s in g.seeds})
+    orders = {int(d["config"]["seed"]): d["class_order"] for _, d in docs if d["method"] != "joint"}
+    order_text = "; ".join(f"seed {s}: {orders[s]}" for s in seeds if s in orders)
     lines = [
         "### Results: Split Fashion-MNIST, class-incremental",
         "",
-        f"{c['num_tasks']} tasks x {c['classes_per_task']} classes, class order {first['class_order']} (seed {c['seed']}), "
+        f"{c['num_tasks']} tasks x {c['classes_per_task']} classes, class order shuffled by the seed ({order_text}), "
         f"{c['train_per_class']} train / {c['test_per_class']} test images per class, backbone: {first['backbone']} "
         f"({_backbone(first)}). "
         "A_last: final accuracy over all classes; A_avg: mean over tasks of the accuracy on the classes seen so far; "
-        "forgetting: max-based; task-id: accuracy of the dynamic memory's task prediction after the last task.",
+        "forgetting: max-based; task-id: accuracy of the dynamic memory's task prediction after the last task."
+        + (" Each cell: mean ± standard deviation over the seeds (sample std, n - 1); A_last per seed: in the "
+           "order of the seeds column (`duallora train` with no arguments prints the seed-0 run); run time: mean "
+           "per run."
+           if any(len(g.runs) > 1 for g in groups) else ""),
         "",
-        "| method | A_last | A_avg | forgetting | task-id | run time | plot |",
-        "|---|---|---|---|---|---|---|",
+        "| method | seeds | A_last | A_last per seed | A_avg | forgetting | task-id | run time | plots |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for path, d in docs:
-        s = d["summary"]
-        rel = path.parent.relative_to(root)
+    for g in groups:
+        plots = " ".join(f"[{s}]({path_of[id(r)].parent.relative_to(root)}/results.png)" for s, r in zip(g.seeds, g.runs))
         lines.append(
-            f"| `{d['method']}` | {_pct(s['A_last'])} | {_pct(s['A_avg'])} | {_pct(s['forgetting'])} | "
-            f"{_pct(s['task_id_accuracy'])} | {sum(d['seconds_per_task']):.0f} s | [png]({rel}/results.png) |"
+            f"| `{g.method}` | {', '.join(map(str, g.seeds))} | {_spread(g.metric('A_last'))} | "
+            f"{' / '.join(_pct(r['summary']['A_last']) for r in g.runs)} | "
+            f"{_spread(g.metric('A_avg'))} | {_spread(g.metric('forgetting'))} | "
+            f"{_spread(g.metric('task_id_accuracy'))} | {g.seconds().mean:.0f} s | {plots} |"
         )
+    curves = docs[0][0].parent.parent / CURVES_PNG
+    if curves.is_file():
+        lines += ["", f"![A_t of every method over the seeds]({curves.relative_to(root)})"]
     lines += ["", f"Made with `{_command(first)}` on {_machine(first)}, torch "
               f"{first.get('environment', {}).get('torch', '?')}.{_load([d for _, d in docs])}"]
     return lines
 
 
 _NOT_PART_OF_THE_RESULT = ("out_dir", "run_name", "data_root", "backend")
+# What a run made before a setting existed did, in that setting's words.
+_BEFORE_IT_EXISTED = {"amp": "off", "compile": "off", "task_score": "subspace"}
 
 
 def _settings(d: dict[str, Any]) -> str:
@@ -101,7 +130,21 @@ def _settings(d: dict[str, Any]) -> str:
     from duallora_kernels.continual.config import TrainConfig
 
     known = {f.name for f in dataclasses.fields(TrainConfig)} - set(_NOT_PART_OF_THE_RESULT)
-    return json.dumps({k: v for k, v in d["config"].items() if k in known}, sort_keys=True)
+    settings = {**_BEFORE_IT_EXISTED, **{k: v for k, v in d["config"].items() if k in known}}
+    if settings["task_score"] == "subspace":  # the prototype settings are not used
+        settings = {k: v for k, v in settings.items() if not k.startswith("prototype_")}
+    return json.dumps(settings, sort_keys=True)
+
+
+def _differing(reference: dict[str, Any] | None, d: dict[str, Any]) -> str:
+    """The settings in which run ``d`` differs from ``reference``, in words."""
+    if reference is None:
+        return "no reference run"
+    mine, theirs = json.loads(_settings(reference)), json.loads(_settings(d))
+    # a setting only one side has is implied by another (the prototype settings by task_score): not repeated
+    words = [f"{k} {theirs[k]!r} instead of {mine[k]!r}" for k in sorted(set(mine) & set(theirs))
+             if theirs[k] != mine[k]]
+    return "; ".join(words) or "none"
 
 
 def _span(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
@@ -139,7 +182,7 @@ def render_variation(reference: dict[str, Any] | None, runs: list[tuple[Path, di
     if not runs and not pretrains:
         return []
     lines = ["", "### How much the results vary across machines", ""]
-    rows = ([("the table above", "-", reference)] if reference else []) + [
+    rows = ([("the table above (seed 0)", "-", reference)] if reference else []) + [
         (f"[{p.parent.name}]({p.parent.relative_to(root)}/results.json)", notes.get(p.parent.name, ""), d)
         for p, d in runs]
     groups: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
@@ -151,7 +194,7 @@ def render_variation(reference: dict[str, Any] | None, runs: list[tuple[Path, di
                 "The default run is deterministic for one machine and thread count (a killed and resumed run "
                 "reaches the same numbers), but float sums may be ordered differently with another thread count, "
                 "another backend or another CPU, and training amplifies rounding differences. The `duallora` run "
-                "of the table above, and the same run with what the second column says changed:",
+                "of seed 0 in the table above, and the same run with what the second column says changed:",
                 "",
             ]
         elif any(d["config"].get("backend") == "triton" for _, _, d in group):
@@ -159,7 +202,7 @@ def render_variation(reference: dict[str, Any] | None, runs: list[tuple[Path, di
                       "default run; the same comparison on a small run (a small randomly initialised ViT, 3 tasks, 100 test "
                       "images per class):", ""]
         else:
-            lines += ["", "Other settings:", ""]
+            lines += ["", f"Runs with other settings than the table above ({_differing(reference, group[0][2])}):", ""]
         lines += _run_table(group)
     if pretrains:
         lines += [
@@ -187,7 +230,7 @@ def render(runs: Sequence[Path], root: Path = ROOT, variation: Path | None = Non
     if variation is not None and variation.is_dir():
         from duallora_kernels.continual.pretrain import SHIPPED_SHA256
 
-        reference = next((d for _, d in docs if d["method"] == "duallora"), None)
+        reference = next((d for _, d in docs if d["method"] == "duallora" and d["config"]["seed"] == 0), None)
         var_runs = [(p, json.loads(p.read_text())) for p in sorted(variation.glob("*/results.json"))]
         pretrains = [(p, json.loads(p.read_text())) for p in sorted(variation.glob("pretrain-*.json"))]
         notes_file = variation / "notes.json"

@@ -84,6 +84,7 @@ def test_curves_plot_and_readme_table_show_mean_and_std(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| `duallora`"))
     a_last = np.array([r["summary"]["A_last"] for r in runs if r["method"] == "duallora"]) * 100
     assert f"{a_last.mean():.1f} ± {a_last.std(ddof=1):.1f}" in row and "| 0, 1, 2 |" in row
+    assert " / ".join(f"{v:.1f}" for v in a_last) in row
     joint_row = next(line for line in text.splitlines() if line.startswith("| `joint`"))
     assert f"| {100 * joint['summary']['A_last']:.1f} |" in joint_row and "| - |" in joint_row  # one seed, no task-id
     assert "](results/split-fmnist/a_t-curves.png)" in text
