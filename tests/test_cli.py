@@ -120,6 +120,23 @@ def test_every_option_has_help_and_shows_its_default_once(command):
 
 
 # ------------------------------------------------------------------ item 7: Ctrl-C
+def test_ctrl_c_right_after_a_checkpoint_is_written_names_it(tmp_path):
+    # SIGINT between checkpoint.json's rename (the commit point) and the trainer recording it: the
+    # message follows the file, the run's truth, not the counter that had not caught up yet.
+    from duallora_kernels.continual.trainer import Trainer
+
+    trainer = Trainer(TrainConfig(out_dir=str(tmp_path)), progress=False, log=lambda m: None)
+    trainer.total_tasks, trainer.current_task, trainer.tasks_checkpointed = 3, 0, 0
+    assert "interrupted in task 0 of 3" in trainer.where_stopped() and "no task finished yet" in trainer.where_stopped()
+    run_dir = trainer.config.run_dir
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.json").write_text(json.dumps({"tasks_done": 1}))
+    assert re.search(r"interrupted in task 1 of 3 of run \S+ \(task 0 is checkpointed in ", trainer.where_stopped())
+    trainer.current_task, trainer.tasks_checkpointed = 2, 2  # the last task's checkpoint, before results
+    (run_dir / "checkpoint.json").write_text(json.dumps({"tasks_done": 3}))
+    assert "after its last task, while writing its results (tasks 0-2 are checkpointed" in trainer.where_stopped()
+
+
 def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     argv = [*TINY, "--epochs=3", "--threads=1", f"--out-dir={tmp_path}"]

@@ -15,7 +15,7 @@ from torch import Tensor
 from .._io import atomic_write, atomic_write_json
 from .config import TrainConfig
 
-__all__ = ["CHECKPOINT_FORMAT", "RESUME_FREE", "write_checkpoint", "read_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "RESUME_FREE", "write_checkpoint", "read_checkpoint", "tasks_done_on_disk"]
 
 CHECKPOINT_FORMAT = 1
 # Fields that may differ between a run and its resumption without changing its results.
@@ -35,6 +35,14 @@ def write_checkpoint(run_dir: Path, tasks_done: int, tensors: dict[str, Tensor],
     for old in run_dir.glob("task-*.safetensors"):
         if old.name != weights:
             old.unlink(missing_ok=True)
+
+
+def tasks_done_on_disk(run_dir: Path) -> int | None:
+    """``tasks_done`` of the checkpoint.json in ``run_dir`` (None when there is none or it is unreadable)."""
+    try:
+        return int(json.loads((run_dir / "checkpoint.json").read_text())["tasks_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_checkpoint(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Tensor]] | None:

@@ -39,7 +39,7 @@ from ..memory import all_reduce_stats, check_finite_stats
 from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task, residual_off, set_gate
 from . import distributed, metrics
 from .calibration import calibrate_logits, clear_gates, first_pass_gate, model_task_gate
-from .checkpoint import read_checkpoint, write_checkpoint
+from .checkpoint import read_checkpoint, tasks_done_on_disk, write_checkpoint
 from .config import TrainConfig
 from .data import Task, fashion_mnist_tasks, make_loader
 from .execution import Execution, check_execution
@@ -195,12 +195,16 @@ class Trainer:
         c = self.config
         if self.total_tasks is None:
             return f"interrupted while setting up run {c.name} (nothing written)"
-        done = self.tasks_checkpointed
+        done, task = self.tasks_checkpointed, self.current_task
+        # Ctrl-C can land after checkpoint.json (the commit point) is in place and before this object
+        # records it: the file then names task `task` finished, and the run stands before the next one.
+        if task is not None and done == task and tasks_done_on_disk(c.run_dir) == task + 1:
+            done, task = task + 1, (task + 1 if task + 1 < self.total_tasks else None)
         kept = (f"tasks 0-{done - 1} are checkpointed in {c.run_dir}" if done > 1 else
                 f"task 0 is checkpointed in {c.run_dir}" if done == 1 else "no task finished yet")
-        if self.current_task is None:
+        if task is None:
             return f"interrupted in run {c.name} after its last task, while writing its results ({kept})"
-        return f"interrupted in task {self.current_task} of {self.total_tasks} of run {c.name} ({kept})"
+        return f"interrupted in task {task} of {self.total_tasks} of run {c.name} ({kept})"
 
     def _set_aside_earlier_outputs(self, start: int, total: int) -> None:
         """Move an earlier run's outputs out of the way of this one: a run starting at task 0 moves all of them
