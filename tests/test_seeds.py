@@ -88,6 +88,15 @@ def test_curves_plot_and_readme_table_show_mean_and_std(tmp_path):
     joint_row = next(line for line in text.splitlines() if line.startswith("| `joint`"))
     assert f"| {100 * joint['summary']['A_last']:.1f} |" in joint_row and "| - |" in joint_row  # one seed, no task-id
     assert "](results/split-fmnist/a_t-curves.png)" in text
+    assert "--full" not in text.split("### Results")[1].split("|")[0]  # no --full section without --full runs
+    full = _fake_run("duallora", 0, rng)
+    full["config"].update(train_per_class=None, test_per_class=None)
+    (root / "results" / "split-fmnist-full" / "duallora-seed0").mkdir(parents=True)
+    (root / "results" / "split-fmnist-full" / "duallora-seed0" / "results.json").write_text(json.dumps(full))
+    text = render_table.render(sorted((root / "results" / "split-fmnist").glob("*/results.json")), root=root)
+    section = text.split("### The same with `--full`")[1]
+    assert "every image" in section and f"| {100 * full['summary']['A_last']:.1f} |" in section
+    assert "Not run with `--full` yet: `orth-only`, `res-only`" in section
 
 
 def test_seeds_flag_makes_one_run_per_method_and_seed():
