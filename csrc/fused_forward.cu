@@ -89,19 +89,9 @@ __global__ void __launch_bounds__(kThreads, 1) fused_forward_kernel(const Forwar
   store_tile<kBf16>(p.y, acc, p.bias, m0, n0, p.m, p.n, warp, lane);
 }
 
-// Every kernel the host code launches, instantiated here so that the device passes (which do not
-// see the host code) compile them: bf16 / fp16 x R_PAD in (16, 32, 64, 128); no other template
-// parameter (gate, bias, frozen blocks, dX/dA/dB are runtime flags, uniform branches outside the
-// inner products).
+// Every kernel the host code launches (DUALLORA_FOR_EACH_CONFIG, fused_tiles.h).
 #define DUALLORA_INSTANTIATE(BF16, R) template __global__ void fused_forward_kernel<BF16, R>(const ForwardArgs);
-DUALLORA_INSTANTIATE(true, 16)
-DUALLORA_INSTANTIATE(true, 32)
-DUALLORA_INSTANTIATE(true, 64)
-DUALLORA_INSTANTIATE(true, 128)
-DUALLORA_INSTANTIATE(false, 16)
-DUALLORA_INSTANTIATE(false, 32)
-DUALLORA_INSTANTIATE(false, 64)
-DUALLORA_INSTANTIATE(false, 128)
+DUALLORA_FOR_EACH_CONFIG(DUALLORA_INSTANTIATE)
 #undef DUALLORA_INSTANTIATE
 
 }  // namespace

@@ -47,5 +47,12 @@ DUALLORA_HD constexpr int backward_smem(int r_pad) {
 
 constexpr int kSmemLimitSm86 = 99 * 1024;  // the smallest opt-in limit of the four archs (sm_86, sm_89)
 
+// Every (bf16?, R_PAD) pair a kernel is instantiated for, applied to X: bf16 / fp16 x R_PAD in
+// (16, 32, 64, 128); no other template parameter (gate, bias, frozen blocks, dX/dA/dB are runtime
+// flags, uniform branches outside the inner products). Both kernel files expand it, so that the
+// device passes (which do not see the host code) compile every kernel the host code launches.
+#define DUALLORA_FOR_EACH_CONFIG(X) \
+  X(true, 16) X(true, 32) X(true, 64) X(true, 128) X(false, 16) X(false, 32) X(false, 64) X(false, 128)
+
 }  // namespace tiles
 }  // namespace duallora
