@@ -52,3 +52,18 @@ def test_comparison_rows_carry_the_cuda_ratios():
     (c,) = comparison_rows(rows)
     assert c["cuda_ms"] == 1.5 and abs(c["cuda_over_frozen"] - 1.5) < 1e-12 and abs(c["cuda_over_fused"] - 1.5 / 1.1) < 1e-12
     assert c["goal_cuda_over_frozen"] is False
+
+
+def test_the_bench_and_the_loader_give_the_same_reason_without_a_toolchain(monkeypatch):
+    # one decision (ops.cuda.extension_unavailable): the bench skips with the message the loader raises
+    monkeypatch.setattr(cuda_build, "nvcc_path", lambda *a, **k: None)
+    monkeypatch.setattr(cuda, "_ext", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reason = variants.cuda_unavailable(torch.device("cuda"))
+    assert reason and reason == cuda.extension_unavailable()
+    try:
+        cuda.load_extension()
+    except RuntimeError as err:
+        assert str(err) == reason
+    else:
+        raise AssertionError("load_extension built or imported an extension without nvcc or _C")

@@ -136,16 +136,9 @@ def cuda_unavailable(device: torch.device) -> str | None:
     and either the prebuilt extension or nvcc to build it (said before anything is built)."""
     if device.type != "cuda":
         return "the CUDA C++ backend needs a CUDA device (its CPU check is tests/test_cuda_emulation.py)"
-    try:
-        from .. import _C  # noqa: F401 - built by setup.py with DUALLORA_BUILD_CUDA=1
-    except ImportError:
-        from torch.utils.cpp_extension import CUDA_HOME
+    from ..ops.cuda import extension_unavailable
 
-        from ..ops import cuda, cuda_build
-
-        if cuda_build.nvcc_path(CUDA_HOME) is None:
-            return cuda_build.missing_toolchain_message(cuda.CSRC)
-    return None
+    return extension_unavailable()
 
 
 def compiled_forward(problem: LayerProblem) -> Callable[[Tensor], Tensor]:

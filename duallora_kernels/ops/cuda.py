@@ -47,7 +47,8 @@ from . import cuda_build
 from .launchers import TORCH, Launchers
 from .reference import TINY_NORM, task_scores_reference
 
-__all__ = ["cuda_launchers", "gram_cuda", "task_scores_cuda", "load_extension", "build_extension", "CSRC"]
+__all__ = ["cuda_launchers", "gram_cuda", "task_scores_cuda", "load_extension", "extension_unavailable",
+           "build_extension", "CSRC"]
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("bindings.cpp", "memory_ops.cu", "fused_forward.cu", "fused_backward.cu")
@@ -96,6 +97,25 @@ def link_flags(cuda_home: str | None) -> list[str]:
     return cuda_build.cudart_link_flags(lib, Path(tempfile.gettempdir()) / f"duallora-cudart-{os.getuid()}")
 
 
+def _prebuilt():
+    """The extension setup.py built (``DUALLORA_BUILD_CUDA=1``), or None."""
+    try:
+        from .. import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def extension_unavailable() -> str | None:
+    """Why the extension can be neither imported nor built here (None when it can): without the
+    prebuilt one, building needs nvcc. Said before anything is built."""
+    if _ext is not None or _prebuilt() is not None:
+        return None
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return cuda_build.missing_toolchain_message(CSRC) if cuda_build.nvcc_path(CUDA_HOME) is None else None
+
+
 def load_extension():
     """The CUDA extension: prebuilt if present, else built from csrc/ on first use."""
     global _ext
@@ -104,13 +124,11 @@ def load_extension():
     _require_device()
     with _lock:
         if _ext is None:
-            try:
-                from .. import _C as ext  # built by setup.py
-            except ImportError:
-                from torch.utils.cpp_extension import CUDA_HOME
-
-                if cuda_build.nvcc_path(CUDA_HOME) is None:
-                    raise RuntimeError(cuda_build.missing_toolchain_message(CSRC)) from None
+            ext = _prebuilt()
+            if ext is None:
+                why = extension_unavailable()
+                if why:
+                    raise RuntimeError(why)
                 try:
                     ext = build_extension()
                 except Exception as err:  # a compiler error is long; keep it, say what failed first
