@@ -102,7 +102,8 @@ def op_count_row(problem: LayerProblem, variant: str, count: OpCount | None, *, 
                  reason: str | None = None) -> dict[str, Any]:
     """One ``kind="op_count"`` result row (a forward+backward of ``variant`` on ``problem``). The
     budgets are those of a step without autocast: under autocast every variant also pays its casts
-    (x, W0, b and the adapters to the autocast dtype), so ``budget`` is None there."""
+    (x, W0 and b to the autocast dtype and dX back; the unfused and PEFT variants the adapter factors
+    too), so ``budget`` is None there."""
     from ..opcount import FROZEN_STEP, STEP_BUDGET
 
     shape = problem.shape

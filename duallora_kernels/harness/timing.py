@@ -100,7 +100,8 @@ def timing_row(problem: LayerProblem, variant: str, pass_: str, timing: Timing |
                status: str = "ok", reason: str | None = None, peaks: dict | None = None) -> dict[str, Any]:
     """One ``kind="timing"`` result row. Under autocast (``amp``), ``dtype`` is the tensors' own
     (float32) and ``bytes`` and the peak fractions are those of the autocast dtype the matmuls run
-    in: autocast's casts of x, W0 and the adapters are traffic every variant pays on top."""
+    in: autocast's casts (x, W0 and b for every variant, the adapter factors too for the unfused
+    and PEFT ones) are traffic on top."""
     shape, m = problem.shape, problem.m
     dtype = str(problem.dtype).replace("torch.", "")
     compute = str(problem.compute_dtype).replace("torch.", "")
