@@ -97,6 +97,22 @@ def test_curves_plot_and_readme_table_show_mean_and_std(tmp_path):
     section = text.split("### The same with `--full`")[1]
     assert "every image" in section and f"| {100 * full['summary']['A_last']:.1f} |" in section
     assert "Not run with `--full` yet: `orth-only`, `res-only`" in section
+    assert "upper bound" not in text  # no section without results/upper-bound/upper-bound.json
+    probe = {"command": "python probe", "seed": 0, "threads": 2, "hardware": {"cpu": "a CPU"}, "rows": [
+        {"backbone": "shipped", "change": "-", "lda_task_id_accuracy": rng.random(), "lda_class_accuracy": rng.random()},
+        {"backbone": "pretrain", "change": "90 epochs", "pretrain_seconds": 231.6, "mnist_val_accuracy": rng.random(),
+         "lda_task_id_accuracy": rng.random(), "lda_class_accuracy": rng.random(),
+         "joint_train_accuracy": rng.random(), "joint_test_accuracy": rng.random()}]}
+    (root / "results" / "upper-bound").mkdir(parents=True)
+    (root / "results" / "upper-bound" / "upper-bound.json").write_text(json.dumps(probe))
+    text = render_table.render(sorted((root / "results" / "split-fmnist").glob("*/results.json")), root=root)
+    lda_only, epochs = text.split("### What limits the joint upper bound")[1].split("\n\n")[2].splitlines()[2:4]
+    first, second = probe["rows"]
+    assert lda_only == (f"| shipped | - | - | - | {100 * first['lda_task_id_accuracy']:.1f} | "
+                        f"{100 * first['lda_class_accuracy']:.1f} | - | - |")
+    assert epochs == ("| pretrain | 90 epochs | " + " | ".join(f"{100 * second[k]:.1f}" for k in (
+        "joint_train_accuracy", "joint_test_accuracy", "lda_task_id_accuracy", "lda_class_accuracy",
+        "mnist_val_accuracy")) + " | 232 s |")
 
 
 def test_seeds_flag_makes_one_run_per_method_and_seed():
