@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["rank", "world_size", "is_main", "barrier", "init_from_env", "ShardedLoader", "sharded_loader",
-           "check_world_size", "all_reduce_sum"]
+           "check_world_size", "all_reduce_sum", "global_batch_sizes"]
 
 
 def world_size() -> int:
@@ -134,3 +134,9 @@ def all_reduce_sum(values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out.append(flat[at:at + v.numel()].view(v.shape).to(v.dtype))
         at += v.numel()
     return out
+
+
+def global_batch_sizes(n: int, batch_size: int) -> Iterator[int]:
+    """The sizes of the global batches of n samples (all ``batch_size`` but a smaller last one)."""
+    for start in range(0, n, batch_size):
+        yield min(batch_size, n - start)

@@ -1,17 +1,20 @@
 """Where and how a run's training steps execute: device, autocast dtype and torch.compile backend,
-each checked on this machine before anything runs (one-line ValueErrors)."""
+each checked on this machine before anything runs (one-line ValueErrors), and the training step itself under
+them (:func:`training_step`: autocast, torch.compile, and a DistributedDataParallel wrapper under torchrun)."""
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import distributed
 from .config import AMP_MODES, TrainConfig
 
-__all__ = ["Execution", "amp_dtype", "compile_backend", "check_execution"]
+__all__ = ["Execution", "amp_dtype", "compile_backend", "check_execution", "training_step"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,53 @@ def check_execution(config: TrainConfig) -> Execution:
     device = distributed.device_for_rank()
     return Execution(device, amp_dtype(config.amp, device), compile_backend(config.compile, device),
                      distributed.rank(), distributed.world_size())
+
+
+def training_step(model: nn.Module, t: int, offset: int, ex: Execution) -> Callable[..., torch.Tensor]:
+    """``step(x, y, weight) -> loss`` of task ``t`` of a ContinualViT (its labels start at ``offset``): under
+    autocast when --amp is on, compiled when --compile is, and under torchrun through a DistributedDataParallel
+    wrapper made for this task.
+
+    The wrapper is made after ``begin_task``, so it registers only what this task trains (its head, the
+    orthogonal adapters, the residual blocks where they exist): frozen residual blocks and the adapters
+    that are off on the first task are not parameters that require gradients, so DDP's unused-parameter
+    check has nothing to find (no ``find_unused_parameters``). Buffers (bases, frozen blocks) are not
+    broadcast: every rank builds them from the same all-reduced statistics."""
+    world, dtype = ex.world, ex.amp_dtype
+    if world > 1:
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # no buffer sync in forward (newer torch names it forward_sync_buffers, older broadcast_buffers)
+        no_sync = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+        net = DistributedDataParallel(model, device_ids=[ex.device.index] if ex.device.type == "cuda" else None,
+                                      **no_sync)
+        cols = model.task_label_ranges[t]
+
+        def logits_of(x: torch.Tensor) -> torch.Tensor:
+            return net(x)[:, cols.start:cols.stop]  # through DDP's forward: its gradient hooks need it
+    else:
+        def logits_of(x: torch.Tensor) -> torch.Tensor:
+            return model.logits_per_task(x)[t]
+
+    def step(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(ex.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits = logits_of(x)
+        if dtype is not None:
+            logits = logits.float()
+        if world == 1:
+            return F.cross_entropy(logits, y - offset)
+        # DDP averages the ranks' gradients: the sum over this rank's part times world / global batch size
+        # makes that average the gradient of the global batch's mean loss, whatever the parts' sizes.
+        return F.cross_entropy(logits, y - offset, reduction="sum") * weight
+
+    if ex.compile_backend is None:
+        return step
+    from torch import _dynamo
+
+    _dynamo.reset()  # the previous task's graphs guard on state that has changed (heads, gates)
+    # fullgraph in one process (no graph break anywhere); DDP's graph splitting at its buckets needs breaks
+    return torch.compile(step, backend=ex.compile_backend, fullgraph=world == 1)

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -42,7 +41,7 @@ from .calibration import calibrate_logits, clear_gates, first_pass_gate, model_t
 from .checkpoint import read_checkpoint, tasks_done_on_disk, write_checkpoint
 from .config import TrainConfig
 from .data import Task, fashion_mnist_tasks, make_loader
-from .execution import Execution, check_execution
+from .execution import Execution, check_execution, training_step
 from .prototypes import PROTOTYPE_SCORES, ClassPrototypes, PrototypeFeatures, collect_task_prototypes, prototype_gate
 from .pretrain import hardware, sha256_of
 
@@ -266,7 +265,7 @@ class Trainer:
         for epoch in range(c.epochs):
             loader = self._loader(task.train, c.batch_size, shuffle=True, seed=self._seed(t) * 100 + epoch)
             bar = tqdm(loader, desc=f"task {t}: epoch {epoch + 1}/{c.epochs}", disable=not self.progress, leave=False)
-            sizes = _global_batch_sizes(len(task.train), c.batch_size)
+            sizes = distributed.global_batch_sizes(len(task.train), c.batch_size)
             for x, y in bar:
                 # under torchrun: world / global batch size, the weight of this rank's summed loss
                 weight = torch.tensor(ex.world / next(sizes), device=ex.device)
@@ -292,52 +291,8 @@ class Trainer:
                                     model.task_label_ranges[t], ex.device)
 
     def _training_step(self, model: nn.Module, t: int, offset: int, ex: Execution) -> Callable:
-        """``step(x, y) -> loss`` of task t: under autocast when --amp is on, compiled when --compile is, and
-        under torchrun through a DistributedDataParallel wrapper made for this task.
-
-        The wrapper is made after ``begin_task``, so it registers only what this task trains (its head, the
-        orthogonal adapters, the residual blocks where they exist): frozen residual blocks and the adapters
-        that are off on the first task are not parameters that require gradients, so DDP's unused-parameter
-        check has nothing to find (no ``find_unused_parameters``). Buffers (bases, frozen blocks) are not
-        broadcast: every rank builds them from the same all-reduced statistics."""
-        world, dtype = ex.world, ex.amp_dtype
-        if world > 1:
-            import inspect
-
-            from torch.nn.parallel import DistributedDataParallel
-
-            # no buffer sync in forward (newer torch names it forward_sync_buffers, older broadcast_buffers)
-            no_sync = ({"forward_sync_buffers": False}
-                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                       else {"broadcast_buffers": False})
-            net = DistributedDataParallel(model, device_ids=[ex.device.index] if ex.device.type == "cuda" else None,
-                                          **no_sync)
-            cols = model.task_label_ranges[t]
-
-            def logits_of(x: torch.Tensor) -> torch.Tensor:
-                return net(x)[:, cols.start:cols.stop]  # through DDP's forward: its gradient hooks need it
-        else:
-            def logits_of(x: torch.Tensor) -> torch.Tensor:
-                return model.logits_per_task(x)[t]
-
-        def step(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(ex.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                logits = logits_of(x)
-            if dtype is not None:
-                logits = logits.float()
-            if world == 1:
-                return F.cross_entropy(logits, y - offset)
-            # DDP averages the ranks' gradients: the sum over this rank's part times world / global batch size
-            # makes that average the gradient of the global batch's mean loss, whatever the parts' sizes.
-            return F.cross_entropy(logits, y - offset, reduction="sum") * weight
-
-        if ex.compile_backend is None:
-            return step
-        from torch import _dynamo
-
-        _dynamo.reset()  # the previous task's graphs guard on state that has changed (heads, gates)
-        # fullgraph in one process (no graph break anywhere); DDP's graph splitting at its buckets needs breaks
-        return torch.compile(step, backend=ex.compile_backend, fullgraph=world == 1)
+        """``step(x, y, weight) -> loss`` of task t (:func:`.execution.training_step`)."""
+        return training_step(model, t, offset, ex)
 
     def _pass(self, model: nn.Module, task: Task, desc: str) -> None:
         device = self.execution.device if self.execution else torch.device("cpu")
@@ -440,12 +395,6 @@ class Trainer:
                 "load_average": {"start": self._load_at_start, "end": _load_average()}, "argv": sys.argv,
             },
         }
-
-
-def _global_batch_sizes(n: int, batch_size: int):
-    """The sizes of the global batches of n samples (all ``batch_size`` but a smaller last one)."""
-    for start in range(0, n, batch_size):
-        yield min(batch_size, n - start)
 
 
 def _load_average() -> float | None:
