@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["final_average", "average_incremental", "forgetting", "summary", "format_matrix", "task_labels",
+__all__ = ["final_average", "incremental_accuracies", "average_incremental", "forgetting", "summary", "format_matrix", "task_labels",
            "plot_results"]
 
 Matrix = Sequence[Sequence[float]]
@@ -28,9 +28,14 @@ def final_average(r: Matrix) -> float:
     return _row_mean(r[-1])
 
 
+def incremental_accuracies(r: Matrix) -> list[float]:
+    """A_t for every t: the mean accuracy on tasks 0..t after task t."""
+    return [_row_mean(row[: t + 1]) for t, row in enumerate(r)]
+
+
 def average_incremental(r: Matrix) -> float:
-    """A_avg: mean over t of the mean accuracy on tasks 0..t after task t."""
-    return sum(_row_mean(row[: t + 1]) for t, row in enumerate(r)) / len(r)
+    """A_avg: mean over t of A_t."""
+    return sum(incremental_accuracies(r)) / len(r)
 
 
 def forgetting(r: Matrix) -> float:

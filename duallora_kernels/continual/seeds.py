@@ -3,7 +3,7 @@ one plot of every method's A_t curve with its spread.
 
 The standard deviation is the sample one (n - 1 in the denominator, numpy's ``ddof=1``), over the seeds'
 runs; with one seed it is None. A_t (after task t, the accuracy over every class seen so far) is the mean
-of row t of the run's accuracy matrix (:mod:`.metrics`).
+of row t of the run's accuracy matrix (:func:`.metrics.incremental_accuracies`).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from .metrics import incremental_accuracies
 
 __all__ = ["SUMMARY_METRICS", "Spread", "MethodRuns", "mean_std", "group_by_method", "plot_curves"]
 
@@ -62,8 +64,8 @@ class MethodRuns:
         lengths = {len(r["accuracy_matrix"]) for r in self.runs}
         if len(lengths) != 1:
             raise ValueError(f"{self.method}: the runs have different numbers of tasks {sorted(lengths)}")
-        return [mean_std([sum(r["accuracy_matrix"][t][: t + 1]) / (t + 1) for r in self.runs])
-                for t in range(lengths.pop())]
+        per_run = [incremental_accuracies(r["accuracy_matrix"]) for r in self.runs]
+        return [mean_std([a_t[t] for a_t in per_run]) for t in range(lengths.pop())]
 
 
 def group_by_method(runs: Sequence[dict[str, Any]], order: Sequence[str] = ()) -> list[MethodRuns]:
@@ -106,8 +108,7 @@ def plot_curves(groups: Sequence[MethodRuns], path: str | Path, title: str) -> N
             ax.axhspan(mean[0] - std[0], mean[0] + std[0], color=color, alpha=0.12)
             continue
         for r in g.runs:
-            ax.plot(x, [100 * sum(row[: t + 1]) / (t + 1) for t, row in enumerate(r["accuracy_matrix"])],
-                    color=color, lw=0.7, alpha=0.35)
+            ax.plot(x, [100 * a for a in incremental_accuracies(r["accuracy_matrix"])], color=color, lw=0.7, alpha=0.35)
         ax.plot(x, mean, color=color, marker="o", lw=2, label=label)
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15)
     ax.set(xlabel="after training task t", ylabel="A_t: accuracy over the classes seen so far (%)", xticks=x,
