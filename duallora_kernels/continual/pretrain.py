@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -305,10 +305,7 @@ def pretrain(config: PretrainConfig = DEFAULT_CONFIG, *, seed: int = 0, progress
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         model = create_vit(**config.create_vit_kwargs(), num_classes=num_classes)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        optimizer = _adamw(model.named_parameters(), config)
         steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
         total = steps_per_epoch * config.epochs
         if config.max_steps is not None:
@@ -387,12 +384,24 @@ def _hold_out(data: LabelledImages, per_class: int, seed: int) -> tuple[Labelled
             LabelledImages(data.images[np.sort(val)], data.labels[np.sort(val)]))
 
 
-def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random small affine warps (rotation ±5°, scale 0.95-1.05, shift ±2 px) of images on the 0..1 scale:
-    without them a ViT memorises 4,500 digits long before it generalises."""
+def _adamw(named_parameters: Iterable[tuple[str, Tensor]], config: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW with ``config.weight_decay`` on the weight matrices, none on biases, norms and the position
+    embedding."""
+    named = list(named_parameters)
+    decay = [p for n, p in named if p.ndim >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "pos_embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+
+
+def _augment(x: Tensor, generator: torch.Generator, *, degrees: float = 5.0, scale: float = 0.05,
+             shift_px: float = 2.0) -> Tensor:
+    """Random affine warps of images on the 0..1 scale, by default small ones (rotation ±5°, scale 0.95-1.05,
+    shift ±2 px): without them a ViT memorises 4,500 digits long before it generalises."""
     n = x.shape[0]
     u = torch.rand(n, 4, generator=generator) * 2 - 1
-    angle, scale, shift = u[:, 0] * math.radians(5), 1 + 0.05 * u[:, 1], u[:, 2:] * (2 * 2 / x.shape[-1])
+    angle, scale, shift = (u[:, 0] * math.radians(degrees), 1 + scale * u[:, 1],
+                           u[:, 2:] * (2 * shift_px / x.shape[-1]))
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)

@@ -54,11 +54,12 @@ ADAPTER_ROWS = [
     ("rank_orth 32", {"rank_orth": 32}, None),
     ("head on the mean token (global_pool avg)", {}, "avg"),
 ]
+STRONG_WARPS = {"degrees": 15.0, "scale": 0.15, "shift_px": 3.0}  # pretrain._augment's, default 5, 0.05, 2
 # (name, PretrainConfig overrides, options of this probe's pretraining loop)
 PRETRAIN_ROWS = [
     ("default (rebuilt)", {}, {}),
-    ("stronger warps (rotation 15 deg, scale 0.85-1.15, shift 3 px)", {}, {"warp": "strong"}),
-    ("stronger warps + horizontal flips (p 0.5)", {}, {"warp": "strong", "flip": 0.5}),
+    ("stronger warps (rotation 15 deg, scale 0.85-1.15, shift 3 px)", {}, {"warp": STRONG_WARPS}),
+    ("stronger warps + horizontal flips (p 0.5)", {}, {"warp": STRONG_WARPS, "flip": 0.5}),
     ("label smoothing 0.1", {"label_smoothing": 0.1}, {}),
     ("90 epochs", {"epochs": 90}, {}),
     ("+ patch reconstruction (weight 1)", {}, {"reconstruction": 1.0}),
@@ -72,16 +73,6 @@ PRETRAIN_ROWS = [
     ("+ procedural shapes (a batch more) + patch reconstruction", {}, {"shapes": 1.0, "reconstruction": 1.0}),
 ]
 SIZES = ("model_name", "patch_size", "depth", "embed_dim", "num_heads")
-
-
-def _warp(x: torch.Tensor, g: torch.Generator, strength: str) -> torch.Tensor:
-    if strength == "small":
-        return P._augment(x, g)  # the shipped pretraining's warps
-    u = torch.rand(x.shape[0], 4, generator=g) * 2 - 1
-    angle, scale, shift = u[:, 0] * math.radians(15), 1 + 0.15 * u[:, 1], u[:, 2:] * (2 * 3 / x.shape[-1])
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
 
 
 def procedural_shapes(n: int, g: torch.Generator, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,9 +99,10 @@ def procedural_shapes(n: int, g: torch.Generator, size: int = 28) -> tuple[torch
     return image.clamp(0, 1).unsqueeze(1), cls
 
 
-def pretrain_variant(config: P.PretrainConfig, warp: str = "small", flip: float = 0.0, reconstruction: float = 0.0,
+def pretrain_variant(config: P.PretrainConfig, warp: dict[str, float] | None = None, flip: float = 0.0, reconstruction: float = 0.0,
                      erase: float = 0.0, rotation: bool = False, shapes: float = 0.0) -> tuple[dict, dict[str, Any]]:
     """`pretrain.pretrain`'s loop (same data split, optimizer, schedule, clipping) with this probe's options:
+    `warp` passes other warp ranges to `pretrain._augment`;
     `reconstruction` adds w * MSE of a linear decoder from each final patch token to its (un-erased) pixels;
     `erase` zeroes that share of patches in the input; `rotation` rotates each image by k * 90 degrees and adds
     a 4-way head predicting k; `shapes` appends that share of a batch of :func:`procedural_shapes` (labels
@@ -127,10 +119,7 @@ def pretrain_variant(config: P.PretrainConfig, warp: str = "small", flip: float 
     decoder = torch.nn.Linear(config.embed_dim, p * p) if reconstruction else None
     named = list(model.named_parameters()) + (list(decoder.named_parameters(prefix="decoder")) if decoder else [])
     params = [q for _, q in named]
-    decay = [q for n, q in named if q.ndim >= 2 and "pos_embed" not in n]  # pretrain.pretrain's two groups
-    no_decay = [q for n, q in named if not (q.ndim >= 2 and "pos_embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    opt = P._adamw(named, config)  # pretrain.pretrain's optimizer and weight-decay groups
     total = math.ceil(len(y_all) / config.batch_size) * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, P._warmup_cosine(config.warmup_steps, total))
     start, step = time.perf_counter(), 0
@@ -139,7 +128,7 @@ def pretrain_variant(config: P.PretrainConfig, warp: str = "small", flip: float 
         for index in torch.randperm(len(y_all), generator=g).split(config.batch_size):
             if step == total:
                 break
-            x, y = _warp(x_all[index], g, warp), y_all[index]
+            x, y = P._augment(x_all[index], g, **(warp or {})), y_all[index]
             if flip:
                 x = torch.where((torch.rand(len(y), generator=g) < flip)[:, None, None, None], x.flip(-1), x)
             if rotation:
