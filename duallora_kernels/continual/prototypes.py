@@ -21,7 +21,8 @@ is ``logsumexp`` of its classes' scores (log p(task | x) up to a shared constant
 and the gate is ``softmax(scores / prototype_temperature)``.
 
 Only statistics are kept, never images: per class the sum of f and its count, and over all samples
-seen the sum of f f^T (float64, D x D with D the summed input widths; 2,688 for the shipped backbone).
+seen the sum of f f^T (float64, D x D with D twice the summed input widths; 5,376 for the shipped
+backbone).
 Each task's statistics are taken after its ``end_task``, from the model every later test sees for it.
 """
 from __future__ import annotations
