@@ -7,7 +7,8 @@
 # In priority order, each step under its own `timeout`, each writing under $OUT as it goes (the
 # commands rewrite their JSON after every variant, so a step cut off at its limit still returns
 # what finished, marked "complete": false):
-#   1. setup         the device, versions and commit; the device slug that names the files
+#   1. setup         the device, versions and commit; the device slug that names the files; one line
+#                    of warning when torch/triton/numpy lie outside the tested range (README)
 #   2. kernel-tests  the Triton kernel tests compiled on the GPU, and the drop-in under autocast and
 #                    Inductor (tests/test_gpu_dropin.py) (fixed configs, DUALLORA_AUTOTUNE=0;
 #                    the backend="cuda" tests deselected: the CUDA extension has its own issue)
@@ -97,11 +98,15 @@ export DUALLORA_TEST_SEED=${DUALLORA_TEST_SEED:-$(( (RANDOM << 16) | RANDOM ))}
 LAYERS=vit_b.proj,vit_b.qkv,vit_b.fc1,vit_b.fc2
 TEST_FILES="tests/test_fused_linear.py tests/test_gram.py tests/test_task_scores.py tests/test_stability.py tests/test_gpu_dropin.py"
 CUDA_BUILD_PY='import time; t = time.time(); from duallora_kernels.ops.cuda import load_extension; load_extension(); print(f"CUDA extension built/loaded in {time.time() - t:.0f} s")'
-SETUP_PY='import platform, torch, triton
+SETUP_PY='import platform, numpy, torch, triton
+from duallora_kernels._versions import range_warning
 from duallora_kernels.harness.devices import device_slug
 name = torch.cuda.get_device_name()
 print(f"device: {name} (capability {torch.cuda.get_device_capability()}), {torch.cuda.device_count()} GPU(s)")
-print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, python {platform.python_version()}")
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, numpy {numpy.__version__}, python {platform.python_version()}")
+warning = range_warning()
+if warning:
+    print(warning)
 print("slug:", device_slug(name))'
 
 # The steps: name, limit, seconds to stop after the limit's signal, signal, outputs, command.

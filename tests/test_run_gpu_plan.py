@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,30 @@ def test_the_cuda_backend_step_is_a_second_command_of_its_own(tmp_path):
     summary = (out / "summary.txt").read_text().splitlines()
     assert summary[-1].startswith("cuda-backend: exit 0 after") and summary[-1].endswith("-cuda.json")
     assert [line.split(":")[0] for line in summary][1:5] == ["kernel-tests", "headline", "memory", "plan-check"]
+
+
+_FAKE_DEVICE = """
+import sys, torch
+from importlib import metadata
+torch.cuda.get_device_name = lambda *a: "NVIDIA H200"
+torch.cuda.get_device_capability = lambda *a: (9, 0)
+torch.cuda.device_count = lambda: 1
+real = metadata.version
+metadata.version = lambda name: sys.argv[1] if name == "torch" else real(name)
+exec(sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("torch_version, warned", [("2.11.0+cu130", False), ("2.10.0", True), ("2.15.0", True)])
+def test_the_setup_step_warns_in_one_line_outside_the_tested_range(torch_version, warned):
+    setup_py = re.search(r"^SETUP_PY='(.*?)'$", SCRIPT.read_text(), re.S | re.M)[1]
+    run = subprocess.run([sys.executable, "-c",
+                          _FAKE_DEVICE, torch_version, setup_py], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("device: NVIDIA H200") and lines[-1] == "slug: h200"
+    warnings = [line for line in lines if "outside the tested range" in line]
+    assert len(warnings) == int(warned), lines
+    if warned:
+        assert f"torch {torch_version} (tested 2.11-2.14)" in warnings[0]

@@ -172,6 +172,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         skip = bool(observe(kernel, grid, args, kwargs)) or skip
     if skip:
         return
+    if interpreting():
+        from .._versions import check_interpreter_numpy
+
+        check_interpreter_numpy()  # one clear line instead of a TypeError at the kernel's first loop
     if _launch_observers and interpreting():
         # The interpreter copies arguments with torch ops of its own; those are not the op's
         # device work (a compiled kernel is one launch), so an observing dispatch mode must not see them.
