@@ -43,7 +43,10 @@ if _MODE == "cuda":
     # need about 5e-4. Pinned, so that nothing in the environment loosens it unnoticed.
     torch.set_float32_matmul_precision("highest")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# OMP_NUM_THREADS, when set, wins: two test runs sharing 2 cores at 2 threads each make torch's
+# OpenMP threads wait on each other (~20x slower); at 1 thread each they do not.
+_threads = os.environ.get("OMP_NUM_THREADS", "")
+torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else max(1, min(2, os.cpu_count() or 1)))
 
 #: What DUALLORA_TEST_DEVICE=cuda runs; the other files test torch code, data, the CLI, etc.
 KERNEL_TEST_FILES = ("test_fused_linear.py", "test_gram.py", "test_task_scores.py", "test_stability.py",
