@@ -249,7 +249,10 @@ class DualLoRALinear(nn.Module):
         tasks = self._block_tasks()
         if task_gate is None or not tasks:
             return None
-        g = task_gate[..., tasks]
+        # a run of consecutive tasks (the usual case: every task after the first has a block) is a
+        # slice, a view; any other set of columns is gathered (one device op)
+        g = task_gate[..., tasks[0]: tasks[-1] + 1] if tasks == list(range(tasks[0], tasks[-1] + 1)) \
+            else task_gate[..., tasks]
         if x.dim() >= 3 and g.dim() == 2 and g.shape[0] == _num_samples(x):
             g = g.reshape(*x.shape[:-2], 1, len(tasks))  # one gate per sample, shared by its tokens
         return g

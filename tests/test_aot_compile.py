@@ -20,7 +20,10 @@ from duallora_kernels.ops import aot, aot_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: The GEMM-shaped kernels whose main loops must run wgmma on Hopper (by kernel name).
-GEMM_KERNELS = {"_fused_forward_kernel", "_fused_backward_kernel", "_gram_kernel"}
+GEMM_KERNELS = {"_fused_forward_kernel", "_fused_backward_kernel", "_gemm_forward_kernel", "_gemm_backward_kernel",
+                "_gemm_forward_tma_kernel", "_gemm_backward_tma_kernel", "_gram_kernel"}
+#: Kernels that run on sm_90 only (tensor descriptors): compiled for Hopper alone.
+HOPPER_ONLY = {"_gemm_forward_tma_kernel", "_gemm_backward_tma_kernel"}
 
 
 def _problems(doc: dict) -> list[str]:
@@ -50,13 +53,17 @@ def test_ci_subset_covers_every_kernel_on_each_target(ci_table):
     assert GEMM_KERNELS <= kernels, kernels
     for arch, dtype, rank in aot.CI_SUBSET:
         seen = {r["kernel"] for r in rows if (r["arch"], r["dtype"], r["rank"]) == (arch, dtype, rank)}
-        assert seen == kernels, (arch, dtype, rank, kernels - seen)
+        expected = kernels if arch >= 90 else kernels - HOPPER_ONLY
+        assert seen == expected, (arch, dtype, rank, expected ^ seen)
     # The fixed config (DUALLORA_AUTOTUNE=0, what the GPU test script runs) of every autotuned kernel.
     assert all(r["fixed"] for r in rows if r["config"]), [r["config"] for r in rows if not r["fixed"]]
     # On Hopper the GEMM-shaped kernels' bf16 main loops run wgmma, not mma.sync.
     hopper = {r["kernel"]: r for r in rows if r["arch"] == 90 and r["dtype"] == "bfloat16"}
     for name in GEMM_KERNELS:
         assert hopper[name]["gemm_dots"] and hopper[name]["ptx"]["wgmma"] and hopper[name]["sass"]["HGMMA"], name
+    # The TMA variant loads its tiles with the tensor-copy engine.
+    for name in HOPPER_ONLY:
+        assert hopper[name]["ptx"]["tma"] and hopper[name]["sass"]["TMA"], name
 
 
 def _committed() -> list[pathlib.Path]:
@@ -74,8 +81,26 @@ def test_committed_table_holds_the_schema_and_the_contract(path):
     assert doc["subset"] == "full" and set(doc["archs"]) == set(aot.ARCHS)
     assert {(r["dtype"], r["rank"]) for r in doc["rows"]} == set(map(tuple, aot.CASES))
     assert path.name == f"compile-{doc['triton']}.json"
-    problems = _problems(doc)
+    problems = _problems(doc) + aot_table.table_problems(doc)
     assert not problems, "\n".join(problems)
+    # every padded-rank bucket of the linear kernels (fused_linear_tiles.BUCKETS) has rows
+    assert {r["r_pad"] for r in doc["rows"] if r["kernel"] in GEMM_KERNELS - {"_gram_kernel"}} >= {32, 64, 128, 256}
+
+
+def test_gemm_class_tiles_are_required_of_the_plain_gemm_kernels():
+    row = {"kernel": "_gemm_forward_kernel", "dtype": "bfloat16", "rank": 16, "arch": 90, "kept": True,
+           "config": "BLOCK_M=128 BLOCK_N=128 BLOCK_K=64 GROUP_M=8 num_warps=8", "compiled": True, "n_spills": 0,
+           "stack_bytes": 0, "local_bytes": 0, "shared_bytes": 1024, "tensor_core_dots": 1, "gemm_dots": 1,
+           "atomic_sems": [], "ptx": {"wgmma": 4, "mma_sync": 0}, "sass": {"HGMMA": 4, "HMMA": 0, "STL": 0, "LDL": 0,
+                                                                            "fenced_atomics": 0, "TMA": 0}}
+    assert aot_table.row_problems(row) == [] and aot_table.table_problems({"rows": [row]}) == []
+    small = {**row, "config": "BLOCK_M=64 BLOCK_N=128 BLOCK_K=64 GROUP_M=8 num_warps=8"}
+    assert aot_table.row_problems(small) and aot_table.table_problems({"rows": [small]})
+    assert aot_table.row_problems({**small, "kernel": "_fused_forward_kernel"}) == []  # the single design may
+    ampere = {**small, "arch": 86, "ptx": {"wgmma": 0, "mma_sync": 4}, "sass": {**row["sass"], "HGMMA": 0, "HMMA": 4}}
+    assert aot_table.row_problems(ampere) == [] and aot_table.table_problems({"rows": [ampere]})
+    tma = {**row, "kernel": "_gemm_forward_tma_kernel"}
+    assert aot_table.row_problems(tma) and not aot_table.row_problems({**tma, "sass": {**tma["sass"], "TMA": 9}})
 
 
 def test_row_problems_catch_each_breach():

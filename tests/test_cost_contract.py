@@ -21,9 +21,9 @@ from helpers import rel_err
 BF16 = torch.bfloat16
 
 
-def _full_problem(gen, dtype=BF16, lead=(2,), m=24, d=48, n=40, k=12):
+def _full_problem(gen, dtype=BF16, lead=(2,), m=24, d=48, n=40, k=12, r_r=3):
     """Basis, orthogonal adapter, training residual block, two frozen blocks and a gate."""
-    x, w, b, kw = helpers.dual_lora_problem(m, d, n, r_o=4, r_r=3, frozen_blocks=2, k=k, gen=gen, dtype=dtype,
+    x, w, b, kw = helpers.dual_lora_problem(m, d, n, r_o=4, r_r=r_r, frozen_blocks=2, k=k, gen=gen, dtype=dtype,
                                             lead=lead)
     b.requires_grad_(False)  # a frozen layer's bias, as in DualLoRALinear
     kw["basis"] = kw["basis"].float()
@@ -37,10 +37,22 @@ def _step(fn, x, dy):
     return y
 
 
-def test_training_step_of_the_fused_op_stays_within_the_device_op_budget(gen):
-    x, w, b, kw = _full_problem(gen)
+#: Each Triton design's kernels in one training step (each launched once), and its device ops in all.
+DESIGN_STEP = {
+    "single": (("_fused_forward_kernel", "_fused_backward_kernel"), 7),
+    "split": (("_lowrank_forward_kernel", "_gemm_forward_kernel", "_lowrank_backward_kernel", "_gemm_backward_kernel"),
+              8),
+    "tma": (("_lowrank_forward_kernel", "_gemm_forward_tma_kernel", "_lowrank_backward_kernel",
+             "_gemm_backward_tma_kernel"), 8),
+}
+
+
+@pytest.mark.parametrize("design", sorted(DESIGN_STEP))
+def test_training_step_of_the_fused_op_stays_within_the_device_op_budget(design, gen):
+    # r_r = 4: a stacked rank of 4 + 4 + 2 * 4 = 16, a multiple of 8, so the tma design runs TMA
+    x, w, b, kw = _full_problem(gen, r_r=4)
     dy = torch.randn(*x.shape[:-1], w.shape[0], generator=gen).to(BF16)
-    fused = lambda: dual_lora_linear(x, w, b, backend="triton", check_basis=False, **kw)  # noqa: E731
+    fused = lambda: dual_lora_linear(x, w, b, backend="triton", check_basis=False, design=design, **kw)  # noqa: E731
     _step(fused, x, dy)  # first call: autotuning / compilation, not steady state
     for p in kw.values():
         if isinstance(p, torch.Tensor):
@@ -49,8 +61,11 @@ def test_training_step_of_the_fused_op_stays_within_the_device_op_budget(gen):
         _step(fused, x, dy)
     assert not ops.syncs, ops
     assert ops.total <= STEP_BUDGET, ops
-    # What the budget buys: the forward and backward kernels and the small-matrix steps around them.
-    assert ops.kernels["_fused_forward_kernel"] == 1 and ops.kernels["_fused_backward_kernel"] == 1, ops
+    # What the budget buys: the design's big kernels and the small-matrix steps around them
+    # (coefficients and assembly forward; coefficients and projection backward).
+    kernels, total = DESIGN_STEP[design]
+    assert all(ops.kernels[k] == 1 for k in kernels) and ops.total == total, ops
+    assert ops.kernels["_coefficients_kernel"] == 2 and ops.kernels["_assemble_kernel"] == 1 + (design == "single"), ops
 
     linear = nn.Linear(w.shape[1], w.shape[0]).to(BF16).requires_grad_(False)
     with count_device_ops() as frozen:
@@ -97,14 +112,15 @@ def _counted_step(fn, x, dy, params):
     return ops
 
 
-def test_autocast_adds_to_the_fused_step_only_the_casts_it_adds_to_nn_linear(gen):
+@pytest.mark.parametrize("design", sorted(DESIGN_STEP))
+def test_autocast_adds_to_the_fused_step_only_the_casts_it_adds_to_nn_linear(design, gen):
     # float32 parameters and input under bf16 autocast, as mixed-precision training runs the layer:
     # the fused step pays what autocast makes nn.Linear pay (x, W0 and b cast forward, dX cast back)
     # and nothing for the adapters (assembled and projected in their own dtype, ops/__init__.py).
-    x, w, b, kw = _full_problem(gen, dtype=torch.float32)
+    x, w, b, kw = _full_problem(gen, dtype=torch.float32, r_r=4)
     dy = torch.randn(*x.shape[:-1], w.shape[0], generator=gen)
     params = [p for p in kw.values() if isinstance(p, torch.Tensor) and p.requires_grad]
-    fused = lambda: dual_lora_linear(x, w, b, backend="triton", check_basis=False, **kw)  # noqa: E731
+    fused = lambda: dual_lora_linear(x, w, b, backend="triton", check_basis=False, design=design, **kw)  # noqa: E731
     linear = nn.Linear(w.shape[1], w.shape[0]).requires_grad_(False)
     plain = _counted_step(fused, x, dy, params)
     plain_linear = _counted_step(lambda: linear(x), x, dy, [])
@@ -120,7 +136,9 @@ def test_autocast_adds_to_the_fused_step_only_the_casts_it_adds_to_nn_linear(gen
     casts = amp_linear.total - plain_linear.total
     assert casts == 4 and amp_linear.torch_ops["_to_copy"] == 4, amp_linear
     assert amp.total - plain.total == casts and amp.torch_ops.get("_to_copy") == casts, (plain, amp)
-    assert not amp.syncs and amp.kernels == plain.kernels
+    # the same kernels (tma: its TMA GEMMs run on bf16 only, float32 takes the pointer ones)
+    assert not amp.syncs and sum(amp.kernels.values()) == sum(plain.kernels.values())
+    assert design == "tma" or amp.kernels == plain.kernels
     assert all(p.grad.dtype == torch.float32 for p in params)
 
 
@@ -192,7 +210,8 @@ def test_gate_broadcast_per_sample_is_read_in_place(gen):
     assert rel_err(got, ref) <= 1e-5
 
 
-def test_forward_on_cuda_tensors_never_reads_a_device_value(gen):
+@pytest.mark.parametrize("design", sorted(DESIGN_STEP))
+def test_forward_on_cuda_tensors_never_reads_a_device_value(design, gen):
     # The CPU cannot show a .cpu() (a no-op there) or CUDA-only code paths. Fake CUDA tensors can:
     # under FakeTensorMode any read of a device value raises, a copy to the CPU is visible, and the
     # Triton launches are captured instead of run. (Forward only: autograd's engine needs a real
@@ -206,7 +225,9 @@ def test_forward_on_cuda_tensors_never_reads_a_device_value(gen):
         x, w, b, kw = _full_problem(gen, dtype=torch.float32)
         cuda = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         with count_device_ops() as ops:
-            y = dual_lora_linear(x.to("cuda"), w.to("cuda"), b.to("cuda"), **cuda)  # check_basis on
+            y = dual_lora_linear(x.to("cuda"), w.to("cuda"), b.to("cuda"), design=design, **cuda)  # check_basis on
         assert y.device.type == "cuda" and y.dtype == torch.float32
     assert not ops.syncs, ops
-    assert len(launched) == 3, launched  # coefficients, assembly, forward (no autograd node: no grad)
+    # coefficients, assembly, then the forward kernel (single) or the low-rank pass and the GEMM (no
+    # autograd node: nothing kept for a backward)
+    assert len(launched) == (3 if design == "single" else 4), launched

@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from duallora_kernels.ops import _kernel_utils, dual_lora_linear
-from duallora_kernels.ops import fused_linear as fl
 from duallora_kernels.ops.reference import (adapter_matrices, column_scales, dual_lora_linear_reference, project_onto,
                                             project_out)
 import helpers
@@ -78,10 +77,14 @@ def _unprojected_grad_norms(x64, kw64, dy64) -> dict[str, float]:
     return {f"{blk}_{ab}": g[sl].norm().item() for blk, sl in rows.items() for ab, g in (("a", da), ("b", dbt))}
 
 
-def check_against_reference(x, w, b, kw, *, sum_loss=False, backend="triton"):
-    """Run ``backend`` and the float64 reference on the same values; compare Y and every grad."""
+#: The Triton designs (ops/fused_linear.py): every kernel body of each is checked here.
+DESIGNS = ("single", "split", "tma")
+
+
+def check_against_reference(x, w, b, kw, *, sum_loss=False, backend="triton", design="auto"):
+    """Run ``backend`` (with ``design``) and the float64 reference on the same values; compare Y and every grad."""
     dtype = x.dtype
-    y = dual_lora_linear(x, w, b, backend=backend, **kw)
+    y = dual_lora_linear(x, w, b, backend=backend, design=design, **kw)
     x64, w64, b64 = _to64(x), _to64(w), _to64(b)
     kw64 = _kw64(kw)
     # the spec: plain differentiable PyTorch in float64, not the registered op
@@ -138,12 +141,50 @@ CASES = [
 ]
 
 
+# The pointer-addressed designs on every case (the tma design runs the split one's pointer GEMMs on
+# these: strided x, dims or ranks not multiples of 8, float32; its TMA kernels: test_tma_path_*).
+@pytest.mark.parametrize("design", ["single", "split"])
 @pytest.mark.parametrize("lead, m, d, n, r_o, r_r, frozen, k, dtype, layout", CASES)
-def test_matches_reference(lead, m, d, n, r_o, r_r, frozen, k, dtype, layout, gen):
+def test_matches_reference(lead, m, d, n, r_o, r_r, frozen, k, dtype, layout, design, gen):
     x, w, b, kw = dual_lora_problem(m, d, n, r_o, r_r, frozen, k, gen, dtype=dtype, lead=lead)
     if layout:
         x = _strided(x, layout)
-    check_against_reference(x, w, b, kw)
+    check_against_reference(x, w, b, kw, design=design)
+
+
+def _kernels_of_a_step(fn) -> set[str]:
+    launched: list = []
+    with _kernel_utils.observe_launches(lambda k, g, a, kw: launched.append(_kernel_utils.kernel_name(k))):
+        fn()
+    return set(launched)
+
+
+# (lead, m, d, n, r_o, r_r, frozen, k, dtype): calls the TMA GEMMs take -- row-major x, d, n and the
+# stacked rank multiples of 8, bf16/fp16 -- with tail tiles in m, n, d and the K-extension.
+TMA_CASES = [
+    ((2,), 70, 48, 40, 8, 8, 2, 12, torch.bfloat16),
+    ((), 197, 104, 56, 4, 4, 0, 20, torch.float16),
+    ((), 33, 16, 24, 8, 0, 0, 0, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("lead, m, d, n, r_o, r_r, frozen, k, dtype", TMA_CASES)
+def test_tma_path_matches_reference(lead, m, d, n, r_o, r_r, frozen, k, dtype, gen):
+    x, w, b, kw = dual_lora_problem(m, d, n, r_o, r_r, frozen, k, gen, dtype=dtype, lead=lead)
+    ran = _kernels_of_a_step(lambda: check_against_reference(x, w, b, kw, design="tma"))
+    assert {"_gemm_forward_tma_kernel", "_gemm_backward_tma_kernel"} <= ran, ran
+    assert not {"_gemm_forward_kernel", "_gemm_backward_kernel"} & ran, ran
+
+
+def test_tma_design_falls_back_to_pointer_gemms_where_a_descriptor_cannot_describe_the_call(gen):
+    # rank 3 + 3 (not a multiple of 8), and a transposed x: the split design's pointer GEMMs run
+    for r_o, layout in ((3, None), (8, "transposed")):
+        x, w, b, kw = dual_lora_problem(20, 48, 40, r_o, 3 if r_o == 3 else 8, 1, 6, gen, dtype=torch.bfloat16,
+                                        lead=(2,))
+        if layout:
+            x = _strided(x, layout)
+        ran = _kernels_of_a_step(lambda: check_against_reference(x, w, b, kw, design="tma"))
+        assert "_gemm_forward_kernel" in ran and "_gemm_forward_tma_kernel" not in ran, ran
 
 
 def test_one_dimensional_input_and_no_bias(gen):
@@ -151,57 +192,72 @@ def test_one_dimensional_input_and_no_bias(gen):
     check_against_reference(x[0].detach().requires_grad_(), w, None, kw)
 
 
-def test_empty_memory_task_one(gen):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_empty_memory_task_one(design, gen):
     # Task 1: no basis at all, or a basis with zero columns; orthogonal adapter only.
-    x, w, b, kw = dual_lora_problem(197, 100, 48, 8, 0, 0, 0, gen, dtype=torch.float32)
-    check_against_reference(x, w, b, kw)
-    check_against_reference(x, w, b, {**kw, "basis": torch.zeros(100, 0, device=TEST_DEVICE)})
+    x, w, b, kw = dual_lora_problem(197, 96, 48, 8, 0, 0, 0, gen, dtype=torch.bfloat16)
+    check_against_reference(x, w, b, kw, design=design)
+    check_against_reference(x, w, b, {**kw, "basis": torch.zeros(96, 0, device=TEST_DEVICE, dtype=torch.float32)},
+                            design=design)
 
 
-def test_gates_all_zero_with_several_frozen_blocks(gen):
-    x, w, b, kw = dual_lora_problem(197, 48, 100, 3, 3, 3, 8, gen, dtype=torch.float32)
+@pytest.mark.parametrize("design", DESIGNS)
+def test_gates_all_zero_with_several_frozen_blocks(design, gen):
+    x, w, b, kw = dual_lora_problem(197, 48, 96, 4, 4, 3, 8, gen, dtype=torch.float32)
     kw["gate"] = torch.zeros_like(kw["gate"])
-    check_against_reference(x, w, b, kw)
+    check_against_reference(x, w, b, kw, design=design)
     # residual blocks silenced: their gradients are exactly zero, the orthogonal path still trains
-    y = dual_lora_linear(x, w, b, backend="triton", **kw)
+    y = dual_lora_linear(x, w, b, backend="triton", design=design, **kw)
     ga, gb, goa = torch.autograd.grad(y.square().sum(), [kw["res_a"], kw["res_b"], kw["orth_a"]])
     assert torch.equal(ga, torch.zeros_like(ga)) and torch.equal(gb, torch.zeros_like(gb))
     assert goa.abs().max() > 0
 
 
-def test_broadcast_gate_and_expanded_output_grad(gen):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_broadcast_gate_and_expanded_output_grad(design, gen):
     # One gate row for the whole batch (stride 0) and dY from y.sum() (also stride 0).
-    x, w, b, kw = dual_lora_problem(7, 48, 16, 3, 3, 2, 6, gen, dtype=torch.float32, lead=(2,))
+    x, w, b, kw = dual_lora_problem(7, 48, 16, 4, 4, 2, 6, gen, dtype=torch.bfloat16, lead=(2,))
     kw["gate"] = torch.tensor([0.2, 0.0, 0.9], device=TEST_DEVICE)
-    check_against_reference(x, w, b, kw, sum_loss=True)
+    check_against_reference(x, w, b, kw, sum_loss=True, design=design)
 
 
-def test_frozen_only_residual_and_no_adapters(gen):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_frozen_only_residual_and_no_adapters(design, gen):
     # Inference-style: frozen blocks with gates but nothing trainable in the adapter.
-    x, w, b, kw = dual_lora_problem(197, 48, 48, 0, 8, 2, 16, gen, dtype=torch.float32)
+    x, w, b, kw = dual_lora_problem(197, 48, 48, 0, 8, 2, 16, gen, dtype=torch.bfloat16)
     for name in ("res_a", "res_b"):
         kw.pop(name)
     kw["gate"] = kw["gate"][:, :2]
-    check_against_reference(x, w, b, kw)
-    check_against_reference(x, w, b, {})  # the plain linear layer
+    check_against_reference(x, w, b, kw, design=design)
+    check_against_reference(x, w, b, {}, design=design)  # the plain linear layer
 
 
-def test_gradient_subsets(gen):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_gradient_subsets(design, gen):
     # Only some tensors require grad: the others must come back None and cost nothing.
-    x, w, b, kw = dual_lora_problem(7, 48, 16, 3, 3, 1, 6, gen, dtype=torch.float32)
+    x, w, b, kw = dual_lora_problem(7, 48, 16, 4, 4, 1, 6, gen, dtype=torch.float32)
     x.requires_grad_(False)
     b.requires_grad_(False)
     kw["orth_a"].requires_grad_(False)
     kw["res_b"].requires_grad_(False)
     w.requires_grad_(True)  # a trainable W0 gets dY^T X
-    check_against_reference(x, w, b, kw)
+    check_against_reference(x, w, b, kw, design=design)
     kw["orth_b"].requires_grad_(False)
-    check_against_reference(x, w.detach(), b, kw)  # dA of the residual block alone
+    check_against_reference(x, w.detach(), b, kw, design=design)  # dA of the residual block alone
+    # each of dX, dB and dbias alone, in bf16 (the tma design's TMA GEMMs)
+    x, w, b, kw = dual_lora_problem(40, 48, 24, 4, 4, 1, 6, gen, dtype=torch.bfloat16)
+    for name in ("orth_a", "res_a", "res_b"):
+        kw[name].requires_grad_(False)
+    check_against_reference(x.detach(), w, b.detach().requires_grad_(False), kw, design=design)  # dB alone
+    kw["orth_b"].requires_grad_(False)
+    check_against_reference(x, w, b.detach(), kw, design=design)  # dX alone
+    check_against_reference(x.detach(), w, b, kw, design=design)  # dbias alone
 
 
-def test_empty_batch(gen):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_empty_batch(design, gen):
     x, w, b, kw = dual_lora_problem(0, 48, 16, 3, 3, 1, 6, gen, dtype=torch.float32, lead=(2,))
-    check_against_reference(x, w, b, kw)
+    check_against_reference(x, w, b, kw, design=design)
 
 
 def test_float64_runs_the_reference(gen):
@@ -262,22 +318,20 @@ def test_adamw_on_orthogonal_adapter_keeps_old_outputs(gen):
     m=st.integers(1, 300), d=st.integers(1, 130), n=st.integers(1, 130), r_o=st.integers(0, 20),
     r_r=st.integers(0, 9), frozen=st.integers(0, 3), k=st.integers(0, 12), three_d=st.booleans(),
     bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-    seed=st.integers(0, 2**31 - 1),
+    seed=st.integers(0, 2**31 - 1), design=st.sampled_from(DESIGNS),
 )
-def test_fuzz_shapes(m, d, n, r_o, r_r, frozen, k, three_d, bias, dtype, seed):
+def test_fuzz_shapes(m, d, n, r_o, r_r, frozen, k, three_d, bias, dtype, seed, design):
     gen = torch.Generator().manual_seed(seed)
     k = min(k, d)
     lead = (2,) if three_d else ()
     x, w, b, kw = dual_lora_problem(m, d, n, r_o, r_r, frozen, k, gen, dtype=dtype, lead=lead)
-    check_against_reference(x, w, b if bias else None, kw)
+    check_against_reference(x, w, b if bias else None, kw, design=design)
 
 
-def test_bad_input_is_refused_before_any_launch(gen, monkeypatch):
-    class NoLaunch:
-        def __getitem__(self, grid):
-            raise AssertionError("a kernel was launched for invalid input")
+def test_bad_input_is_refused_before_any_launch(gen):
+    def no_launch(kernel, grid, args, kwargs):
+        raise AssertionError(f"{_kernel_utils.kernel_name(kernel)} was launched for invalid input")
 
-    monkeypatch.setattr(fl, "_fused_forward_kernel", NoLaunch())
     x, w, b, kw = dual_lora_problem(7, 16, 8, 2, 2, 1, 3, gen, dtype=torch.float32)
     bad = [
         (dict(weight=w.to("meta")), ValueError, f"weight is on meta but x is on {x.device}"),
@@ -291,10 +345,11 @@ def test_bad_input_is_refused_before_any_launch(gen, monkeypatch):
         (dict(res_b=kw["res_b"].detach()[:-1]), ValueError, r"res_b must have shape"),
         (dict(gate=kw["gate"][:, :1]), ValueError, "gate has 1 columns"),
         (dict(bias=b.detach()[:-1]), ValueError, r"bias must have shape"),
+        (dict(design="fastest"), ValueError, "design must be one of"),
     ]
     for change, exc, match in bad:
         args = {"x": x, "weight": w, "bias": b, **kw, **change}
-        with pytest.raises(exc, match=match):
+        with pytest.raises(exc, match=match), _kernel_utils.observe_launches(no_launch):
             dual_lora_linear(args.pop("x"), args.pop("weight"), args.pop("bias"), backend="triton", **args)
 
 

@@ -10,12 +10,12 @@ from duallora_kernels.ops import registered  # noqa: F401  (registers duallora::
 import helpers
 
 
-def _args(gen, dtype=torch.float64, grads=True):
+def _args(gen, dtype=torch.float64, grads=True, backend="torch"):
     x, w, b, kw = helpers.dual_lora_problem(6, 16, 12, r_o=2, r_r=2, frozen_blocks=1, k=5, gen=gen, dtype=dtype,
                                             lead=(2,))
     gate = kw["gate"].expand(*x.shape[:-1], kw["gate"].shape[-1])
     return (x, w, b, kw["orth_a"], kw["orth_b"], kw["res_a"], kw["res_b"], kw["frozen_a"], kw["frozen_b"], gate,
-            kw["basis"], 0.7, 1.3, "torch", grads, grads)
+            kw["basis"], 0.7, 1.3, backend, grads, grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -23,12 +23,20 @@ def test_opcheck_forward(dtype, gen):
     torch.library.opcheck(torch.ops.duallora.fused_forward.default, _args(gen, dtype))
 
 
-def test_opcheck_backward(gen):
-    args = _args(gen)
-    y, t, a = torch.ops.duallora.fused_forward(*args)
+# The Triton designs' outputs (B^T kept by split/tma) must agree with the fake implementation too.
+@pytest.mark.parametrize("backend", ["triton:single", "triton:split", "triton:tma"])
+def test_opcheck_forward_of_each_triton_design(backend, gen):
+    torch.library.opcheck(torch.ops.duallora.fused_forward.default, _args(gen, torch.float32, backend=backend),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton:split"])
+def test_opcheck_backward(backend, gen):
+    args = _args(gen, torch.float64 if backend == "torch" else torch.float32, backend=backend)
+    y, t, a, bt = torch.ops.duallora.fused_forward(*args)
     (x, w, b, oa, ob, ra, rb, fa, fb, gate, basis, os_, rs, backend, _, _) = args
     dy = torch.randn_like(y)
-    bwd_args = (dy, x.detach(), w, t, a, gate, basis, oa.detach(), ob.detach(), ra.detach(), rb.detach(), fa, fb,
+    bwd_args = (dy, x.detach(), w, t, a, bt, gate, basis, oa.detach(), ob.detach(), ra.detach(), rb.detach(), fa, fb,
                 b.detach(), os_, rs, backend, [True, False, True, True, True, True, True])
     torch.library.opcheck(torch.ops.duallora.fused_backward.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -67,5 +75,5 @@ def test_every_entry_point_has_the_registered_argument_list():
     schema = [a.name for a in torch.ops.duallora.fused_forward.default._schema.arguments]
     spec = list(inspect.signature(dual_lora_linear_reference).parameters)
     assert schema[: len(spec)] == spec and schema[len(spec):] == ["backend", "store_t", "keep_a"]
-    assert list(inspect.signature(dual_lora_linear).parameters) == spec + ["backend", "check_basis"]
-    assert list(inspect.signature(dual_lora_linear_op).parameters) == spec + ["backend"]
+    assert list(inspect.signature(dual_lora_linear).parameters) == spec + ["backend", "check_basis", "design"]
+    assert list(inspect.signature(dual_lora_linear_op).parameters) == spec + ["backend", "design"]

@@ -133,6 +133,7 @@ def dual_lora_linear(
     res_scale: float = 1.0,
     backend: str = "auto",
     check_basis: bool = True,
+    design: str = "auto",
 ) -> Tensor:
     """One DualLoRA linear layer (docs/method.md)::
 
@@ -165,6 +166,12 @@ def dual_lora_linear(
             RuntimeError). Costs a few small device ops per call, so callers that validate the
             basis where it is made pass False: :class:`duallora_kernels.nn.DualLoRALinear` checks
             it in ``end_task`` and ``load_state_dict``.
+        design: which Triton design runs (backend "triton"): "auto" (a design measured faster on
+            this GPU, else the one :mod:`.fused_linear_cost`'s estimate favours; the
+            ``DUALLORA_DESIGN`` environment variable sets it for every call left at "auto"),
+            "single" (one kernel per pass), "split" (skinny low-rank passes, then plain GEMMs with a
+            K-extension) or "tma" (split, its GEMMs on Hopper's tensor descriptors where the call
+            allows). Same numbers, different speed: :mod:`duallora_kernels.ops.fused_linear`.
 
     Returns:
         Y (..., n) in x's dtype.
@@ -187,13 +194,13 @@ def dual_lora_linear(
         # check, as autocast leaves float64 to fail F.linear.
         with torch.autocast(x.device.type, enabled=False):
             return _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
-                               orth_scale, res_scale, backend, check_basis, adapters_own_dtype=True)
+                               orth_scale, res_scale, backend, check_basis, design, adapters_own_dtype=True)
     return _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale,
-                       res_scale, backend, check_basis, adapters_own_dtype=False)
+                       res_scale, backend, check_basis, design, adapters_own_dtype=False)
 
 
 def _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale,
-                res_scale, backend, check_basis, *, adapters_own_dtype: bool) -> Tensor:
+                res_scale, backend, check_basis, design, *, adapters_own_dtype: bool) -> Tensor:
     """:func:`dual_lora_linear` after autocast: validate, then run the registered op."""
     check.tensor("x", x)
     if x.dim() < 1:
@@ -246,7 +253,10 @@ def _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_
                     f"gate of shape {tuple(gate.shape)} does not broadcast to x's rows {tuple(x.shape[:-1])} + ({blocks},)"
                 ) from None
     # Meta tensors run the registered op's fake implementation: shapes and dtypes, no data.
-    impl = _dual_lora_impl("torch" if x.device.type == "meta" else resolve_backend(backend, x.device))
+    from .fused_linear import DESIGNS
+
+    check.choice("design", design, DESIGNS)
+    impl = _dual_lora_impl("torch" if x.device.type == "meta" else resolve_backend(backend, x.device), design)
     return impl(
         x, weight, bias,
         orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a, frozen_b=frozen_b,
@@ -254,12 +264,12 @@ def _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_
     )
 
 
-def _dual_lora_impl(backend: str) -> Callable[..., Tensor]:
+def _dual_lora_impl(backend: str, design: str) -> Callable[..., Tensor]:
     # Every backend runs the one registered op (its argument list: ops/registered.py); the
-    # backend only picks the launchers inside it.
+    # backend (and, for Triton, the design) only picks the launchers inside it.
     from .registered import dual_lora_linear_op
 
-    return functools.partial(dual_lora_linear_op, backend=backend)
+    return functools.partial(dual_lora_linear_op, backend=backend, design=design)
 
 
 def gram(x: Tensor, *, backend: str = "auto") -> Tensor:

@@ -49,11 +49,16 @@ from .aot_table import SCHEMA, row_problems, to_json
 from .cubin import inspect_cubin, ir_facts, ptx_counts
 
 ROOT = Path(__file__).resolve().parents[2]
-#: (dtype, rank of each adapter block) compiled by the full table.
-CASES = (("bfloat16", 16), ("bfloat16", 64), ("float16", 16), ("float16", 64), ("float32", 16))
+#: (dtype, rank of each adapter block) compiled by the full table. With an orthogonal, a training
+#: residual and two frozen blocks the stacked rank is 4x the block's: ranks 8, 16, 32, 64 are the
+#: padded ranks 32, 64, 128, 256 -- each tile bucket of fused_linear_tiles.py.
+CASES = (("bfloat16", 8), ("bfloat16", 16), ("bfloat16", 32), ("bfloat16", 64),
+         ("float16", 8), ("float16", 16), ("float16", 32), ("float16", 64), ("float32", 16))
 #: (arch, dtype, rank) of the CI subset, fixed config only: one Hopper, one Ampere consumer card,
 #: one float32 case; every kernel of each. A few minutes on one core.
 CI_SUBSET = ((90, "bfloat16", 16), (86, "float16", 64), (80, "float32", 16))
+#: The Triton designs of the linear op whose launches are captured (ops/fused_linear.py).
+DESIGNS = ("single", "split", "tma")
 #: ViT-B/16 at batch 64 (197 tokens), its fc1 layer; a memory basis of k columns; T task bases of u.
 SHAPES = {"batch": 64, "tokens": 197, "d": 768, "n": 3072, "basis_k": 192, "frozen_blocks": 2,
           "score_rows": 64, "tasks": 10, "task_basis_u": 64}
@@ -62,8 +67,8 @@ SHAPES = {"batch": 64, "tokens": 197, "d": 768, "n": 3072, "basis_k": 192, "froz
 # ---------------------------------------------------------------------------------- capture
 def capture(dtype_name: str, rank: int) -> list[tuple[str, Any, tuple, dict]]:
     """(phase, kernel, args, kwargs) of every launch of one training step of the linear op (forward and
-    backward, every adapter kind), gram and task_scores, on CPU tensors that nothing touches:
-    only shapes, dtypes, strides and integer divisibility matter to the compiler."""
+    backward, every adapter kind, in each of :data:`DESIGNS`), gram and task_scores, on CPU tensors
+    that nothing touches: only shapes, dtypes, strides and integer divisibility matter to the compiler."""
     from . import dual_lora_linear, gram, task_scores
 
     dt, s = getattr(torch, dtype_name), SHAPES
@@ -80,14 +85,16 @@ def capture(dtype_name: str, rank: int) -> list[tuple[str, Any, tuple, dict]]:
     b, L, d, n, r, frozen = s["batch"], s["tokens"], s["d"], s["n"], rank, s["frozen_blocks"]
     with observe_launches(record, capture=True):
         x = leaf(b, L, d)
-        y = dual_lora_linear(
-            x, torch.empty(n, d, dtype=dt), torch.empty(n, dtype=dt),
-            orth_a=leaf(r, d), orth_b=leaf(n, r), res_a=leaf(r, d), res_b=leaf(n, r),
-            frozen_a=torch.empty(frozen * r, d, dtype=dt), frozen_b=torch.empty(n, frozen * r, dtype=dt),
-            gate=torch.empty(b, L, frozen + 1), basis=torch.eye(d, s["basis_k"]), backend="triton",
-        )
-        phase = "backward"
-        y.backward(torch.empty_like(y))
+        for design in DESIGNS:
+            phase = f"{design} forward"
+            y = dual_lora_linear(
+                x, torch.empty(n, d, dtype=dt), torch.empty(n, dtype=dt),
+                orth_a=leaf(r, d), orth_b=leaf(n, r), res_a=leaf(r, d), res_b=leaf(n, r),
+                frozen_a=torch.empty(frozen * r, d, dtype=dt), frozen_b=torch.empty(n, frozen * r, dtype=dt),
+                gate=torch.empty(b, L, frozen + 1), basis=torch.eye(d, s["basis_k"]), backend="triton", design=design,
+            )
+            phase = f"{design} backward"
+            y.backward(torch.empty_like(y))
         phase = "gram"
         gram(x.detach(), backend="triton")
         phase = "task_scores"
@@ -112,6 +119,8 @@ def _configs(kernel, args: tuple, kwargs: dict, arch: int | None) -> tuple[list[
     """(kept, all) configs as keyword dicts: those the autotuner's own pruning keeps on ``arch``
     (all of them when ``arch`` is None or there is no pruner), and its whole list. A kernel
     without ``triton.autotune`` has one empty config."""
+    from triton.runtime.errors import AutotunerError
+
     kept = every = [{}]
     for wrapper in _chain(kernel)[:-1]:
         if not hasattr(wrapper, "configs"):  # triton.heuristics: see _heuristics
@@ -122,9 +131,26 @@ def _configs(kernel, args: tuple, kwargs: dict, arch: int | None) -> tuple[list[
             try:
                 with target_arch(arch):
                     kept = [c.all_kwargs() for c in wrapper.prune_configs(dict(kwargs))]
+            except AutotunerError:  # the pruning keeps nothing: the kernel never runs on that arch (TMA below sm_90)
+                kept = []
             finally:
                 wrapper.nargs = None
     return kept, every
+
+
+def _pre_hooked(kernel, args: tuple, kwargs: dict, config: dict) -> tuple:
+    """``args`` as the autotuner would launch them with ``config``: its configs' ``pre_hook`` (the
+    TMA kernels set each tensor descriptor's block to the config's tile there) applied to copies
+    of the captured descriptors."""
+    import dataclasses
+
+    hooks = [c.pre_hook for w in _chain(kernel)[:-1] if hasattr(w, "configs") for c in w.configs[:1] if c.pre_hook]
+    if not hooks:
+        return args
+    copied = tuple(dataclasses.replace(a) if dataclasses.is_dataclass(a) and hasattr(a, "block_shape") else a
+                   for a in args)
+    hooks[0]({**dict(zip(_unwrap(kernel).arg_names, copied)), **kwargs, **config})
+    return copied
 
 
 def _heuristics(kernel, args: tuple, kwargs: dict) -> dict:
@@ -191,12 +217,13 @@ def _label(config: dict) -> str:
 
 
 def plan(subset: str, archs: tuple[int, ...], kernels: set[str] | None = None,
-         max_configs: int | None = None) -> tuple[list[dict], list[dict]]:
+         max_configs: int | None = None, cases: set[tuple[str, int]] | None = None) -> tuple[list[dict], list[dict]]:
     """(jobs, pruning): one job per (case, launch, arch, config) to compile, and per (case,
     launch, arch) the configs kept and dropped by the pruning (dropped ones are not compiled)."""
     fixed = fixed_configs()
     wanted = [(a, dt, r) for a, dt, r in CI_SUBSET if a in archs] if subset == "ci" else \
         [(a, dt, r) for dt, r in CASES for a in archs]
+    wanted = [w for w in wanted if not cases or w[1:] in cases]
     jobs, pruning, seen = [], [], set()
     for dtype_name, rank in dict.fromkeys((dt, r) for _, dt, r in wanted):
         launches = capture(dtype_name, rank)
@@ -210,6 +237,8 @@ def plan(subset: str, archs: tuple[int, ...], kernels: set[str] | None = None,
                 continue
             for arch in (a for a, dt, r in wanted if (dt, r) == (dtype_name, rank)):
                 kept, every = _configs(kernel, args, kwargs, arch)
+                if not kept:  # the pruning says the kernel does not run there (TMA below sm_90)
+                    continue
                 kept = kept[:max_configs] if max_configs else kept
                 pruning.append({"kernel": name, "launch": launch, "dtype": dtype_name, "rank": rank, "arch": arch,
                                 "kept": [_label(c) for c in kept],
@@ -222,7 +251,7 @@ def plan(subset: str, archs: tuple[int, ...], kernels: set[str] | None = None,
                 chosen = chosen or kept[:1]
                 for config in chosen:
                     full = _heuristics(kernel, args, {**kwargs, **config})
-                    bound = _bind(jit, args, full, arch)
+                    bound = _bind(jit, _pre_hooked(kernel, args, kwargs, config), full, arch)
                     # Rows are per (case, launch); the same specialisation (gram at both ranks, a
                     # kernel launched twice) is compiled once, by key.
                     key = repr((name, arch, sorted(bound["signature"].items()), sorted(bound["constexprs"].items()),
@@ -235,7 +264,7 @@ def plan(subset: str, archs: tuple[int, ...], kernels: set[str] | None = None,
                         "kernel": name, "launch": launch, "module": jit.module, "qualname": jit.fn.__qualname__,
                         "dtype": dtype_name, "rank": rank, "arch": arch, "config": _label(config),
                         "kept": config in kept, "kept_index": kept.index(config) if config in kept else None,
-                        "fixed": config == fixed_config, "variant": _label(variant),
+                        "fixed": config == fixed_config, "variant": _label(variant), "r_pad": kwargs.get("R_PAD"),
                         "smem_limit": smem_limit(arch), "key": key, **bound,
                     })
     return jobs, pruning
@@ -323,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", default="", help="only these kernel names (comma-separated)")
     p.add_argument("--max-configs", type=int, default=None, help="at most the first N kept configs per arch")
     p.add_argument("--jobs", type=int, default=1, help="compiler processes (default 1)")
+    p.add_argument("--cases", default="", help="only these (dtype:rank) cases, e.g. bfloat16:16,float16:64")
+    p.add_argument("--sweep", action="store_true",
+                   help="compile every candidate tile of the linear kernels (fused_linear_tiles.CANDIDATES) on "
+                        "every arch: how the tile lists are measured")
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/compile-<triton version>.json")
     p.add_argument("--print-fixed-configs", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -332,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         _print_fixed_configs()
         return 0
     os.environ.pop(AUTOTUNE_ENV, None)  # pruning keeps every config that fits, not the first N
+    if args.sweep:
+        from .fused_linear_tiles import SWEEP_ENV
+
+        os.environ[SWEEP_ENV] = "1"  # before the kernel modules are imported (their config lists)
     with tempfile.TemporaryDirectory(prefix="duallora-aot-cache-") as cache:
         # A fresh Triton cache: every kernel is really compiled (and timed), and nothing is left
         # in the user's ~/.triton for targets this machine cannot run.
@@ -347,7 +384,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     start = time.time()
     archs = tuple(int(a) for a in args.archs.split(","))
-    jobs, pruning = plan(args.subset, archs, set(filter(None, args.kernels.split(","))), args.max_configs)
+    cases = {(c.split(":")[0], int(c.split(":")[1])) for c in filter(None, args.cases.split(","))}
+    jobs, pruning = plan(args.subset, archs, set(filter(None, args.kernels.split(","))), args.max_configs, cases)
     rows = []
     with tqdm(total=len(jobs), desc="compiling", unit="kernel", file=sys.stderr) as bar:
         for row in run_jobs(jobs, args.jobs):

@@ -9,11 +9,31 @@ from typing import Any
 from ._kernel_utils import smem_limit
 from .cubin import PTX_OPS, SASS_OPS
 
-__all__ = ["SCHEMA", "LOWP", "row_problems", "DOC_KEYS", "ROW_KEYS", "COMPILED_KEYS", "validate", "to_json"]
+__all__ = ["SCHEMA", "LOWP", "GEMM_CLASS_KERNELS", "GEMM_CLASS_TILE", "row_problems", "table_problems", "DOC_KEYS",
+           "ROW_KEYS", "COMPILED_KEYS", "validate", "to_json"]
 
 SCHEMA = 1
 #: The dtypes in which a kernel must not spill.
 LOWP = ("bfloat16", "float16")
+#: The kernels whose main loop is a plain GEMM (the split and tma designs of ops/fused_linear.py):
+#: they must keep the tiles of the arch's fastest matrix products.
+GEMM_CLASS_KERNELS = ("_gemm_forward_kernel", "_gemm_backward_kernel", "_gemm_forward_tma_kernel",
+                      "_gemm_backward_tma_kernel")
+#: The smallest GEMM-class tile (BLOCK_M, BLOCK_N or BLOCK_D, BLOCK_K) in bf16/fp16 (DESIGN §2).
+GEMM_CLASS_TILE = (128, 128, 64)
+
+
+def config_tile(config: str) -> tuple[int, int, int] | None:
+    """(BLOCK_M, BLOCK_N or BLOCK_D, BLOCK_K) of a row's config label, None without them."""
+    kv = dict(item.split("=", 1) for item in config.split() if "=" in item)
+    try:
+        return int(kv["BLOCK_M"]), int(kv.get("BLOCK_N", kv.get("BLOCK_D"))), int(kv["BLOCK_K"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _gemm_class(tile: tuple[int, int, int] | None) -> bool:
+    return tile is not None and all(t >= g for t, g in zip(tile, GEMM_CLASS_TILE))
 
 
 def row_problems(row: dict) -> list[str]:
@@ -37,7 +57,25 @@ def row_problems(row: dict) -> list[str]:
         problems.append(f"{where}: wgmma on sm_{row['arch']}")
     if row["atomic_sems"] == ["relaxed"] and row["sass"]["fenced_atomics"]:
         problems.append(f"{where}: requests relaxed atomics but {row['sass']['fenced_atomics']} are fenced")
+    if (row["kernel"] in GEMM_CLASS_KERNELS and row["arch"] >= 90 and row["dtype"] == "bfloat16" and row.get("kept")
+            and not _gemm_class(config_tile(row["config"]))):
+        problems.append(f"{where}: a kept sm_90 bf16 tile below {'x'.join(map(str, GEMM_CLASS_TILE))}")
+    if row["kernel"].endswith("_tma_kernel") and not (row["sass"]["TMA"] and row["sass"]["HGMMA"]):
+        problems.append(f"{where}: a TMA kernel without TMA loads (UTMALDG) and HGMMA in its SASS")
     return problems
+
+
+def table_problems(doc: dict) -> list[str]:
+    """What a whole table breaks beyond its rows: every GEMM-class kernel keeps, per dtype (bf16/fp16),
+    rank and arch it runs on, at least one tile of :data:`GEMM_CLASS_TILE` or larger that compiled
+    within the contract (Hopper-class tiles on sm_90, Ampere-class on sm_80/86/89)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in doc["rows"]:
+        if row["kernel"] in GEMM_CLASS_KERNELS and row["dtype"] in LOWP:
+            groups.setdefault((row["kernel"], row["dtype"], row["rank"], row["arch"]), []).append(row)
+    return [f"{kernel} sm_{arch} {dtype} r{rank}: no kept {'x'.join(map(str, GEMM_CLASS_TILE))}+ tile without problems"
+            for (kernel, dtype, rank, arch), rows in sorted(groups.items())
+            if not any(r.get("kept") and _gemm_class(config_tile(r["config"])) and not row_problems(r) for r in rows)]
 
 
 #: Keys (and types) every table and every compiled row has; :func:`validate` checks them.

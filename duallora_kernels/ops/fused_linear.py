@@ -1,375 +1,126 @@
-"""Fused Triton forward and backward of the DualLoRA linear layer (the contract of
-:func:`duallora_kernels.ops.dual_lora_linear`; the method in docs/method.md).
+"""The Triton designs of the fused DualLoRA linear (the contract of
+:func:`duallora_kernels.ops.dual_lora_linear`; the method in docs/method.md) and how a call picks one.
 
-The op is ``Y = X W0^T + b + ((X A^T) .* S) B^T`` with ``A = [A_o; A_frozen; A_r]`` (r, d),
-``B`` (n, r) and the per-row, per-column scale ``S`` (orth_scale on the orthogonal columns,
+The op is ``Y = X W0^T + b + ((X A^T) .* S) B^T`` with ``A = [A_o; A_frozen; A_r]`` (r, d), ``B``
+(n, r) and the per-row, per-column scale ``S`` (orth_scale on the orthogonal columns,
 ``res_scale * gate[row, block]`` on the residual ones). ``A`` and ``B^T`` are assembled, with the
-memory projections, by the small kernels of :mod:`.adapter_prep` (one launch, two with a basis),
-and the gate is read inside the kernels through its own strides (a per-sample gate broadcast
-over tokens is never copied), so ``S`` never exists in memory.
+memory projections, by the small kernels of :mod:`.adapter_prep`; the gate is read inside the
+kernels through its own strides (a per-sample gate broadcast over tokens is never copied).
 
-Device operations of one training step (the cost contract, counted by tests/test_cost_contract.py
-with :mod:`duallora_kernels.opcount`; the frozen ``nn.Linear`` takes 2): forward = coefficients
-``[C_o; C_r] M`` + assembly of A, B^T + the fused forward kernel; backward = one memset of the
-float32 gradient sums + the fused backward kernel + coefficients ``[dA_o; dA_r] M`` + the
-projection/cast of every adapter gradient. 7 with a basis, 5 without (task 1). Nothing reads a
-device value on the host.
+Three designs, one contract (:class:`.launchers.Launchers`), all tested against the float64 spec:
 
-Forward, one kernel: each program owns a (BLOCK_M, BLOCK_N) tile of Y. Its K-loop streams the
-X and W0 tiles and, from the same X tile, also accumulates ``T = X A^T`` for its rows; after the
-loop it scales T by S, adds ``(T .* S) B^T`` and the bias, and stores Y. T (m, r, unscaled,
-accumulated in float32 and stored in x's dtype) is stored by the n-tile-0 programs only, and
-only when dB will be needed.
+* ``"single"`` (:mod:`.fused_linear_single`): one kernel per pass. The forward's K-loop also
+  accumulates ``T = X A^T`` beside the output tile, the backward's N-loop ``dY B``: X and dY are
+  each read once, but every n-tile (d-tile) recomputes its row block's T (dY B) -- R_PAD/BLOCK_N
+  more tensor-core work -- and the second accumulator crowds the tile down (64-row tiles at R_PAD
+  >= 128, short K-steps on sm_8x).
+* ``"split"`` (:mod:`.fused_linear_split`): the low-rank products first, in skinny memory-bound
+  passes (S = (X A^T) .* scale; U = (dY B) .* scale), then GEMMs whose main loop is a plain GEMM
+  with the low-rank term as a K-extension (``[X | S] [W0 | B]^T``, ``[dY | U] [W0 ; A]``): the
+  arch's GEMM-class tiles fit at every rank, at the price of one more read of X (forward) and
+  of dY (backward) and one more launch each way.
+* ``"tma"`` (:mod:`.fused_linear_tma`): the split design with its two GEMMs loading tiles through
+  Hopper's tensor descriptors (TMA) on a persistent grid, where the call allows (row-major
+  operands, dims and rank multiples of 8, bf16/fp16, sm_90); the split design's pointer GEMMs elsewhere.
 
-Backward, one kernel: each program owns a (BLOCK_M, BLOCK_D) tile of dX. Its N-loop streams the
-dY tiles and accumulates ``dY W0`` and ``dY B`` together; then ``U = (dY B) .* S`` and
-``dX = dY W0 + U A``. From the data it already holds it also accumulates, with float32 atomics:
-``dA += U^T X_tile`` (the program loads the X tile at the same (rows, d-cols) as its dX tile),
-and, after dX is stored, ``dB += dY^T (T .* S)`` and ``dbias += colsum(dY)`` for the N-chunks
-dealt to it: chunk j of a row block goes to the program of d-tile ``j mod tiles_d``, so each dY
-tile is counted once and that work (a dot and atomics per chunk) is spread over all d-tiles
-instead of making the d-tile-0 programs the kernel's tail. That second loop re-reads 1/tiles_d of
-the row block's dY, which the program's main loop has just streamed (an L2 hit, mostly): inside
-the main loop the (R_PAD x BLOCK_K) product and its atomics' addresses stayed live beside the
-two accumulators and spilled registers at rank 64 on every arch, and at rank 16 on sm_80/86. The atomics are ``sem="relaxed"``: plain float32 adds whose order
-does not matter, without the ``acq_rel`` default's fence (``MEMBAR.ALL.GPU`` before every
-atomic in the SASS). Only the rows/columns of trainable blocks are accumulated: frozen blocks
-take part in dX (they must) but get no gradient, and cost no extra read of X or dY. The memory
-projection is applied to dA before the gradient leaves the op (:func:`.adapter_prep.project_grads`):
-``d orth_a = dA_o (I - M M^T)`` and ``d res_a = dA_r M M^T`` -- the chain rule through the maps
-``A_o = C_o (I - M M^T)`` and ``A_r = C_r M M^T`` that the forward uses.
+What each design pays, on paper (:mod:`.fused_linear_cost`: an estimate from the tiles the sm_90
+lists keep, not a measurement; ``python -m duallora_kernels.ops.fused_linear_cost`` prints the
+table and tests/test_design_choice.py holds it to the code). ViT-B/16 at batch 64 (m = 12,608),
+bf16, costed on an H100 SXM; r = the stacked rank; times in microseconds for one training step.
+The split design pays in bytes (one more read of X forward and of dY backward: MB, and us at 85%
+of the bandwidth); the single design in tensor-core work (the recomputed low-rank products: GFLOP,
+and us at its tiles' efficiency) and in the smaller tiles its second accumulator leaves room for
+(the first kept tile, forward then backward); then each design's whole step and the one "auto"
+takes:
 
-Low-rank work per tile. ``T = X A^T`` is recomputed by each of the n/BLOCK_N programs of a row
-block in forward, and ``dY B`` by each of the d/BLOCK_D programs in backward: R_PAD/BLOCK_N
-extra tensor-core work. The alternative is a separate shrink pass (one more launch, one more
-read of X, or of dY). Estimated on an H100 SXM (989 TFLOP/s bf16 dense, 3.35 TB/s), ViT-B/16
-batch 64 (m = 12,608), 128-wide tiles, in microseconds (recompute vs. the separate pass, before
-that pass's launch cost of ~3 us):
+    =====  ==  ===============  ================  =====================  =====================  =========  ========  ======
+    layer  r   split pays (us)  single pays (us)  single tiles           split tiles            single us  split us  auto
+    =====  ==  ===============  ================  =====================  =====================  =========  ========  ======
+    qkv    16  77 MB, 27.2      7.1 GF, 10.3      128x256x64 128x128x64  128x256x64 128x256x64  170        177       single
+    qkv    64  77 MB, 27.2      28.5 GF, 41.2     128x256x64 128x128x64  128x256x64 128x256x64  229        193       split
+    proj   16  39 MB, 13.6      2.2 GF, 3.1       128x256x64 128x128x64  128x256x64 128x256x64  73         80        single
+    proj   64  39 MB, 13.6      8.7 GF, 12.5      128x256x64 128x128x64  128x256x64 128x256x64  98         89        split
+    fc1    16  97 MB, 34.0      9.6 GF, 13.9      128x256x64 128x128x64  128x256x64 128x256x64  219        225       single
+    fc1    64  97 MB, 34.0      38.4 GF, 55.5     128x256x64 128x128x64  128x256x64 128x256x64  294        245       split
+    fc2    16  97 MB, 34.0      9.6 GF, 13.9      128x256x64 128x128x64  128x256x64 128x256x64  223        225       single
+    fc2    64  97 MB, 34.0      38.4 GF, 55.5     128x256x64 128x128x64  128x256x64 128x256x64  312        245       split
+    =====  ==  ===============  ================  =====================  =====================  =========  ========  ======
 
-    ======  ==========================  ==========================
-    layer   forward r=16 / r=64         backward r=16 / r=64
-    ======  ==========================  ==========================
-    qkv     5.3 vs 5.9 / 21.3 vs 6.3    4.7 vs 17.3 / 18.8 vs 17.3
-    proj    1.6 vs 5.9 /  6.3 vs 6.3    1.6 vs  5.8 /  6.3 vs  5.8
-    fc1     7.2 vs 5.9 / 28.8 vs 6.3    6.3 vs 23.1 / 25.1 vs 23.1
-    fc2     6.3 vs 23.2 / 25.1 vs 23.6  7.2 vs  5.8 / 28.8 vs  5.8
-    ======  ==========================  ==========================
+Which one runs (``design="auto"``, the default; ``DUALLORA_DESIGN`` overrides it, the ``design``
+argument of :func:`duallora_kernels.ops.dual_lora_linear` overrides both): a design measured faster
+on the device's compute capability (:data:`MEASURED`, empty until a GPU run has compared them --
+bench/run_gpu.sh's headline step does), else the one the estimate of
+:mod:`.fused_linear_cost` favours for this layer's shape and padded rank. float64 runs the torch
+launchers whatever the design.
 
-(a GEMM of the layer is 15-60 us). At rank 16, the headline rank, recomputing is within a
-microsecond of the pass or far ahead, and saves a launch: kept. At rank 64 a separate pass would
-win by ~15-20 us in the forward of qkv/fc1 and the backward of fc2; not built yet (no GPU has
-measured either), and the estimate is the formula ``R_PAD * n / BLOCK_N`` extra MMA work against
-``m * d`` bytes more read, so a measured run should decide it.
-
-Passes over the large tensors (m x d, m x n, n x d). "Read once" means one streaming pass, as
-in any tiled GEMM: a tile of X is loaded by each of the n/BLOCK_N programs of its row block (the
-grouped launch order keeps those loads in L2), exactly as cuBLAS's ``X W0^T`` loads it; the
-low-rank path adds no load of its own. The small tensors (A, B, gate, bias: r*(d+n) + m*G + n)
-are not counted, nor is the torch-side stacking of A and B, which reads C_o, C_r, the frozen
-blocks, the B factors and the basis M (d x k) once in forward and once more in backward.
-
-    =========  =============================  =====================================================
-    tensor     forward                        backward
-    =========  =============================  =====================================================
-    X          read 1                         read 1 if orth_a/res_a need grad, else 0
-                                              (+1 in torch if W0 requires grad: dW0 = dY^T X)
-    W0         read 1                         read 1 if x needs grad, else 0
-    Y          written 1 (never read)         --
-    dY         --                             read 1 (dX, dA, dB, dbias all come from it)
-                                              (+1 in torch if W0 requires grad)
-    dX         --                             written 1 if x needs grad, else 0
-    T (m x r,  written 1 if B needs grad      read 1 (by the d-tile-0 programs) if B needs grad
-    x's dtype)
-    =========  =============================  =====================================================
-
-X whose leading dimensions cannot be merged into one strided row index (e.g. a permuted 4-D
-view) is copied once before the launch (and once more in backward when dA is needed); 2-D views,
-column-strided views and (B, L, d) views with any strides are read in place.
-
-Why T is stored, not recomputed: recomputing ``X A^T`` in backward would need a pass over X,
-which the backward only makes when dA is wanted; storing T costs m*r bytes per element of x's
-dtype (r << n: a few percent of Y, r/d of x) and saves that pass whenever only the B factors
-train. (Not measured on a GPU yet.)
-
-What is saved for backward: the tensors the op allocates and keeps are T (m x r, x's dtype; only
-when dB is needed) and the assembled A (r x d: rebuilding it in backward would cost two more
-launches with a basis). Everything else is saved as the caller's own tensor, never as a copy: x
-(only when dA or dW0 is needed), W0, the gate as passed (a broadcast view), the basis and the B
-factors, from which the backward's first launch rebuilds B^T while it clears the gradient sums
-(no launch of its own; a B factor changed in place in between makes autograd's version check
-raise, instead of the backward silently using a stale copy). The activation bytes are thus
-x + T + A (+ the gate), i.e. full fine-tuning's x plus m*r + r*d elements, no more than the
-unfused PyTorch composition's, which keeps its projected A copies and its (x A^T) products.
-
-Design decisions:
-
-* float64 inputs run the torch launchers (:data:`.launchers.TORCH`, same contract): a float64
-  ``tl.dot`` has no tensor-core path on Hopper and is not validated across Triton versions, and
-  float64 exists here for checking.
-* Autograd, FakeTensor/meta, torch.compile and export go through the registered op of
-  :mod:`.registered` (``duallora::fused_forward`` / ``duallora::fused_backward``); this module
-  holds the Triton kernels and their launchers (:data:`TRITON`). The kernels cover float32, bfloat16 and float16, always
-  accumulating in float32.
-* float32 operands use TF32 in ``tl.dot`` only when torch's matmuls may
-  (``torch.get_float32_matmul_precision() != "highest"``).
-* The rank r is padded to a power of two >= 16 inside the kernels with masks (``tl.dot`` needs
-  K >= 16); nothing is padded in memory.
-* T is stored in x's dtype (bfloat16/float16 for those inputs, float32 for float32): half the
-  bytes of a float32 T, the one saved activation the op allocates. It is rounded once more than
-  a float32 T: on store, and then ``T .* S`` is rounded to dY's dtype for the dB ``tl.dot``, as
-  it was before. (The CUDA kernel writes a float32 T; its launcher casts it to x's dtype for
-  the graph and back for the backward kernel, so both backends keep the same T.) Measured in
-  the interpreter against the float64 reference (3 seeds, 5 shapes up to d = 768, k = 192), the
-  relative dB error went from <= 3.9e-3 to <= 6.1e-3 in bfloat16 (the torch bf16 reference:
-  <= 3.5e-3) and from <= 3.3e-4 to <= 3.8e-4 in float16, against a tolerance of 2e-2; X, dX,
-  dA and Y are bit-identical to a float32 T's. A float16 T overflows where |x A^T| > 65504, as
-  the unfused composition's float16 ``x A^T`` would.
-* The atomics make dA/dB/dbias's float32 summation order run-dependent (differences at float32
-  rounding); X, dX, Y and T are deterministic.
-* The op is once-differentiable (no double backward); the gate and the basis get no gradient.
+Device operations of one training step (the cost contract; tests/test_cost_contract.py counts
+them): single = 3 forward (coefficients ``[C_o; C_r] M``, assembly of A and B^T, the fused kernel)
++ 4 backward (the B^T rebuild that also clears the float32 gradient sums, the fused kernel,
+coefficients ``[dA_o; dA_r] M``, the projection/cast of every adapter gradient): 7; split and tma
+= 4 forward (coefficients, assembly, the low-rank pass, the GEMM) + 4 backward (the low-rank pass
+that also clears the sums, the GEMM, coefficients, projection; B^T is kept from forward): 8.
+Without a basis (task 1) each has one coefficients launch fewer each way. Nothing reads a device
+value on the host.
 """
 from __future__ import annotations
 
-import triton
-import triton.language as tl
-from torch import Tensor
+import os
 
-from . import adapter_prep
-from ._kernel_utils import dot_mode, launch, mma, new_output, row_offsets, rows_view, size_bucket
-from .fused_linear_tiles import configs, pruner
-from .launchers import GradPlan, Launchers, Layout
+import torch
 
-__all__ = ["TRITON"]
+from .launchers import Launchers
 
+__all__ = ["DESIGNS", "DESIGN_ENV", "MEASURED", "resolve_design", "launchers_for"]
 
-@triton.jit
-def _tile_ids(pid, m, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Row blocks are visited GROUP_M at a time, column tiles inner: the programs that share an
-    # X (or dY) row block then run close together and find it in L2.
-    tiles_n = tl.cdiv(n, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tl.cdiv(m, BLOCK_M) - first_m, GROUP_M)
-    in_group = pid % per_group
-    return first_m + in_group % group_rows, in_group // group_rows
+DESIGNS = ("auto", "single", "split", "tma")
+#: Environment variable that sets the design of every call that leaves ``design="auto"``.
+DESIGN_ENV = "DUALLORA_DESIGN"
+#: (compute capability x10, padded-rank bucket) -> the design a GPU run measured fastest there
+#: (bench/run_gpu.sh's headline step times fused_single / fused_split / fused_tma side by side;
+#: ``run_gpu.sh --collect`` regenerates ops/fused_linear_measured.py from what came back). Empty
+#: until one has run: :mod:`.fused_linear_cost`'s estimate decides meanwhile.
+from .fused_linear_measured import MEASURED  # noqa: E402
 
 
-@triton.jit
-def _scales(gate_ptr, g_rows_per_batch, stride_gb, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk,
-            orth_scale, res_scale, HAS_GATE: tl.constexpr):
-    # S for (rows x padded ranks), float32. Padding columns get 0 so they contribute nothing
-    # even if a padded operand were not masked. The gate is read through its own strides (a
-    # per-sample gate broadcast over the tokens has a 0 token stride): it is never copied.
-    is_orth = ranks < r_orth
-    is_res = (ranks >= r_orth) & (ranks < r)
-    if HAS_GATE:
-        block = tl.maximum(ranks - r_orth, 0) // r_blk
-        # int32 offsets (the launcher checks the gate's extent fits): 64-bit index math on a
-        # (rows x ranks) tile cost ~36 registers per thread in the forward's epilogue.
-        g_offs = (rows // g_rows_per_batch) * stride_gb + (rows % g_rows_per_batch) * stride_gm
-        g_ptrs = gate_ptr + (g_offs[:, None] + block[None, :] * stride_gg)
-        res = res_scale * tl.load(g_ptrs, mask=(rows < m)[:, None] & is_res[None, :], other=0.0).to(tl.float32)
-    else:
-        res = tl.zeros((rows.shape[0], ranks.shape[0]), tl.float32) + res_scale
-    return tl.where(is_orth[None, :], orth_scale, tl.where(is_res[None, :], res, 0.0))
+def resolve_design(design: str, *, n: int, d: int, r: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The concrete design ("single", "split" or "tma") of a call; ``design`` is one of
+    :data:`DESIGNS`. Depends only on static facts (the layer's shape, the stacked rank, the
+    dtype, the device), never on the batch, so forward and backward agree and a compiled graph
+    does not specialise on the token count."""
+    from .. import _checks as check
+
+    check.choice("design", design, DESIGNS)
+    if design == "auto":
+        env = os.environ.get(DESIGN_ENV, "").strip() or "auto"
+        check.choice(DESIGN_ENV, env, DESIGNS)
+        design = env
+    if design != "auto":
+        return design
+    from ._kernel_utils import current_arch
+    from .fused_linear_cost import favoured_design
+
+    from ._kernel_utils import pow2_at_least
+    from .fused_linear_tiles import rank_bucket
+
+    cap = current_arch()  # the device's (CPU tensors: the interpreter; costed as Hopper)
+    measured = MEASURED.get((cap, rank_bucket(pow2_at_least(r))))
+    if measured is not None and dtype != torch.float32:  # measured in bf16: float32 runs other tiles
+        return measured
+    return favoured_design(n=n, d=d, r=r, dtype=dtype, cap=cap)
 
 
-@triton.autotune(configs=configs("BLOCK_N", "forward"), key=["m_bucket", "n", "d", "R_PAD"],
-                 prune_configs_by={"early_config_prune": pruner("BLOCK_N", "forward")})
-@triton.jit
-def _fused_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, bt_ptr, gate_ptr, y_ptr, t_ptr,
-    m, n, d, r, r_orth, r_blk, orth_scale, res_scale,
-    x_rows_per_batch, stride_xb, stride_xm, stride_xk,
-    stride_wn, stride_wk, g_rows_per_batch, stride_gb, stride_gm, stride_gg, m_bucket,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_GATE: tl.constexpr, STORE_T: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # a: A (r, d) row-major; bt: B^T (r, n) row-major, so both are read along their long side
-    # (contiguous, vectorised, and pipelined by the compiler).
-    pid_m, pid_n = _tile_ids(tl.program_id(0), m, n, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ranks = tl.arange(0, R_PAD)
-    row_ok = rows < m
-    col_ok = cols < n
-    rank_ok = ranks < r
-    x_rows = x_ptr + row_offsets(rows, x_rows_per_batch, stride_xb, stride_xm)
+def launchers_for(design: str) -> Launchers:
+    """The Triton launchers of a concrete design."""
+    if design == "single":
+        from .fused_linear_single import TRITON_SINGLE
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    t = tl.zeros((BLOCK_M, R_PAD), tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < d
-        x = tl.load(x_rows[:, None] + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                      mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = mma(x, w_t, acc, DOT_MODE)
-        if HAS_LORA:
-            # The same X tile feeds the low-rank path: this is what saves a second pass over X
-            # (recomputed by every n-tile of the row block: see "Low-rank work per tile").
-            a_t = tl.load(a_ptr + ranks[None, :] * d + ks[:, None], mask=rank_ok[None, :] & k_ok[:, None], other=0.0)
-            t = mma(x, a_t, t, DOT_MODE)
+        return TRITON_SINGLE
+    if design == "split":
+        from .fused_linear_split import TRITON_SPLIT
 
-    if HAS_LORA:
-        if STORE_T:
-            if pid_n == 0:
-                t_ptrs = t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :]
-                tl.store(t_ptrs, t.to(t_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
-        ts = t * _scales(gate_ptr, g_rows_per_batch, stride_gb, stride_gm, stride_gg, rows, ranks, m, r, r_orth,
-                         r_blk, orth_scale, res_scale, HAS_GATE)
-        b_t = tl.load(bt_ptr + ranks[:, None] * n + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(ts.to(b_t.dtype), b_t, acc, DOT_MODE)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * n + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        return TRITON_SPLIT
+    if design == "tma":
+        from .fused_linear_tma import TRITON_TMA
 
-
-@triton.autotune(configs=configs("BLOCK_D", "backward"), key=["m_bucket", "n", "d", "R_PAD"],
-                 prune_configs_by={"early_config_prune": pruner("BLOCK_D", "backward")},
-                 reset_to_zero=["grad_ptr"])
-@triton.jit
-def _fused_backward_kernel(
-    dy_ptr, w_ptr, a_ptr, bt_ptr, gate_ptr, t_ptr, x_ptr, dx_ptr, grad_ptr,
-    m, n, d, r, r_orth, r_blk, orth_scale, res_scale, d_span,
-    da_orth_end, da_res_start, db_orth_end, db_res_start,
-    dy_rows_per_batch, stride_dyb, stride_dym, stride_dyn,
-    x_rows_per_batch, stride_xb, stride_xm, stride_xk,
-    stride_wn, stride_wk, g_rows_per_batch, stride_gb, stride_gm, stride_gg, m_bucket,
-    HAS_LORA: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
-    NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # BLOCK_K is the N-loop's step (the reduction dimension of dY W0 and dY B). grad is one
-    # zeroed float32 buffer that the programs add into: dA (r, d), then dB^T (r, n), then dbias (n,).
-    # d_span: d, or 1 when neither dX nor dA is wanted (one column of programs then does dB/dbias).
-    pid_m, pid_d = _tile_ids(tl.program_id(0), m, d_span, BLOCK_M, BLOCK_D, GROUP_M)
-    tiles_d = tl.cdiv(d_span, BLOCK_D)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    ranks = tl.arange(0, R_PAD)
-    row_ok = rows < m
-    col_ok = cols < d
-    rank_ok = ranks < r
-    dy_rows = dy_ptr + row_offsets(rows, dy_rows_per_batch, stride_dyb, stride_dym)
-    da_ptr = grad_ptr
-    dbt_ptr = grad_ptr + r * d
-    dbias_ptr = grad_ptr + r * d + r * n
-
-    if HAS_LORA:
-        s = _scales(gate_ptr, g_rows_per_batch, stride_gb, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk,
-                    orth_scale, res_scale, HAS_GATE)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    u = tl.zeros((BLOCK_M, R_PAD), tl.float32)
-    for n0 in range(0, n, BLOCK_K):
-        ns = n0 + tl.arange(0, BLOCK_K)
-        n_ok = ns < n
-        dy = tl.load(dy_rows[:, None] + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        if NEED_DX:
-            w = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
-                        mask=n_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(dy, w, acc, DOT_MODE)
-        if HAS_LORA:
-            b = tl.load(bt_ptr + ranks[None, :] * n + ns[:, None], mask=rank_ok[None, :] & n_ok[:, None], other=0.0)
-            u = mma(dy, b, u, DOT_MODE)
-
-    if HAS_LORA:
-        u = u * s
-        if NEED_DX:
-            a = tl.load(a_ptr + ranks[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(u.to(a.dtype), a, acc, DOT_MODE)
-        if NEED_DA:
-            # The X tile at this program's (rows, cols) gives U^T X for these d-columns: dA comes
-            # out of the backward pass without a pass of its own over dY.
-            x_rows = x_ptr + row_offsets(rows, x_rows_per_batch, stride_xb, stride_xm)
-            x = tl.load(x_rows[:, None] + cols[None, :] * stride_xk, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            da = mma(tl.trans(u.to(x.dtype)), x, tl.zeros((R_PAD, BLOCK_D), tl.float32), DOT_MODE)
-            da_ranks = (ranks < da_orth_end) | ((ranks >= da_res_start) & rank_ok)
-            tl.atomic_add(da_ptr + ranks[:, None] * d + cols[None, :], da, mask=da_ranks[:, None] & col_ok[None, :],
-                          sem="relaxed")
-    if NEED_DX:
-        dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :]
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-    # dB and dbias need each dY tile of the row block once: its N-chunks are dealt round-robin to
-    # the row block's d-tiles (chunk j to d-tile j mod tiles_d), so that work is spread over all of
-    # them instead of making the programs of one d-tile the kernel's tail. It runs after dX is
-    # stored, in a loop of its own over this program's chunks (1/tiles_d of the row block's dY,
-    # which the main loop has just brought into L2): inside the main loop its (R_PAD x BLOCK_K)
-    # product and atomics' addresses stayed live beside the accumulators and spilled at rank 64.
-    if NEED_DB or NEED_DBIAS:
-        if NEED_DB:
-            db_ranks = (ranks < db_orth_end) | ((ranks >= db_res_start) & rank_ok)
-            t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * r + ranks[None, :],
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            ts = (t.to(tl.float32) * s).to(dy_ptr.dtype.element_ty)
-        for n0 in range(pid_d * BLOCK_K, n, tiles_d * BLOCK_K):
-            ns = n0 + tl.arange(0, BLOCK_K)
-            n_ok = ns < n
-            dy = tl.load(dy_rows[:, None] + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :],
-                         other=0.0)
-            if NEED_DB:
-                dbt = mma(tl.trans(ts), dy, tl.zeros((R_PAD, BLOCK_K), tl.float32), DOT_MODE)
-                tl.atomic_add(dbt_ptr + ranks[:, None] * n + ns[None, :], dbt, mask=db_ranks[:, None] & n_ok[None, :],
-                              sem="relaxed")
-            if NEED_DBIAS:
-                tl.atomic_add(dbias_ptr + ns, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok, sem="relaxed")
-
-
-def _gate_args(lay: Layout, gate: Tensor | None, like: Tensor) -> tuple:
-    if lay.has_gate:
-        gv = rows_view(gate)
-        return (gv.t, gv.rows_per_batch, gv.stride_batch, gv.stride_row, gv.stride_col)
-    return (like, 1, 0, 0, 0)  # never read: HAS_GATE is off
-
-
-def _triton_forward(x, weight, bias, a, bt, gate, lay: Layout, store_t: bool):
-    n, d = weight.shape
-    xr = rows_view(x)
-    m = xr.m
-    y = new_output((m, n), x.dtype, x.device)
-    has_lora = a is not None
-    t = new_output((m, lay.r), x.dtype, x.device) if has_lora and store_t else None
-    if m and n:
-        g, *g_addr = _gate_args(lay, gate, x)
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        launch(
-            _fused_forward_kernel, grid,
-            xr.t, weight, x if bias is None else bias, a if has_lora else x, bt if has_lora else x, g, y,
-            y if t is None else t,
-            m, n, d, lay.r, lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale,
-            *xr.addressing, weight.stride(0), weight.stride(1), *g_addr, size_bucket(m),
-            HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_GATE=lay.has_gate, STORE_T=t is not None,
-            R_PAD=lay.r_pad, DOT_MODE=dot_mode(x.dtype),
-        )
-    return y.view(*x.shape[:-1], n), t
-
-
-def _triton_backward(dy, x, weight, a, bt, gate, t, lay: Layout, plan: GradPlan, grad: Tensor):
-    n, d = weight.shape
-    dyr = rows_view(dy)
-    m, dev = dyr.m, dy.device
-    dx = new_output((m, d), dy.dtype, dev) if plan.need_dx else None
-    has_lora = a is not None
-    xr = rows_view(x) if plan.need_da else dyr  # dyr: a stand-in that NEED_DA=False never reads
-    g, *g_addr = _gate_args(lay, gate, dy)
-    # Without dX or dA there is nothing per d-tile: one column of programs does dB/dbias.
-    d_span = d if (plan.need_dx or plan.need_da) else 1
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d_span, meta["BLOCK_D"]),)  # noqa: E731
-    launch(
-        _fused_backward_kernel, grid,
-        dyr.t, weight, a if has_lora else grad, bt if has_lora else grad, g, grad if t is None else t, xr.t,
-        grad if dx is None else dx, grad,
-        m, n, d, lay.r, lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale, d_span,
-        plan.da_orth_end, plan.da_res_start, plan.db_orth_end, plan.db_res_start,
-        *dyr.addressing, *xr.addressing, weight.stride(0), weight.stride(1), *g_addr, size_bucket(m),
-        HAS_LORA=has_lora, HAS_GATE=lay.has_gate, NEED_DX=plan.need_dx, NEED_DA=plan.need_da,
-        NEED_DB=plan.need_db, NEED_DBIAS=plan.need_dbias, R_PAD=lay.r_pad, DOT_MODE=dot_mode(dy.dtype),
-    )
-    return dx
-
-
-TRITON = Launchers(_triton_forward, _triton_backward, adapter_prep.assemble, adapter_prep.project_grads)
+        return TRITON_TMA
+    raise ValueError(f"design must be 'single', 'split' or 'tma', got {design!r}")

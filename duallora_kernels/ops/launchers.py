@@ -70,12 +70,16 @@ class Launchers(NamedTuple):
     backward is called only when the plan needs dX, dA or dB, and m > 0.
     ``assemble`` and ``project_grads``: the small-matrix steps (:mod:`.adapter_prep`'s signatures);
     None runs them in torch.
+
+    ``keeps_bt``: the op keeps forward's B^T for backward (instead of rebuilding it there, in the
+    launch that also clears ``grad``), and ``backward`` clears ``grad`` itself before adding into it.
     """
 
     forward: Callable
     backward: Callable
     assemble: Callable | None = None
     project_grads: Callable | None = None
+    keeps_bt: bool = False
 
 
 def grad_buffer_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -3,16 +3,19 @@
 
 Two custom ops, one autograd formula:
 
-* ``duallora::fused_forward`` -> (Y, T, A): Y, plus what the backward needs and the op allocates --
-  ``T = X A^T`` (m x r, only when a B factor trains) and the assembled ``A`` (r x d, only when
-  anything trains); empty (0,) tensors otherwise, and always for the torch backend's unneeded ones.
+* ``duallora::fused_forward`` -> (Y, T, A, B^T): Y, plus what the backward needs and the op
+  allocates -- ``T = X A^T`` (m x r, only when a B factor trains; the Triton split/tma designs keep
+  ``S = (X A^T) .* scale`` in its place), the assembled ``A`` (r x d, only when anything trains) and,
+  for designs that keep it (:attr:`.launchers.Launchers.keeps_bt`), the assembled ``B^T`` (r x n);
+  empty (0,) tensors otherwise, and always for the torch backend's unneeded ones.
 * ``duallora::fused_backward`` -> the seven gradients (x, weight, bias, orth_a, orth_b, res_a,
   res_b), an empty (0,) tensor for each one not asked for.
 
 :func:`dual_lora_linear_op` calls the first and hides T and A; ``register_autograd`` connects the
-second. Both run one of the :class:`.launchers.Launchers` implementations: ``"triton"``
-(:data:`.fused_linear.TRITON`), ``"cuda"`` (:mod:`.cuda`) or ``"torch"`` (:data:`.launchers.TORCH`,
-also used for dtypes no kernel takes: float64). Arguments are validated by
+second. Both run one of the :class:`.launchers.Launchers` implementations, named by the op's
+``backend`` string: ``"triton:<design>"`` (:func:`.fused_linear.launchers_for`; the design is
+resolved before the op is called, so forward and backward run the same one), ``"cuda"``
+(:mod:`.cuda`) or ``"torch"`` (:data:`.launchers.TORCH`, also used for dtypes no kernel takes: float64). Arguments are validated by
 :func:`duallora_kernels.ops.dual_lora_linear`; these functions assume valid ones.
 
 torch.compile (Inductor too) keeps each op as one opaque node: the graph around it is compiled,
@@ -41,10 +44,10 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _launchers(backend: str, dtype: torch.dtype) -> Launchers:
     if backend == "torch" or dtype not in KERNEL_DTYPES:
         return TORCH
-    if backend == "triton":
-        from .fused_linear import TRITON
+    if backend.startswith("triton:"):
+        from .fused_linear import launchers_for
 
-        return TRITON
+        return launchers_for(backend.split(":", 1)[1])
     from .cuda import cuda_launchers
 
     return cuda_launchers()
@@ -64,16 +67,18 @@ def fused_forward(
     res_a: Optional[Tensor], res_b: Optional[Tensor], frozen_a: Optional[Tensor], frozen_b: Optional[Tensor],
     gate: Optional[Tensor], basis: Optional[Tensor], orth_scale: float, res_scale: float, backend: str,
     store_t: bool, keep_a: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _launchers(backend, x.dtype)
     a, bt, lay = stack(kernels, x, weight, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
                        orth_scale, res_scale)
     y, t = kernels.forward(x, weight, bias, a, bt, gate, lay, store_t=store_t and a is not None)
     if t is None:
         t = _empty(x)
-    # A is kept rather than rebuilt in backward (two launches with a basis); B^T is rebuilt by the
-    # backward's first launch, which also clears the gradient sums (fused_linear, "What is saved").
-    return y, t, a if keep_a and a is not None else _empty(x)
+    # A is kept rather than rebuilt in backward (two launches with a basis). B^T is kept too by the
+    # designs whose backward clears the gradient sums itself; the others rebuild it in the backward's
+    # first launch, which also clears the sums (fused_linear_single, "What is saved").
+    keep = keep_a and a is not None
+    return y, t, a if keep else _empty(x), bt if keep and kernels.keeps_bt else _empty(x)
 
 
 @fused_forward.register_fake
@@ -84,12 +89,13 @@ def _(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, b
     y = x.new_empty((*x.shape[:-1], n))
     t = x.new_empty((x.numel() // d if d else 0, r)) if store_t and r else _empty(x)
     a = x.new_empty((r, d)) if keep_a and r else _empty(x)
-    return y, t, a
+    bt = x.new_empty((r, n)) if keep_a and r and _launchers(backend, x.dtype).keeps_bt else _empty(x)
+    return y, t, a, bt
 
 
 @torch.library.custom_op("duallora::fused_backward", mutates_args=())
 def fused_backward(
-    dy: Tensor, x: Optional[Tensor], weight: Tensor, t: Tensor, a: Tensor, gate: Optional[Tensor],
+    dy: Tensor, x: Optional[Tensor], weight: Tensor, t: Tensor, a: Tensor, bt: Tensor, gate: Optional[Tensor],
     basis: Optional[Tensor], orth_a: Optional[Tensor], orth_b: Optional[Tensor], res_a: Optional[Tensor],
     res_b: Optional[Tensor], frozen_a: Optional[Tensor], frozen_b: Optional[Tensor], bias: Optional[Tensor],
     orth_scale: float, res_scale: float, backend: str, needs: list[bool],
@@ -108,20 +114,22 @@ def fused_backward(
         need_dbias=bias is not None and nbias, r=r,
     )
     m = dy.numel() // n if n else 0
-    # One buffer for every sum the backward accumulates (dA, dB^T, dbias), cleared by the launch
-    # that rebuilds B^T (or by one memset when there is no low-rank path).
+    # One buffer for every sum the backward accumulates (dA, dB^T, dbias). Who clears it: the launch
+    # that rebuilds B^T (designs that do not keep it), the backward launcher itself (designs that
+    # keep B^T, when it runs), else one memset.
     sums = plan.need_da or plan.need_db or plan.need_dbias
     grad = torch.empty(r * d + r * n + n if sums else 1, dtype=grad_buffer_dtype(dy.dtype), device=dy.device)
-    bt = None
-    if lora:
+    runs = bool((plan.need_dx or plan.need_da or plan.need_db) and m)
+    rebuilds = lora and not kernels.keeps_bt
+    if rebuilds:
         frozen_b = frozen_b if frozen_a is not None and frozen_a.shape[0] else None
         bt = rebuild_bt(kernels, lay, orth_b, frozen_b, res_b, n=n, d=d, dtype=a.dtype, device=a.device,
                         zero=grad if sums else None)
-    elif sums:
+    elif sums and not (kernels.keeps_bt and runs):
         grad.zero_()
     dx = None
-    if (plan.need_dx or plan.need_da or plan.need_db) and m:
-        dx = kernels.backward(dy, x, weight, a if lora else None, bt, gate, t, lay, plan, grad)
+    if runs:
+        dx = kernels.backward(dy, x, weight, a if lora else None, bt if lora else None, gate, t, lay, plan, grad)
     elif plan.need_dbias and m:
         grad[r * d + r * n:] = dy.reshape(-1, n).sum(0, dtype=grad.dtype)
     out = [_empty(dy) for _ in range(7)]
@@ -145,7 +153,7 @@ def fused_backward(
 
 
 @fused_backward.register_fake
-def _(dy, x, weight, t, a, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias, orth_scale,
+def _(dy, x, weight, t, a, bt, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias, orth_scale,
       res_scale, backend, needs):
     x_like = dy.new_empty((*dy.shape[:-1], weight.shape[1]))
     like = (x_like, weight, bias, orth_a, orth_b, res_a, res_b)
@@ -155,24 +163,24 @@ def _(dy, x, weight, t, a, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale, res_scale,
      backend, store_t, keep_a) = inputs
-    _, t, a = output
-    ctx.mark_non_differentiable(t, a)
-    ctx.set_materialize_grads(False)  # T and A get no gradient: no zero tensors made for them
+    _, t, a, bt = output
+    ctx.mark_non_differentiable(t, a, bt)
+    ctx.set_materialize_grads(False)  # T, A and B^T get no gradient: no zero tensors made for them
     ctx.statics = (orth_scale, res_scale, backend)
     # x only when dA or dW0 will need it: with only the B factors training, the graph keeps T, not x.
     need = ctx.needs_input_grad
     keep_x = need[1] or ((need[3] or need[5]) and a.numel() > 0)
-    ctx.save_for_backward(x if keep_x else None, weight, t, a, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a,
-                          frozen_b, bias)
+    ctx.save_for_backward(x if keep_x else None, weight, t, a, bt, gate, basis, orth_a, orth_b, res_a, res_b,
+                          frozen_a, frozen_b, bias)
 
 
-def _backward(ctx, dy, _dt, _da):
-    x, weight, t, a, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias = ctx.saved_tensors
+def _backward(ctx, dy, _dt, _da, _dbt):
+    x, weight, t, a, bt, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:7])
     if dy is None:  # Y took no part in the loss (grads are not materialised, see _setup_context)
         return (None,) * 16
     grads = torch.ops.duallora.fused_backward(
-        dy, x, weight, t, a, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias, *ctx.statics,
+        dy, x, weight, t, a, bt, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias, *ctx.statics,
         needs,
     )
     out = [g if need else None for g, need in zip(grads, needs)]
@@ -187,13 +195,22 @@ def dual_lora_linear_op(
     orth_b: Tensor | None = None, res_a: Tensor | None = None, res_b: Tensor | None = None,
     frozen_a: Tensor | None = None, frozen_b: Tensor | None = None, gate: Tensor | None = None,
     basis: Tensor | None = None, orth_scale: float = 1.0, res_scale: float = 1.0, backend: str = "torch",
+    design: str = "auto",
 ) -> Tensor:
     """Y of the registered op on validated arguments (``gate`` of shape x.shape[:-1] + (G,), e.g. the
     broadcast view :func:`duallora_kernels.ops.dual_lora_linear` makes; ``basis`` None or with k >= 1
-    columns). Keeps T and A for backward only when a gradient will be asked for."""
+    columns; ``backend`` "torch", "triton" or "cuda"; ``design`` one of
+    :data:`.fused_linear.DESIGNS`, for "triton"). Keeps T and A for backward only when a gradient
+    will be asked for."""
+    if backend == "triton":
+        from .fused_linear import resolve_design
+
+        r = _rank(orth_a) + _rank(res_a) + _rank(frozen_a)
+        backend = "triton:" + resolve_design(design, n=weight.shape[0], d=weight.shape[1], r=r, dtype=x.dtype,
+                                             device=x.device)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and p is not None and p.requires_grad for p in (x, weight, bias, orth_a, orth_b, res_a, res_b)]
-    y, _, _ = torch.ops.duallora.fused_forward(
+    y, _, _, _ = torch.ops.duallora.fused_forward(
         x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, float(orth_scale),
         float(res_scale), backend, need[4] or need[6], any(need),
     )
