@@ -12,9 +12,11 @@
 #   2. kernel-tests  the Triton kernel tests compiled on the GPU, and the drop-in under autocast and
 #                    Inductor (tests/test_gpu_dropin.py) (fixed configs, DUALLORA_AUTOTUNE=0;
 #                    the backend="cuda" tests deselected: the CUDA extension has its own issue)
-#   3. headline      bf16, the four ViT-B/16 layers, rank 16, batch 64: frozen / fused /
-#                    torch.compile'd unfused / unfused / PEFT, with device-op counts;
-#                    at most two autotune configs per kernel (DUALLORA_AUTOTUNE=2)
+#   3. headline      bf16, the four ViT-B/16 layers, ranks 16 and 64, batch 64: frozen, the three
+#                    Triton designs side by side (single-loop, split, split with TMA; the first run decides
+#                    ops/fused_linear.py's MEASURED), fused as `auto` picks, torch.compile'd unfused,
+#                    PEFT, unfused, with device-op counts and each row's floor; the first kept
+#                    config of each kernel (DUALLORA_AUTOTUNE=1: the tile lists are ordered by preference)
 #   4. memory        saved bytes (the four layers, a whole ViT-B/16)
 #   5. plan-check    the memory planner against the GPU: ViT-B/16 training steps (float32 parameters,
 #                    bf16 autocast, AdamW) of fused / unfused / PEFT / full fine-tuning / frozen at
@@ -32,8 +34,9 @@
 #   DRY_RUN=1 bash bench/run_gpu.sh   (or --dry-run)      # print the plan: steps, limits, commands, outputs
 #   STEPS=setup,kernel-tests bash bench/run_gpu.sh        # a subset (the order stays the priority order)
 #   DUALLORA_GIT_COMMIT=<sha> bash bench/run_gpu.sh       # where the copy has no .git: the commit for the files
-#   bash bench/run_gpu.sh --collect DIR                   # back home: copy DIR's results into bench/results/
-#                                                         # and regenerate the README table
+#   bash bench/run_gpu.sh --collect DIR                   # back home: copy DIR's results into bench/results/,
+#                                                         # regenerate the README table and the designs
+#                                                         # measured fastest (ops/fused_linear_measured.py)
 # Limits (seconds): SETUP_LIMIT TESTS_LIMIT HEADLINE_LIMIT MEMORY_LIMIT PLAN_LIMIT CUDA_LIMIT; WORKERS (pytest-xdist
 # processes when xdist imports; 0: none); PY (default python3); DUALLORA_TEST_SEED.
 set -u
@@ -72,7 +75,12 @@ if [ -n "$COLLECT" ]; then
         cp -v "$f" "$RESULTS_DIR/" || exit 1
     done
     "$PY" -m duallora_kernels.readme --section perf-table --section memory-plan --bench-results "$RESULTS_DIR" --readme "$README_FILE" || exit 1
-    echo "then: git add ${files[*]/#$COLLECT/$RESULTS_DIR} $README_FILE"
+    # the designs the headline measured fastest become design="auto"'s choice (ops/fused_linear_measured.py)
+    if [ "$RESULTS_DIR" = bench/results ]; then
+        "$PY" -m duallora_kernels.harness.design_choice --write || exit 1
+        MEASURED_FILE=duallora_kernels/ops/fused_linear_measured.py
+    fi
+    echo "then: git add ${files[*]/#$COLLECT/$RESULTS_DIR} $README_FILE ${MEASURED_FILE:-}"
     exit 0
 fi
 
@@ -82,10 +90,10 @@ OUT=${OUT:-$ROOT/runs/gpu-$(date -u +%Y%m%dT%H%M%S)}
 OUT=$(abs "$OUT")
 STEPS=${STEPS:-setup,kernel-tests,headline,memory,plan-check}
 SETUP_LIMIT=${SETUP_LIMIT:-30}
-TESTS_LIMIT=${TESTS_LIMIT:-135}
-HEADLINE_LIMIT=${HEADLINE_LIMIT:-185}
-MEMORY_LIMIT=${MEMORY_LIMIT:-45}
-PLAN_LIMIT=${PLAN_LIMIT:-50}
+TESTS_LIMIT=${TESTS_LIMIT:-140}
+HEADLINE_LIMIT=${HEADLINE_LIMIT:-195}
+MEMORY_LIMIT=${MEMORY_LIMIT:-35}
+PLAN_LIMIT=${PLAN_LIMIT:-40}
 CUDA_LIMIT=${CUDA_LIMIT:-540}
 CAP=${CAP:-<capability>}       # the device's compute capability (9.0), set by the setup step
 WORKERS=${WORKERS:-8}
@@ -123,7 +131,7 @@ plan() {
     STEP_CMDS=(
         "$PY -c '<the device, versions and slug: SETUP_PY in this script>'"
         "DUALLORA_TEST_DEVICE=cuda TRITON_INTERPRET=0 DUALLORA_AUTOTUNE=0 $PY -m pytest -q -rs --tb=short --durations=10 $xdist-k 'not cuda_backend and not (gpu_backends and cuda)' $TEST_FILES"
-        "DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.bench --no-progress --dtype bfloat16 --shapes $LAYERS --ranks 16 --batch 64 --variants frozen,fused,unfused_compiled,unfused,peft --out $p-headline.json"
+        "DUALLORA_AUTOTUNE=1 $PY -m duallora_kernels.commands.bench --no-progress --dtype bfloat16 --shapes $LAYERS --ranks 16,64 --batch 64 --variants frozen,fused_single,fused_split,fused_tma,fused,unfused_compiled,peft,unfused --out $p-headline.json"
         "DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.profile_memory --no-progress --scope layer,vit --dtype bfloat16 --rank 16 --shapes $LAYERS --batch 64 --vit-batch 64 --step-batch 64 --out $p-memory.json"
         "DUALLORA_AUTOTUNE=0 $PY -m duallora_kernels.harness.plan_check --batches 32,64 --variants fused,unfused,peft,full_ft,frozen --out $OUT/plan-check-$SLUG-$DATE.json"
         "export TORCH_CUDA_ARCH_LIST=$CAP MAX_JOBS=16; $PY -c '$CUDA_BUILD_PY' || exit 3; DUALLORA_TEST_DEVICE=cuda TRITON_INTERPRET=0 $PY -m pytest -q -rs --tb=short -k 'cuda_backend or (gpu_backends and cuda)' tests/test_fused_linear.py tests/test_gram.py tests/test_task_scores.py; rc=\$?; DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.bench --no-progress --dtype bfloat16 --shapes $LAYERS --ranks 16 --batch 64 --variants frozen,fused,cuda --out $p-cuda.json || rc=1; exit \$rc"

@@ -12,6 +12,8 @@ The sections (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``), in REA
   (:func:`duallora_kernels.harness.tables.render_performance`)
 * ``memory-plan``: the memory planner's predictions and their GPU checks, bench/results/plan-*.json
   (:func:`duallora_kernels.harness.plan_report.render_plan_section`)
+* ``design-estimate``: the Triton designs of the fused linear costed on paper per arch
+  (:func:`duallora_kernels.harness.design_estimate.render_estimate`, from the kept tile lists)
 * ``compile-table``: the ahead-of-time kernel compiles, bench/results/compile-*.json
   (:func:`duallora_kernels.harness.compile_table.render_compile`)
 * ``cuda-compile-table``: the CUDA backend's kernels compiled per arch, bench/results/cuda-compile-*.json
@@ -65,6 +67,12 @@ def _memory_plan(args: argparse.Namespace) -> str:
     return render_plan_section(sorted(args.bench_results.glob("plan-*.json")), root=args.readme.resolve().parent)
 
 
+def _design_estimate(args: argparse.Namespace) -> str:
+    from .harness.design_estimate import render_estimate
+
+    return render_estimate()
+
+
 def _compile_table(args: argparse.Namespace) -> str:
     from .harness.compile_table import render_compile
 
@@ -81,6 +89,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {
     "results-table": _results_table,
     "perf-table": _perf_table,
     "memory-plan": _memory_plan,
+    "design-estimate": _design_estimate,
     "compile-table": _compile_table,
     "cuda-compile-table": _cuda_compile_table,
 }

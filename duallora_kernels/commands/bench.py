@@ -138,9 +138,9 @@ def print_table(rows: list[dict[str, Any]], file: Any = None) -> None:
     """Times (ms), ratios and the fused kernel's achieved TFLOP/s and GB/s (% of the device's peak)."""
     timing = {(r["shape"], r["batch"], r["dtype"], r["pass"], r["variant"], r["rank"]): r
               for r in rows if r["kind"] == "timing"}
-    headers = ["layer", "d->n", "m", "dtype", "pass", "r", "frozen ms", "fused ms", "unfused ms", "compiled ms",
-               "peft ms", "cuda ms", "fused/frozen", "unfused/fused", "compiled/fused", "cuda/frozen", "fused TFLOP/s",
-               "fused GB/s"]
+    headers = ["layer", "d->n", "m", "dtype", "pass", "r", "frozen ms", "floor/frozen", "fused ms", "single ms",
+               "split ms", "tma ms", "unfused ms", "compiled ms", "peft ms", "cuda ms", "fused/floor", "fused/frozen",
+               "unfused/fused", "compiled/fused", "cuda/frozen", "fused TFLOP/s", "fused GB/s"]
     table = []
     for c in (r for r in rows if r["kind"] == "comparison"):
         fused = timing.get((c["shape"], c["batch"], c["dtype"], c["pass"], "fused", c["rank"]), {})
@@ -148,8 +148,10 @@ def print_table(rows: list[dict[str, Any]], file: Any = None) -> None:
         pf, pb = fused.get("pct_peak_flops"), fused.get("pct_peak_bw")
         table.append([
             c["layer"], f"{c['d']}->{c['n']}", c["m"], dtype_label(c), c["pass"], c["rank"],
-            *(_fmt(c.get(f"{v}_ms"), ".3f") for v in ("frozen", "fused", "unfused", "unfused_compiled", "peft", "cuda")),
-            _fmt(c["fused_over_frozen"], ".2f"), _fmt(c["unfused_over_fused"], ".2f"),
+            _fmt(c.get("frozen_ms"), ".3f"), _fmt(c.get("floor_over_frozen"), ".2f"),
+            *(_fmt(c.get(f"{v}_ms"), ".3f") for v in ("fused", "fused_single", "fused_split", "fused_tma", "unfused",
+                                                      "unfused_compiled", "peft", "cuda")),
+            _fmt(c.get("fused_over_floor"), ".2f"), _fmt(c["fused_over_frozen"], ".2f"), _fmt(c["unfused_over_fused"], ".2f"),
             _fmt(c.get("unfused_compiled_over_fused"), ".2f"), _fmt(c.get("cuda_over_frozen"), ".2f"),
             None if tf is None else f"{tf:.1f}" + (f" ({pf:.0f}%)" if pf is not None else ""),
             None if gb is None else f"{gb:.0f}" + (f" ({pb:.0f}%)" if pb is not None else ""),

@@ -84,7 +84,7 @@ def render(path: Path, doc: dict[str, Any]) -> str:
     kernels = sorted({r["kernel"] for r in rows})
     ordered = sorted(lines.items(), key=lambda kv: (kernels.index(kv[0][0]), list(DTYPE).index(kv[0][1]),
                                                      min(kv[1][0]), -kv[0][2]))
-    problems = [msg for r in rows for msg in aot_table.row_problems(r)]
+    problems = [msg for r in rows for msg in aot_table.row_problems(r)] + aot_table.table_problems(doc)
     # The README lists a few per kernel, so that one kernel's many do not hide another's.
     shown = [msg for kernel in kernels for msg in [m for m in problems if m.startswith(kernel + " ")][:PER_KERNEL]]
     dirty = ", uncommitted kernel changes" if doc.get("git_dirty") else ""
@@ -96,7 +96,9 @@ def render(path: Path, doc: dict[str, Any]) -> str:
         + ", ".join(f"sm_{a}" for a in doc["archs"])
         + f" (`{doc['command'].strip()}`, {doc['date'][:10]}, commit {doc['git_commit'][:10]}{dirty}), at ViT-B/16 "
         f"batch-64 shapes (x {s['batch']}x{s['tokens']}x{s['d']}, the fc1 layer {s['d']}→{s['n']}; r = the rank of "
-        f"each adapter block: orthogonal, training residual and {s['frozen_blocks']} frozen ones), with the configs "
+        f"each adapter block: orthogonal, training residual and {s['frozen_blocks']} frozen ones, so the stacked rank "
+        f"is {s['frozen_blocks'] + 2}r: r 8, 16, 32, 64 are the tile buckets R_PAD 32, 64, 128, 256), every Triton design "
+        "of the linear op (single, split, tma: ops/fused_linear.py), with the configs "
         "the autotuner keeps on each arch plus the `DUALLORA_AUTOTUNE=0` fixed one: "
         f"**{len(rows)} compiles of {len(kernels)} kernels, {len(problems) or 'no'} problems**. "
         f"Source: [{path.name}](bench/results/{path.name}); checked by tests/test_aot_compile.py.",

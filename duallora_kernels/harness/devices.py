@@ -5,43 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..ops.fused_linear_cost import DevicePeaks, device_peaks
+
 __all__ = ["DevicePeaks", "device_peaks", "peak_key", "resolve_device", "device_info", "device_slug",
            "triton_interpreting", "cpu_bf16_matmul"]
-
-
-@dataclass(frozen=True)
-class DevicePeaks:
-    """Dense peak throughput (FLOP/s by operand kind) and memory bandwidth (bytes/s) of a GPU,
-    from the vendor's data sheet (dense, no sparsity)."""
-
-    name: str
-    flops: dict[str, float]
-    bandwidth: float
-
-
-# Matched in order against torch.cuda.get_device_name(): the first substring that occurs wins.
-_PEAKS: tuple[tuple[str, DevicePeaks], ...] = (
-    ("H200", DevicePeaks("H200 SXM", {"bfloat16": 989e12, "float16": 989e12, "tf32": 494e12, "float32": 67e12}, 4.8e12)),
-    ("H100 NVL", DevicePeaks("H100 NVL", {"bfloat16": 835e12, "float16": 835e12, "tf32": 418e12, "float32": 60e12}, 3.9e12)),
-    ("H100 PCIe", DevicePeaks("H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "tf32": 378e12, "float32": 51e12}, 2.0e12)),
-    ("H100", DevicePeaks("H100 SXM", {"bfloat16": 989e12, "float16": 989e12, "tf32": 494e12, "float32": 67e12}, 3.35e12)),
-    ("A100-SXM4-80GB", DevicePeaks("A100 SXM 80GB", {"bfloat16": 312e12, "float16": 312e12, "tf32": 156e12, "float32": 19.5e12}, 2.039e12)),
-    ("A100 80GB PCIe", DevicePeaks("A100 PCIe 80GB", {"bfloat16": 312e12, "float16": 312e12, "tf32": 156e12, "float32": 19.5e12}, 1.935e12)),
-    ("A100", DevicePeaks("A100 40GB", {"bfloat16": 312e12, "float16": 312e12, "tf32": 156e12, "float32": 19.5e12}, 1.555e12)),
-)
-
-
-def device_peaks(device_name: str) -> DevicePeaks | None:
-    """The known ceilings of a GPU by its name, or None for an unknown device (ratios omitted)."""
-    for key, peaks in _PEAKS:
-        if key.lower() in device_name.lower():
-            return peaks
-    return None
 
 
 def peak_key(dtype: str) -> str:

@@ -94,23 +94,28 @@ def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int =
             seen.add(key)
             rows.append([
                 _with_note(doc), dtype_label(c), f"{c['layer']} {c['d']}→{c['n']}", c["m"], c["rank"],
-                _ms(c["frozen_ms"]), _ms(c["fused_ms"]), _ms(c["unfused_ms"]), _ms(c.get("unfused_compiled_ms")),
-                _ms(c["peft_ms"]), _ms(c.get("cuda_ms")),
-                _x(c["fused_over_frozen"], c.get("goal_fused_over_frozen")),
+                _ms(c["frozen_ms"]), _x(c.get("floor_over_frozen")), _ms(c["fused_ms"]),
+                *(_ms(c.get(f"fused_{design}_ms")) for design in ("single", "split", "tma")),
+                _ms(c["unfused_ms"]), _ms(c.get("unfused_compiled_ms")), _ms(c["peft_ms"]), _ms(c.get("cuda_ms")),
+                _x(c.get("fused_over_floor"), c.get("goal_fused_over_floor")), _x(c["fused_over_frozen"]),
                 _x(c["unfused_over_fused"], c.get("goal_unfused_over_fused")),
                 _x(c.get("unfused_compiled_over_fused"), c.get("goal_unfused_compiled_over_fused")),
-                _x(c.get("unfused_over_frozen")), _x(c.get("cuda_over_frozen"), c.get("goal_cuda_over_frozen")),
+                _x(c.get("cuda_over_frozen"), c.get("goal_cuda_over_frozen")),
                 _source(path, root),
             ])
     if not rows:
         return None
-    headers = ["device, date", "dtype", "layer d→n", "m", "r", "frozen ms", "fused ms", "unfused ms", "compiled ms",
-               "peft ms", "cuda ms", f"fused/frozen (goal {_goal('fused_over_frozen')})",
+    headers = ["device, date", "dtype", "layer d→n", "m", "r", "frozen ms", "floor/frozen", "fused ms", "single ms",
+               "split ms", "tma ms", "unfused ms", "compiled ms", "peft ms", "cuda ms",
+               f"fused/floor (goal {_goal('fused_over_floor')})", "fused/frozen",
                f"unfused/fused (goal {_goal('unfused_over_fused')})",
-               f"compiled/fused (goal {_goal('unfused_compiled_over_fused')})", "unfused/frozen",
+               f"compiled/fused (goal {_goal('unfused_compiled_over_fused')})",
                f"cuda/frozen (goal {_goal('cuda_over_frozen')})", "source"]
     return ("**One DualLoRA layer, forward+backward** (median ms; rank "
-            f"{rank} or the file's largest; every rank is in the JSON; compiled = the unfused composition under "
+            f"{rank} or the file's largest; every rank is in the JSON; floor = the frozen time x the roofline "
+            "ratio of the fused op's unavoidable work to the frozen layer's at this rank, on the device's peaks "
+            "(ops/fused_linear_cost.py); fused = the design `auto` picks, single / split / tma = each Triton design "
+            "forced (ops/fused_linear.py); compiled = the unfused composition under "
             "torch.compile, GPU only; cuda = the CUDA C++ tensor-core backend (csrc/); '-' = not run on that device, see the file's reasons)\n\n"
             + format_table(headers, rows, markdown=True))
 
@@ -123,7 +128,9 @@ def _goal(name: str) -> str:
 def ops_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int = HEADLINE_RANK) -> str | None:
     """Device operations of one forward+backward per variant (``op_count`` rows; files of schema
     /1 have none)."""
-    variants = list(VARIANTS)
+    # the variants some file counted, in VARIANTS' order (a column of dashes says nothing)
+    variants = [v for v in VARIANTS
+                if any(r["kind"] == "op_count" and r["variant"] == v for _, doc in docs for r in doc["results"])]
     rows = []
     for path, doc in docs:
         counts = [r for r in doc["results"] if r["kind"] == "op_count"]
@@ -142,7 +149,7 @@ def ops_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int = H
                 n = r["device_ops"]
                 if r.get("amp", "off") != "off":  # the budgets are those of a step without autocast's casts
                     return str(n)
-                if v == "fused":
+                if v.startswith("fused"):
                     return f"{n} {'✓' if n <= STEP_BUDGET else '✗'}"
                 return f"{n} {'✓' if n == FROZEN_STEP else '✗'}" if v == "frozen" else str(n)
 

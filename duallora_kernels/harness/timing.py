@@ -129,11 +129,38 @@ def timing_row(problem: LayerProblem, variant: str, pass_: str, timing: Timing |
     return row
 
 
-def comparison_rows(timing_rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def floor_fields(t: dict[str, float | None], m: int, n: int, d: int, rank: int, compute_dtype: str,
+                 peaks: dict | None) -> dict[str, Any]:
+    """The forward+backward floor of one problem: the measured frozen time times the roofline ratio
+    of the fused op's unavoidable work to the frozen layer's at this rank
+    (:func:`duallora_kernels.ops.fused_linear_cost.floor_ratio`, on this device's peaks), and each
+    fused variant over it (goal: ``fused_over_floor``). None without the device's peaks or a frozen time."""
+    from ..ops.fused_linear_cost import DevicePeaks, floor_ratio
+
+    out: dict[str, Any] = {"floor_over_frozen": None, "floor_ms": None}
+    out.update({f"{v}_over_floor": None for v in FUSED_VARIANTS})
+    if not peaks or t.get("frozen") is None:
+        return out
+    device = DevicePeaks(peaks.get("source", "?"), peaks["flops"], peaks["bandwidth"])
+    lowp = compute_dtype in ("bfloat16", "float16")
+    ratio_ = floor_ratio(m, n, d, rank, device, elt=2 if lowp else 4)
+    floor_ms = t["frozen"] * ratio_
+    out.update(floor_over_frozen=ratio_, floor_ms=floor_ms)
+    out.update({f"{v}_over_floor": ratio(t.get(v), floor_ms) for v in FUSED_VARIANTS})
+    out["goal_fused_over_floor"] = goal_met("fused_over_floor", out["fused_over_floor"])
+    return out
+
+
+#: The variants that run the fused Triton op (auto design, then each design forced).
+FUSED_VARIANTS = ("fused", "fused_single", "fused_split", "fused_tma")
+
+
+def comparison_rows(timing_rows: Iterable[dict[str, Any]], peaks: dict | None = None) -> list[dict[str, Any]]:
     """One ``kind="comparison"`` row per (shape, batch, dtype, pass, rank): the variants' medians,
     the ratios fused/frozen, unfused/fused, peft/fused, unfused_compiled/fused, cuda/frozen and
-    cuda/fused (None where a side is missing) and, on fwd+bwd rows, each variant's device operations (``<variant>_ops``,
-    from the ``op_count`` rows among ``timing_rows``)."""
+    cuda/fused (None where a side is missing), on fwd+bwd rows the floor (:func:`floor_fields`,
+    with the device's ``peaks``) and each variant's device operations (``<variant>_ops``, from the
+    ``op_count`` rows among ``timing_rows``)."""
     timing_rows = list(timing_rows)
     def amp(r: dict[str, Any]) -> str:
         return r.get("amp", "off")  # rows of schema /1 and /2 ran without autocast
@@ -141,6 +168,9 @@ def comparison_rows(timing_rows: Iterable[dict[str, Any]]) -> list[dict[str, Any
     n_ops = {(r["shape"], r["batch"], r["dtype"], amp(r), r["variant"], r["rank"]): r["device_ops"]
              for r in timing_rows if r["kind"] == "op_count"}
     rows = [r for r in timing_rows if r["kind"] == "timing"]
+    # the dtype the matmuls ran in (the autocast dtype under --amp): what the floor is costed in
+    compute = {(r["shape"], r["batch"], r["dtype"], amp(r)): (r["amp"] if amp(r) != "off" else r["dtype"])
+               for r in rows}
     ms = {(r["shape"], r["batch"], r["dtype"], amp(r), r["pass"], r["variant"], r["rank"]): r["median_ms"]
           for r in rows}
     keys = sorted({(r["layer"], r["shape"], r["d"], r["n"], r["batch"], r["m"], r["dtype"], amp(r), r["pass"],
@@ -164,6 +194,8 @@ def comparison_rows(timing_rows: Iterable[dict[str, Any]]) -> list[dict[str, Any
             "cuda_over_frozen": cu_fr, "cuda_over_fused": ratio(t["cuda"], t["fused"]),
             "goal_cuda_over_frozen": goal_met("cuda_over_frozen", cu_fr) if pass_ == "fwd+bwd" else None,
             **({f"{v}_ops": ops[v] for v in VARIANTS} if pass_ == "fwd+bwd" else {}),
+            **(floor_fields(t, m, n, d, rank, compute.get((shape, batch, dtype, amp_), dtype), peaks)
+               if pass_ == "fwd+bwd" else {}),
         })
     return out
 
@@ -235,17 +267,17 @@ def run_bench(
                         if bar is not None:
                             bar.update(1)
                     if on_group is not None:
-                        on_group(rows + comparison_rows(rows))
+                        on_group(rows + comparison_rows(rows, peaks))
                 if count_ops:  # after this problem's timings: a profiler session never precedes them
                     for variant in variants:
                         if variant != "frozen" or not rank_i:
                             rows.append(device_ops.count_variant(variant, problem, device))
                     if on_group is not None:
-                        on_group(rows + comparison_rows(rows))
+                        on_group(rows + comparison_rows(rows, peaks))
             del base, problem
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
         if bar is not None:
             bar.close()
-    return rows + comparison_rows(rows)
+    return rows + comparison_rows(rows, peaks)

@@ -1,7 +1,10 @@
 """What runs on a :class:`~.problems.LayerProblem`, one variant each:
 
 * ``fused``: :func:`duallora_kernels.ops.dual_lora_linear` with ``backend="triton"`` and
-  ``check_basis=False``, as DualLoRALinear calls it.
+  ``check_basis=False``, as DualLoRALinear calls it (``design="auto"``).
+* ``fused_single`` / ``fused_split`` / ``fused_tma``: the same with each Triton design forced
+  (ops/fused_linear.py), side by side in one run so a GPU run can decide the default;
+  ``fused_tma`` on sm_90 only (elsewhere it would time the split design again).
 * ``unfused``: the same function written in plain PyTorch the way a user would write it
   (:func:`unfused_dual_lora_linear`): the projections ``A_o = C_o - (C_o M) M^T`` and
   ``A_r = (C_r M) M^T`` as a separate step, then
@@ -35,10 +38,13 @@ from torch import Tensor, nn
 from .devices import triton_interpreting
 from .problems import LayerProblem, seeded_generator
 
-__all__ = ["VARIANTS", "PASSES", "COMPILED", "unfused_dual_lora_linear", "UnfusedDualLoRALinear", "cuda_unavailable",
+__all__ = ["VARIANTS", "DESIGN_VARIANTS", "PASSES", "COMPILED", "unfused_dual_lora_linear", "UnfusedDualLoRALinear", "cuda_unavailable",
            "variant_unavailable", "layer_forward", "make_step"]
 
-VARIANTS: tuple[str, ...] = ("fused", "unfused", "frozen", "peft", "unfused_compiled", "cuda")
+VARIANTS: tuple[str, ...] = ("fused", "unfused", "frozen", "peft", "unfused_compiled", "cuda", "fused_single",
+                             "fused_split", "fused_tma")
+#: The fused variants that force one Triton design, and the design each forces.
+DESIGN_VARIANTS: dict[str, str] = {"fused_single": "single", "fused_split": "split", "fused_tma": "tma"}
 PASSES: tuple[str, ...] = ("fwd", "fwd+bwd")
 #: The torch.compile'd unfused variant's name in ``--variants`` and the JSON.
 COMPILED = "unfused_compiled"
@@ -168,7 +174,9 @@ def variant_unavailable(variant: str, device: torch.device, purpose: str = "time
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     if variant == COMPILED:
         return compiled_unavailable(device)
-    if variant == "fused":
+    if variant == "fused_tma" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        return "the TMA design needs sm_90 (Hopper); elsewhere it runs the split design's pointer GEMMs"
+    if variant == "fused" or variant in DESIGN_VARIANTS:
         try:
             import triton  # noqa: F401
         except ImportError:
@@ -226,7 +234,7 @@ def layer_forward(variant: str, problem: LayerProblem) -> tuple[Callable[[Tensor
     if variant == "unfused":
         return (lambda x: unfused_dual_lora_linear(x, p.weight, p.bias, p.orth_a, p.orth_b, p.res_a, p.res_b,
                                                    p.basis_x, p.gate, p.orth_scale, p.res_scale)), p.adapters
-    if variant in ("fused", "cuda"):
+    if variant in ("fused", "cuda") or variant in DESIGN_VARIANTS:
         from ..ops import dual_lora_linear
 
         # check_basis=False: as DualLoRALinear does, the basis is validated where it is made (here:
@@ -235,7 +243,9 @@ def layer_forward(variant: str, problem: LayerProblem) -> tuple[Callable[[Tensor
                                   check_basis=False)
         if p.res_a is not None:
             kw.update(res_a=p.res_a, res_b=p.res_b, gate=p.gate, res_scale=p.res_scale)
-        backend = "triton" if variant == "fused" else "cuda"
+        backend = "cuda" if variant == "cuda" else "triton"
+        if variant in DESIGN_VARIANTS:
+            kw["design"] = DESIGN_VARIANTS[variant]
         return (lambda x: dual_lora_linear(x, p.weight, p.bias, backend=backend, **kw)), p.adapters
     if variant == "peft":
         module = p._cache.get("peft")
