@@ -137,7 +137,7 @@ from torch import Tensor
 from . import adapter_prep
 from ._kernel_utils import dot_mode, launch, mma, new_output, row_offsets, rows_view, size_bucket
 from .fused_linear_tiles import configs, pruner
-from .launchers import GradPlan, Launchers, Layout
+from .launchers import GradPlan, Launchers, Layout, rows_in_shape
 
 __all__ = ["TRITON"]
 
@@ -345,7 +345,7 @@ def _triton_forward(x, weight, bias, a, bt, gate, lay: Layout, store_t: bool):
             HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_GATE=lay.has_gate, STORE_T=t is not None,
             R_PAD=lay.r_pad, DOT_MODE=dot_mode(x.dtype),
         )
-    return y.view(*x.shape[:-1], n), t
+    return rows_in_shape(y, x.shape[:-1]), t
 
 
 def _triton_backward(dy, x, weight, a, bt, gate, t, lay: Layout, plan: GradPlan, grad: Tensor):
