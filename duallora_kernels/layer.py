@@ -4,7 +4,8 @@ The same lifecycle for every layer of a model, and the public names, are :mod:`d
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +22,7 @@ from .memory import (
     task_scores,
     threshold_for_task,
 )
-from .ops import BACKENDS, dual_lora_linear
+from .ops import BACKENDS, autocast_off, dual_lora_linear
 from .ops.reference import project_onto, project_out
 
 __all__ = ["DualLoRALinear", "DEFAULT_THRESHOLDS", "INITS", "GATE_MODES"]
@@ -32,6 +33,16 @@ GATE_MODES = ("soft", "hard")
 
 # Buffers whose shape grows with the tasks; load_state_dict resizes them to what it loads.
 _GROWING = ("basis", "basis_sizes", "task_bases", "frozen_a", "frozen_b", "frozen_tasks")
+
+
+def _memory_precision(method: Callable) -> Callable:
+    """``method`` runs with autocast off: the lifecycle builds bases in float32/float64 also when a
+    mixed-precision loop calls it inside ``torch.autocast``."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with autocast_off(self.weight.device):
+            return method(self, *args, **kwargs)
+    return run
 
 
 class DualLoRALinear(nn.Module):
@@ -301,6 +312,7 @@ class DualLoRALinear(nn.Module):
             raise ValueError(f"{what} needs the task's inputs: stats hold no rows (did the collecting pass see any data?)")
 
     @torch.no_grad()
+    @_memory_precision
     def begin_task(self, stats: InputStats, generator: torch.Generator | None = None) -> None:
         """Start the next task: initialise the orthogonal adapter outside span(M) and, when M is
         not empty, a residual block inside span(M), from the task's input statistics."""
@@ -338,6 +350,7 @@ class DualLoRALinear(nn.Module):
             p.requires_grad_(on)
 
     @torch.no_grad()
+    @_memory_precision
     def end_task(self, stats: InputStats, task_stats: InputStats | None = None) -> int:
         """Finish the task: fold s_o B_o A_o into W0 (outputs unchanged), freeze the residual
         block, extend M by GPM's criterion and store the task's bases U_t. Returns the number of

@@ -2,6 +2,8 @@
 torch.compile(fullgraph=True), on the CPU (the torch backend and the Triton interpreter)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -138,6 +140,25 @@ def test_memory_statistics_stay_float32_under_autocast():
     ref = xs[0].reshape(-1, 32).double()
     (only,) = stats.values()
     assert rel_err(only.tokens, ref.T @ ref) <= 1e-6  # a bfloat16 Gram would be ~1e-3 off
+
+
+def test_task_lifecycle_inside_autocast_builds_the_bases_it_builds_outside():
+    # a mixed-precision loop wraps end_task / begin_task in autocast too: the bases must not see it
+    layer, xs = _trained_layer()
+    twin = copy.deepcopy(layer)
+    with torch.no_grad(), collect_inputs(layer) as stats:
+        layer(xs[-1])
+    with torch.no_grad(), collect_inputs(layer) as next_stats:
+        layer(xs[0] + xs[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        added = end_task(layer, stats)
+        begin_task(layer, next_stats)
+    assert added == end_task(twin, stats)
+    begin_task(twin, next_stats)
+    for name in ("weight", "basis", "task_bases", "frozen_a", "frozen_b", "orth_a", "res_a"):
+        assert torch.equal(getattr(layer, name), getattr(twin, name)), name
+    m = layer.basis.double()
+    assert (m.T @ m - torch.eye(m.shape[1], dtype=torch.float64)).abs().max() <= 1e-6
 
 
 def test_orthogonal_training_under_autocast_keeps_old_outputs(gen):
