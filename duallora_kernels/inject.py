@@ -27,7 +27,7 @@ from torch import nn
 
 from .layer import DualLoRALinear
 
-__all__ = ["DEFAULT_TARGETS", "inject", "matches", "linear_layers"]
+__all__ = ["DEFAULT_TARGETS", "inject", "matches", "linear_layers", "call_fused_qkv_layers"]
 
 DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
@@ -54,6 +54,20 @@ def _fused_qkv_bypass(parent: nn.Module, child_name: str) -> bool:
     """``parent`` is a timm attention that computes qkv with F.linear on the layer's weight (module docstring)."""
     return (child_name == "qkv" and getattr(parent, "qkv_bias_separate", None) is False
             and getattr(parent, "q_bias", None) is not None)
+
+
+def call_fused_qkv_layers(module: nn.Module, names: Sequence[str] | None = None) -> list[str]:
+    """Switch every timm attention inside ``module`` that computes its fused qkv with F.linear on its ``qkv``
+    layer's weight to timm's path that calls the layer (module docstring); with ``names`` only those whose
+    ``qkv`` layer is named there (qualified names). Returns the qualified names of the qkv layers switched.
+    Forward hooks on those layers then see every input (prototype features of an unadapted copy)."""
+    switched = []
+    for name, parent in module.named_modules():
+        qualified = f"{name}.qkv" if name else "qkv"
+        if _fused_qkv_bypass(parent, "qkv") and (names is None or qualified in names):
+            parent.qkv_bias_separate = True
+            switched.append(qualified)
+    return switched
 
 
 def _why_not(linear: nn.Linear, layer_kwargs: dict) -> str | None:
@@ -95,18 +109,13 @@ def inject(module: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, **layer_
             "or lower the ranks"
         )
     done: list[tuple[nn.Module, str, nn.Linear]] = []
-    switched: list[nn.Module] = []
     try:
         for parent, child_name, linear in chosen.values():
             setattr(parent, child_name, DualLoRALinear.from_linear(linear, **layer_kwargs))
             done.append((parent, child_name, linear))
-            if _fused_qkv_bypass(parent, child_name):
-                parent.qkv_bias_separate = True
-                switched.append(parent)
     except BaseException:
         for parent, child_name, linear in done:
             setattr(parent, child_name, linear)
-        for parent in switched:
-            parent.qkv_bias_separate = False
         raise
+    call_fused_qkv_layers(module, list(chosen))
     return list(chosen)
