@@ -56,7 +56,10 @@ class DualLoRALinear(TaskGates, nn.Module):
         memory: keep the memory basis M (False: M stays empty, the orthogonal adapter is a plain
             LoRA folded into W0 after each task: the sequential-LoRA baseline).
         thresholds: GPM energy threshold per task (a float, or one value per task; tasks beyond
-            the list reuse its last value). Each in (0, 1].
+            the list reuse its last value). Each in (0, 1]: the share of a finished task's input
+            energy M keeps. Later tasks' orthogonal updates leave the outputs on inputs inside
+            span(M) unchanged, not on the rest (at most 1 - threshold of the energy); 1.0 keeps
+            all of it (README, "timm families": how far outputs moved).
         score_rank: number of principal directions U_t kept per task for task scores.
         temperature: softmax temperature of the dynamic gate. gate_mode: "soft" or "hard".
         summary: per-sample summary of a 3-D input for the gate: "cls" token or "mean" token.
