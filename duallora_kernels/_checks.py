@@ -85,8 +85,11 @@ def orthonormal_tol(dtype: torch.dtype) -> float:
 
 def _orthonormality_error(basis: Tensor) -> Tensor:
     """max |M^T M - I| of ``basis`` (d, k), computed in at least float32, as a 0-d tensor on its device."""
+    from .ops import autocast_off  # imported late: ops imports this module
+
     b = basis.detach().to(torch.promote_types(basis.dtype, torch.float32))
-    return (b.T @ b - torch.eye(b.shape[1], dtype=b.dtype, device=b.device)).abs().amax()
+    with autocast_off(b.device):  # M^T M in bfloat16 would be ~1e-3 off the identity
+        return (b.T @ b - torch.eye(b.shape[1], dtype=b.dtype, device=b.device)).abs().amax()
 
 
 def orthonormal(name: str, basis: Tensor) -> None:

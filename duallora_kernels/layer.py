@@ -1,10 +1,12 @@
 """``DualLoRALinear``, one adapted linear layer: a drop-in ``nn.Linear`` with DualLoRA's two
-adapters and memory, its task lifecycle (``begin_task`` / ``end_task`` on the layer) and its gates.
+adapters and memory, and its task lifecycle (``begin_task`` / ``end_task`` on the layer); its task gates are
+:mod:`duallora_kernels.layer_gates`.
 The same lifecycle for every layer of a model, and the public names, are :mod:`duallora_kernels.nn`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,12 +18,10 @@ from .memory import (
     InputStats,
     extend_basis,
     principal_directions,
-    summarize,
-    task_gates,
-    task_scores,
     threshold_for_task,
 )
-from .ops import BACKENDS, dual_lora_linear
+from .layer_gates import TaskGates
+from .ops import BACKENDS, autocast_off, dual_lora_linear
 from .ops.reference import project_onto, project_out
 
 __all__ = ["DualLoRALinear", "DEFAULT_THRESHOLDS", "INITS", "GATE_MODES"]
@@ -34,7 +34,17 @@ GATE_MODES = ("soft", "hard")
 _GROWING = ("basis", "basis_sizes", "task_bases", "frozen_a", "frozen_b", "frozen_tasks")
 
 
-class DualLoRALinear(nn.Module):
+def _memory_precision(method: Callable) -> Callable:
+    """``method`` runs with autocast off: the lifecycle builds bases in float32/float64 also when a
+    mixed-precision loop calls it inside ``torch.autocast``."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with autocast_off(self.weight.device):
+            return method(self, *args, **kwargs)
+    return run
+
+
+class DualLoRALinear(TaskGates, nn.Module):
     """``y = x W0^T + b + s_o (x A_o^T) B_o^T + s_r ((x A_R^T) .* G) B_R^T`` (docs/method.md).
 
     Args:
@@ -46,7 +56,10 @@ class DualLoRALinear(nn.Module):
         memory: keep the memory basis M (False: M stays empty, the orthogonal adapter is a plain
             LoRA folded into W0 after each task: the sequential-LoRA baseline).
         thresholds: GPM energy threshold per task (a float, or one value per task; tasks beyond
-            the list reuse its last value). Each in (0, 1].
+            the list reuse its last value). Each in (0, 1]: the share of a finished task's input
+            energy M keeps. Later tasks' orthogonal updates leave the outputs on inputs inside
+            span(M) unchanged, not on the rest (at most 1 - threshold of the energy); 1.0 keeps
+            all of it (README, "timm families": how far outputs moved).
         score_rank: number of principal directions U_t kept per task for task scores.
         temperature: softmax temperature of the dynamic gate. gate_mode: "soft" or "hard".
         summary: per-sample summary of a 3-D input for the gate: "cls" token or "mean" token.
@@ -200,63 +213,6 @@ class DualLoRALinear(nn.Module):
         self._res_active = bool(self.res_active)
         self._frozen_task_ids = [int(t) for t in self.frozen_tasks.tolist()]
 
-    # ------------------------------------------------------------------ gates
-    def set_gate(self, gate: Tensor | None) -> None:
-        """Fix the task gate for the next forwards: (..., T) with one column per task seen so far
-        (finished tasks, then the current one if a task is in progress), broadcastable to the
-        input's samples; None returns to the default (one-hot on a task in progress, dynamic otherwise)."""
-        if gate is not None:
-            check.tensor("gate", gate)
-            if gate.shape[-1] != self._tasks_known():
-                raise ValueError(f"gate must have {self._tasks_known()} columns (one per task seen), got {tuple(gate.shape)}")
-        self._gate = gate
-
-    def _tasks_known(self) -> int:
-        return self.tasks_done + int(self._in_task)
-
-    def _block_tasks(self) -> list[int]:
-        tasks = list(self._frozen_task_ids)
-        if self._res_active:
-            tasks.append(self.tasks_done)
-        return tasks
-
-    def _sample_gate(self, x: Tensor) -> Tensor | None:
-        """The task gate (samples, T_known) for this input, or None for 'the current task only'.
-
-        While a task is in progress (between begin_task and end_task, training or collecting its
-        inputs) the gate is one-hot on it: its data passes through its own residual block, as it
-        will when the dynamic memory recognises it. Otherwise the layer scores its input against
-        every finished task's bases and keeps the scores and its own gate (``last_scores``,
-        ``last_gate``) for task identification, also when ``set_gate`` fixed the gate it applies."""
-        in_task = self._in_task
-        if in_task and self._gate is None:
-            return None
-        dynamic = None
-        if self.tasks_done and not in_task:
-            z = summarize(x.detach(), self.summary)
-            scores = task_scores(z.to(self.task_bases.dtype), self.task_bases, backend=self.backend)
-            dynamic = task_gates(scores.float(), self.temperature, hard=self.gate_mode == "hard")
-            self.last_scores, self.last_gate = scores.detach(), dynamic.detach()
-        if self._gate is not None:
-            return self._gate
-        gate = torch.zeros(_num_samples(x), self._tasks_known(), dtype=torch.float32, device=x.device)
-        if dynamic is not None:
-            gate[:, : self.tasks_done] = dynamic
-        return gate
-
-    def _block_gate(self, x: Tensor, task_gate: Tensor | None) -> Tensor | None:
-        """Per-row gate over residual blocks, shaped to broadcast against x's rows."""
-        tasks = self._block_tasks()
-        if task_gate is None or not tasks:
-            return None
-        # a run of consecutive tasks (the usual case: every task after the first has a block) is a
-        # slice, a view; any other set of columns is gathered (one device op)
-        g = task_gate[..., tasks[0]: tasks[-1] + 1] if tasks == list(range(tasks[0], tasks[-1] + 1)) \
-            else task_gate[..., tasks]
-        if x.dim() >= 3 and g.dim() == 2 and g.shape[0] == _num_samples(x):
-            g = g.reshape(*x.shape[:-2], 1, len(tasks))  # one gate per sample, shared by its tokens
-        return g
-
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if self._collector is not None:
@@ -303,13 +259,26 @@ class DualLoRALinear(nn.Module):
         if stats.token_count == 0:
             raise ValueError(f"{what} needs the task's inputs: stats hold no rows (did the collecting pass see any data?)")
 
-    @torch.no_grad()
-    def begin_task(self, stats: InputStats, generator: torch.Generator | None = None) -> None:
-        """Start the next task: initialise the orthogonal adapter outside span(M) and, when M is
-        not empty, a residual block inside span(M), from the task's input statistics."""
+    def check_begin(self, stats: InputStats) -> None:
+        """Raise what :meth:`begin_task` would raise for its arguments and this layer's state, changing nothing."""
         if self._in_task:
             raise RuntimeError(f"task {self.tasks_done} is still in progress: call end_task() first")
         self._check_stats(stats, "begin_task")
+
+    def check_end(self, stats: InputStats, task_stats: InputStats | None = None) -> None:
+        """Raise what :meth:`end_task` would raise for its arguments and this layer's state, changing nothing."""
+        if not self._in_task:
+            raise RuntimeError("end_task() without begin_task()")
+        self._check_stats(stats, "end_task")
+        if task_stats is not None:
+            self._check_stats(task_stats, "end_task")
+
+    @torch.no_grad()
+    @_memory_precision
+    def begin_task(self, stats: InputStats, generator: torch.Generator | None = None) -> None:
+        """Start the next task: initialise the orthogonal adapter outside span(M) and, when M is
+        not empty, a residual block inside span(M), from the task's input statistics."""
+        self.check_begin(stats)
         m = self.basis if self.basis_size else None
         if self.use_orth:
             self.orth_a.copy_(self._init_rows(self.rank_orth, stats, self.orth_init, generator, exclude=m))
@@ -341,6 +310,7 @@ class DualLoRALinear(nn.Module):
             p.requires_grad_(on)
 
     @torch.no_grad()
+    @_memory_precision
     def end_task(self, stats: InputStats, task_stats: InputStats | None = None) -> int:
         """Finish the task: fold s_o B_o A_o into W0 (outputs unchanged), freeze the residual
         block, extend M by GPM's criterion and store the task's bases U_t. Returns the number of
@@ -350,11 +320,7 @@ class DualLoRALinear(nn.Module):
         ``task_stats``: the inputs U_t is built from, when they differ -- with a global gate the
         task is recognised in a pass with the residual blocks off (:func:`residual_off`), so U_t
         must come from such a pass; default ``stats``."""
-        if not self._in_task:
-            raise RuntimeError("end_task() without begin_task()")
-        self._check_stats(stats, "end_task")
-        if task_stats is not None:
-            self._check_stats(task_stats, "end_task")
+        self.check_end(stats, task_stats)
         t = self.tasks_done
         m = self.basis if self.basis_size else None
         if self.use_orth:
@@ -385,11 +351,3 @@ class DualLoRALinear(nn.Module):
         self.in_task.fill_(False)
         self._res_active = self._in_task = False
         return added
-
-
-def _num_samples(x: Tensor) -> int:
-    """Samples in x as :func:`summarize` counts them: leading dims of a (..., N, d) input, rows of a 2-D one."""
-    return x.shape[:-2].numel() if x.dim() >= 3 else x.numel() // x.shape[-1]
-
-
-# ---------------------------------------------------------------------- model-level helpers

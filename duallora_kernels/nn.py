@@ -20,19 +20,21 @@ functions that run its lifecycle over every DualLoRA layer of a model.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from .inject import DEFAULT_TARGETS, inject
 from .layer import DEFAULT_THRESHOLDS, GATE_MODES, INITS, DualLoRALinear
-from .memory import InputStats
+from .memory import InputStats, check_finite_stats
 
 __all__ = [
     "DualLoRALinear", "inject", "dual_lora_layers", "collect_inputs", "begin_task", "end_task", "set_gate", "residual_off",
-    "DEFAULT_THRESHOLDS", "INITS", "GATE_MODES",
+    "DEFAULT_THRESHOLDS", "DEFAULT_TARGETS", "INITS", "GATE_MODES",
 ]
+
+_Result = TypeVar("_Result")
 
 
 def dual_lora_layers(module: nn.Module) -> dict[str, DualLoRALinear]:
@@ -40,36 +42,14 @@ def dual_lora_layers(module: nn.Module) -> dict[str, DualLoRALinear]:
     return {name: m for name, m in module.named_modules() if isinstance(m, DualLoRALinear)}
 
 
-def inject(module: nn.Module, targets: Sequence[str] = ("qkv", "proj", "fc1", "fc2"), **layer_kwargs) -> list[str]:
-    """Replace every ``nn.Linear`` inside ``module`` whose own name (the last part of its
-    qualified name) matches one of ``targets`` (exact names or fnmatch patterns) by a
-    :meth:`DualLoRALinear.from_linear` copy; ``layer_kwargs`` go to it. Outputs are unchanged
-    until the adapters train. Returns the replaced qualified names; raises ValueError when
-    nothing matches."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
-        raise TypeError(f"targets must be a non-empty sequence of layer names, got {targets!r}")
-    replaced, linears = [], []
-    for parent_name, parent in list(module.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            qualified = f"{parent_name}.{child_name}" if parent_name else child_name
-            linears.append(qualified)
-            if any(fnmatch.fnmatchcase(child_name, t) for t in targets):
-                setattr(parent, child_name, DualLoRALinear.from_linear(child, **layer_kwargs))
-                replaced.append(qualified)
-    if not replaced:
-        found = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ValueError(f"no nn.Linear named {list(targets)} in {type(module).__name__}; its linear layers are named {found}")
-    return replaced
-
-
 @contextlib.contextmanager
 def collect_inputs(module: nn.Module) -> Iterator[dict[str, InputStats]]:
     """Within the block, every DualLoRALinear of ``module`` accumulates its inputs; the yielded
-    dict (qualified name -> InputStats) is filled when the block exits."""
+    dict (qualified name -> InputStats) is filled when the block exits.
+
+    A pass in which some layer saw no input raises ValueError naming those layers: their statistics
+    would start and extend nothing, and the usual cause is a module that computes with the layer's
+    weight instead of calling it (see :mod:`duallora_kernels.inject`)."""
     layers = dual_lora_layers(module)
     stats: dict[str, InputStats] = {}
     for layer in layers.values():
@@ -79,12 +59,40 @@ def collect_inputs(module: nn.Module) -> Iterator[dict[str, InputStats]]:
     finally:
         for name, layer in layers.items():
             stats[name] = layer.stop_collecting()
+    _check_every_layer_saw_input(stats)
+
+
+def _check_every_layer_saw_input(stats: dict[str, InputStats]) -> None:
+    idle = [name for name, s in stats.items() if s.token_count == 0]
+    if not idle:
+        return
+    listed = ", ".join(idle[:8]) + (f" and {len(idle) - 8} more" if len(idle) > 8 else "")
+    no_data = "the block ran no data through the model, or " if len(idle) == len(stats) else ""
+    raise ValueError(
+        f"collect_inputs: {len(idle)} of the {len(stats)} DualLoRA layers saw no input in the pass: {listed}. "
+        f"Either {no_data}the model ran without calling them: their module computes with the layer's weight instead "
+        "of calling it (as timm's fused-qkv attention does with F.linear; inject switches beit/eva/swinv2 to call "
+        "it), or the pass skipped them. Leave them out of inject's targets, or make their module call them"
+    )
+
+
+def _named(name: str, call: Callable[[], _Result]) -> _Result:
+    """``call()``, its errors prefixed with the layer's qualified name (a model has dozens of layers)."""
+    try:
+        return call()
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise type(err)(f"layer {name!r}: {err}") from err
 
 
 def begin_task(module: nn.Module, stats: dict[str, InputStats], generator: torch.Generator | None = None) -> None:
-    """:meth:`DualLoRALinear.begin_task` on every layer, with the stats ``collect_inputs`` gave."""
-    for name, layer in dual_lora_layers(module).items():
-        layer.begin_task(_stats_for(stats, name), generator)
+    """:meth:`DualLoRALinear.begin_task` on every layer, with the stats ``collect_inputs`` gave. Every
+    layer's state and statistics are checked before any layer begins; errors name the layer."""
+    layers = dual_lora_layers(module)
+    given = {name: _stats_for(stats, name) for name in layers}
+    for name, layer in layers.items():
+        _named(name, lambda: layer.check_begin(given[name]))
+    for name, layer in layers.items():
+        _named(name, lambda: layer.begin_task(given[name], generator))
 
 
 def end_task(
@@ -92,18 +100,17 @@ def end_task(
 ) -> dict[str, int]:
     """:meth:`DualLoRALinear.end_task` on every layer; returns the directions each added to M.
 
-    Every layer's statistics are checked first (:func:`memory.check_finite_stats`): NaN or inf in
-    any of them raises ValueError naming the layer and the task before any layer changes."""
-    from .memory import check_finite_stats
-
+    Every layer's state and statistics are checked first (NaN or inf in any of them:
+    :func:`memory.check_finite_stats`) before any layer changes; errors name the layer."""
     layers = dual_lora_layers(module)
     pairs = {name: (_stats_for(stats, name), None if task_stats is None else _stats_for(task_stats, name))
              for name in layers}
     for name, layer in layers.items():
+        _named(name, lambda: layer.check_end(*pairs[name]))
         for which, s in zip(("end of task", "end of task, residual blocks off"), pairs[name]):
             if s is not None:
                 check_finite_stats(s, layer=name, task=int(layer.tasks_done), when=which)
-    return {name: layer.end_task(*pairs[name]) for name, layer in layers.items()}
+    return {name: _named(name, lambda: layer.end_task(*pairs[name])) for name, layer in layers.items()}
 
 
 @contextlib.contextmanager

@@ -18,6 +18,8 @@ The sections (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``), in REA
   (:func:`duallora_kernels.harness.compile_table.render_compile`)
 * ``cuda-compile-table``: the CUDA backend's kernels compiled per arch, bench/results/cuda-compile-*.json
   (:func:`duallora_kernels.harness.cuda_compile_table.render_cuda_compile`)
+* ``timm-families``: what ``inject`` adapts in 14 timm families and how far a finished task moves,
+  results/timm-families/families.json (:func:`duallora_kernels.timm_families.render`)
 
 Nothing in a section is typed by hand; every row names the file it comes from.
 """
@@ -85,6 +87,14 @@ def _cuda_compile_table(args: argparse.Namespace) -> str:
     return render_cuda_compile(args.bench_results)
 
 
+def _timm_families(args: argparse.Namespace) -> str:
+    import json
+
+    from .timm_families import render
+
+    return render(json.loads(args.timm_families.read_text()))
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {
     "results-table": _results_table,
     "perf-table": _perf_table,
@@ -92,6 +102,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {
     "design-estimate": _design_estimate,
     "compile-table": _compile_table,
     "cuda-compile-table": _cuda_compile_table,
+    "timm-families": _timm_families,
 }
 
 
@@ -112,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variation", type=Path, default=ROOT / "results" / "variation",
                     help="folder of the variation runs and pretraining records")
     ap.add_argument("--rank", type=int, default=HEADLINE_RANK, help="rank shown in the speed table")
+    ap.add_argument("--timm-families", type=Path, default=ROOT / "results" / "timm-families" / "families.json",
+                    help="the survey of inject on timm families (python -m duallora_kernels.timm_families)")
     return ap
 
 

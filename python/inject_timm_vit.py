@@ -1,7 +1,11 @@
-"""Put DualLoRA into any timm ViT and take one training step on its adapters.
+"""Put DualLoRA into a timm ViT and take one training step on its adapters.
 
     python python/inject_timm_vit.py                  # vit_small_patch16_224, random weights, CPU
     python python/inject_timm_vit.py --model vit_base_patch16_224 --batch 64 --dtype bfloat16   # on a GPU
+    python python/inject_timm_vit.py --model beit_base_patch16_224   # DeiT, BEiT, EVA-02, Swin ...: qkv/proj/fc1/fc2
+
+Any timm model whose linear layers are named qkv, proj, fc1, fc2 works (README, "timm families": which
+names other families use); BEiT's and EVA's fused-qkv attention is switched by inject to call the layer.
 
 On a CUDA device the layers run the fused Triton kernels (backend="auto"); on the CPU the
 PyTorch reference. Prints which layers were adapted, the trainable parameter count, and the
@@ -20,7 +24,7 @@ from duallora_kernels.nn import begin_task, collect_inputs, dual_lora_layers, in
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="vit_small_patch16_224", help="a timm ViT name (random weights)")
+    p.add_argument("--model", default="vit_small_patch16_224", help="a timm model name (random weights)")
     p.add_argument("--img-size", type=int, default=224, help="input images' side")
     p.add_argument("--depth", type=int, default=None, help="fewer blocks for a quick try (default: %(default)s, the model's own)")
     p.add_argument("--batch", type=int, default=4, help="images in the training step")

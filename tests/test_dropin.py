@@ -2,6 +2,8 @@
 torch.compile(fullgraph=True), on the CPU (the torch backend and the Triton interpreter)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -64,6 +66,41 @@ def test_autocast_casts_like_f_linear(dtype, backend, gen):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("lead", [(16,), (2, 8)], ids=["2d", "3d"])
+@pytest.mark.parametrize("mode", ["train", "eval", "no_grad"])
+def test_output_takes_in_place_ops_as_nn_linear_does(backend, lead, mode, gen):
+    # What timm's beit / eva attention does with qkv_bias_separate: qkv = self.qkv(x); qkv += qkv_bias.
+    # nn.Linear's output allows it in every mode; the layer's must too, with the same values and gradients.
+    layer, _ = _trained_layer(backend=backend)
+    layer.train(mode == "train")
+    grad = mode != "no_grad"
+    x = torch.randn(*lead, 32, generator=gen, requires_grad=grad)
+    extra = torch.randn(24, generator=gen, requires_grad=grad)
+    layer.set_gate(torch.tensor([0.0, 0.3, 0.7]))  # task 0 has no residual block: task 1's frozen, task 2's training
+    with torch.set_grad_enabled(grad):
+        linear_out = nn.functional.linear(x, layer.weight, layer.bias)
+        linear_out += extra  # nn.Linear's output takes it
+        y = layer(x)
+        y += extra
+        y.mul_(2.0)
+    assert y.shape == linear_out.shape == (*lead, 24)
+    leaves = {"x": x, "extra": extra, "orth_b": layer.orth_b, "res_b": layer.res_b}
+    ref64 = {k: v.detach().double().requires_grad_(grad) for k, v in leaves.items()}
+    ref = 2 * (dual_lora_linear_reference(
+        ref64["x"], layer.weight.double(), layer.bias.double(), orth_a=layer.orth_a.detach().double(),
+        orth_b=ref64["orth_b"], res_a=layer.res_a.detach().double(), res_b=ref64["res_b"],
+        frozen_a=layer.frozen_a.double(), frozen_b=layer.frozen_b.double(), gate=torch.tensor([0.3, 0.7]).double(),
+        basis=layer.basis.double(), orth_scale=layer.orth_scale, res_scale=layer.res_scale) + ref64["extra"])
+    assert rel_err(y, ref) <= 1e-5
+    if grad:
+        dy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        y.backward(dy.float())
+        ref.backward(dy)
+        for name, leaf in leaves.items():
+            assert rel_err(leaf.grad, ref64[name].grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_autocast_with_frozen_blocks_and_a_gate_reads_the_adapters_in_their_own_dtype(backend, gen):
     # inference in task 3: float32 frozen blocks and a per-row gate beside bf16 autocast; the
     # adapters are not cast by separate ops, and their gradients come back in float32
@@ -103,6 +140,25 @@ def test_memory_statistics_stay_float32_under_autocast():
     ref = xs[0].reshape(-1, 32).double()
     (only,) = stats.values()
     assert rel_err(only.tokens, ref.T @ ref) <= 1e-6  # a bfloat16 Gram would be ~1e-3 off
+
+
+def test_task_lifecycle_inside_autocast_builds_the_bases_it_builds_outside():
+    # a mixed-precision loop wraps end_task / begin_task in autocast too: the bases must not see it
+    layer, xs = _trained_layer()
+    twin = copy.deepcopy(layer)
+    with torch.no_grad(), collect_inputs(layer) as stats:
+        layer(xs[-1])
+    with torch.no_grad(), collect_inputs(layer) as next_stats:
+        layer(xs[0] + xs[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        added = end_task(layer, stats)
+        begin_task(layer, next_stats)
+    assert added == end_task(twin, stats)
+    begin_task(twin, next_stats)
+    for name in ("weight", "basis", "task_bases", "frozen_a", "frozen_b", "orth_a", "res_a"):
+        assert torch.equal(getattr(layer, name), getattr(twin, name)), name
+    m = layer.basis.double()
+    assert (m.T @ m - torch.eye(m.shape[1], dtype=torch.float64)).abs().max() <= 1e-6
 
 
 def test_orthogonal_training_under_autocast_keeps_old_outputs(gen):

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,8 +22,10 @@ def test_custom_task_loop_learns_and_keeps_every_task():
     assert len(final) == 3 and min(final) >= 0.8  # three tasks, none forgotten
 
 
-def test_inject_timm_vit_trains_adapters_only():
-    out = _run("python/inject_timm_vit.py", "--depth", "1", "--img-size", "32", "--batch", "2")
+@pytest.mark.parametrize("model", ["vit_small_patch16_224", "beit_base_patch16_224"])
+def test_inject_timm_vit_trains_adapters_only(model):
+    # beit computes its fused qkv with F.linear on the layer's weight unless inject switches it
+    out = _run("python/inject_timm_vit.py", "--model", model, "--depth", "1", "--img-size", "32", "--batch", "2")
     assert "adapted 4 linear layers" in out
     share = float(re.search(r"\(([0-9.]+)%\)", out).group(1))
     assert 0 < share < 10

@@ -1,4 +1,7 @@
-"""DESIGN §4's invariants: training the orthogonal adapter never moves outputs on earlier tasks' inputs.
+"""DESIGN §4's invariants: training the orthogonal adapter never moves outputs on inputs inside span(M).
+
+Here the old task's inputs span exactly the directions M keeps, so they lie inside span(M); in general M
+keeps the threshold's share of their energy (tests/test_timm_families.py bounds what the rest may move).
 
 On helpers.TEST_DEVICE (CUDA under DUALLORA_TEST_DEVICE=cuda). The fused Triton op's version of
 this invariant, in float32, is test_fused_linear.py::test_adamw_on_orthogonal_adapter_keeps_old_outputs

@@ -30,15 +30,15 @@ _HELP = {
     "data_root": "folder with Fashion-MNIST's IDX files (default: Debian's /usr/share/datasets/fashion-mnist)",
     "num_tasks": "number of tasks the classes are split into",
     "classes_per_task": "classes in each task",
-    "model": "a timm ViT name, e.g. vit_small_patch16_224 (default: the self-pretrained ViT shipped with the "
-             "package, see `duallora pretrain`)",
+    "model": "a timm ViT, DeiT, DeiT III, BEiT, EVA/EVA-02 or Swin name, e.g. vit_small_patch16_224 (default: the "
+             "self-pretrained ViT shipped with the package, see `duallora pretrain`)",
     "checkpoint": "local .pth/.safetensors weights for --model (default: none, --model starts from random "
                   "weights)",
     "img_size": "input size of --model; Fashion-MNIST images are 28x28",
     "patch_size": "patch size of --model; must divide --img-size, e.g. 4 or 7 for 28 (default: the model's own)",
-    "depth": "number of blocks of --model (default: the model's own)",
+    "depth": "number of blocks of --model; not Swin, whose blocks go per stage (default: the model's own)",
     "embed_dim": "width of --model (default: the model's own)",
-    "num_heads": "attention heads of --model (default: the model's own)",
+    "num_heads": "attention heads of --model; not Swin, whose heads go per stage (default: the model's own)",
     "rank_orth": "rank of the orthogonal adapter",
     "rank_res": "rank of each task's residual block",
     "orth_scale": "scale s_o of the orthogonal adapter's output",

@@ -29,11 +29,16 @@ def clear_gates(model: nn.Module) -> None:
         layer.last_scores = None
 
 
-def model_task_gate(model: nn.Module, num_tasks: int, temperature: float, hard: bool = False) -> Tensor | None:
+def model_task_gate(model: nn.Module, num_tasks: int, temperature: float, hard: bool = False,
+                    samples: int | None = None) -> Tensor | None:
     """The model's task gate (samples, num_tasks) from the mean of its layers' last task scores,
-    or None when no layer scored its input against ``num_tasks`` tasks."""
+    or None when no layer scored its input against ``num_tasks`` tasks.
+
+    ``samples``: the batch's images. A layer that sees k rows per image (Swin's windows, the rows of a
+    (B, H, W, C) map: :mod:`duallora_kernels.layer_gates`) scored each; an image's score there is their
+    mean."""
     scores = [
-        layer.last_scores.float()
+        _per_image(layer.last_scores.float(), samples)
         for layer in dual_lora_layers(model).values()
         if layer.last_scores is not None and layer.last_scores.shape[-1] == num_tasks
     ]
@@ -42,13 +47,20 @@ def model_task_gate(model: nn.Module, num_tasks: int, temperature: float, hard: 
     return task_gates(torch.stack(scores).mean(0), temperature, hard=hard)
 
 
+def _per_image(scores: Tensor, samples: int | None) -> Tensor:
+    rows = scores.shape[0]
+    if samples is None or rows == samples or samples <= 0 or rows % samples:
+        return scores
+    return scores.reshape(samples, rows // samples, scores.shape[-1]).mean(1)
+
+
 def first_pass_gate(model: nn.Module, x: Tensor, num_tasks: int, temperature: float, hard: bool = False) -> Tensor | None:
     """The global gate: one forward of ``model.features`` with the residual blocks off, then the
     model's task gate from the layers' scores (task bases must come from such passes too)."""
     clear_gates(model)
     with residual_off(model):
         model.features(x)
-    return model_task_gate(model, num_tasks, temperature, hard)
+    return model_task_gate(model, num_tasks, temperature, hard, samples=x.shape[0])
 
 
 def calibrate_logits(logits: Tensor, gate: Tensor, label_ranges: Sequence[range], beta: float) -> Tensor:

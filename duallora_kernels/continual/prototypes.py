@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..inject import call_fused_qkv_layers
 from ..memory import task_gates
 from ..nn import dual_lora_layers, residual_off
 from . import distributed
@@ -44,20 +45,22 @@ __all__ = ["PROTOTYPE_SCORES", "PROTOTYPE_SOURCES", "ClassPrototypes", "Prototyp
 PROTOTYPE_SCORES = tuple(s for s in TASK_SCORES if s.startswith("prototype-"))
 
 
-def summarize_tokens(x: Tensor) -> Tensor:
-    """A layer input's per-sample summary for prototypes: the tokens' mean and standard deviation, (B, 2d)."""
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(torch.float64)
+def summarize_tokens(x: Tensor, samples: int | None = None) -> Tensor:
+    """A layer input's per-sample summary for prototypes: the tokens' mean and standard deviation, (B, 2d).
+    ``samples``: the batch's images B, when x's first dimension holds several rows per image, each image's
+    consecutive (Swin's windows: (B * windows, N, d)); default x.shape[0]."""
+    x3 = x.reshape(samples or x.shape[0], -1, x.shape[-1]).to(torch.float64)
     return torch.cat([x3.mean(1), x3.std(1, correction=0)], 1)
 
 
 @contextlib.contextmanager
-def input_summaries(layers: dict[str, nn.Module]) -> Iterator[Callable[[], Tensor]]:
+def input_summaries(layers: dict[str, nn.Module], samples: int | None = None) -> Iterator[Callable[[], Tensor]]:
     """Within the block, every forward through ``layers`` records each one's input summary
-    (:func:`summarize_tokens`); the yielded function returns the last forward's summaries concatenated in the
-    order of ``layers`` (B, D)."""
+    (:func:`summarize_tokens`, per image of a batch of ``samples``); the yielded function returns the last
+    forward's summaries concatenated in the order of ``layers`` (B, D)."""
     seen: dict[str, Tensor] = {}
     handles = [layer.register_forward_pre_hook(
-        lambda _m, args, name=name: seen.__setitem__(name, summarize_tokens(args[0].detach())))
+        lambda _m, args, name=name: seen.__setitem__(name, summarize_tokens(args[0].detach(), samples)))
         for name, layer in layers.items()]
 
     def features() -> Tensor:
@@ -90,12 +93,15 @@ class PrototypeFeatures:
         if source == "adapted":
             self.layers: dict[str, nn.Module] = dict(layers)
         else:  # the same layers' names inside the copy: "backbone.blocks.0.attn.qkv" -> "blocks.0.attn.qkv"
-            self.layers = {name: reference.get_submodule(name.split(".", 1)[1] if name.startswith("backbone.") else name)
-                           for name in layers}
+            inside = {name: name.split(".", 1)[1] if name.startswith("backbone.") else name for name in layers}
+            self.layers = {name: reference.get_submodule(inner) for name, inner in inside.items()}
+            # the copy's fused-qkv attention (beit, eva) must call its qkv layer for the hooks to see it, as
+            # inject made the adapted model's do
+            call_fused_qkv_layers(reference, list(inside.values()))
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
-        with input_summaries(self.layers) as features:
+        with input_summaries(self.layers, x.shape[0]) as features:
             if self.source == "pretrained":
                 self.reference(x)
             else:

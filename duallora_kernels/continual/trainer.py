@@ -343,7 +343,7 @@ class Trainer:
                 set_gate(model, None)
         clear_gates(model)
         logits = model(x)
-        return logits, model_task_gate(model, num_tasks, c.temperature, hard)
+        return logits, model_task_gate(model, num_tasks, c.temperature, hard, samples=x.shape[0])
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, model: nn.Module, history: _History, t: int) -> None:

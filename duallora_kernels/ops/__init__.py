@@ -21,7 +21,7 @@ from torch import Tensor
 from .. import _checks as check
 from .reference import gram_reference, task_scores_reference
 
-__all__ = ["BACKENDS", "resolve_backend", "autocast_dtype", "dual_lora_linear", "gram", "task_scores"]
+__all__ = ["BACKENDS", "resolve_backend", "autocast_dtype", "autocast_off", "dual_lora_linear", "gram", "task_scores"]
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 #: Compute capabilities (major, minor) on which ``backend="auto"`` takes the CUDA C++ backend: those
@@ -86,6 +86,15 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     except RuntimeError:  # a device type autocast does not know (meta, ...)
         return None
     return torch.get_autocast_dtype(device.type) if on else None
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``device`` (nothing to do when it is off already).
+
+    The memory's arithmetic -- Gram matrices, task scores, M^T M, projections onto span(M) -- runs in
+    its own float32/float64 whatever the caller's autocast state: in bfloat16 an orthonormal basis
+    moves by ~1e-3 and fails its own check."""
+    return torch.autocast(device.type, enabled=False) if autocast_dtype(device) else contextlib.nullcontext()
 
 
 def _autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -278,8 +287,7 @@ def gram(x: Tensor, *, backend: str = "auto") -> Tensor:
     check.tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., d)")
-    with torch.autocast(x.device.type, enabled=False) if autocast_dtype(x.device) else contextlib.nullcontext():
-        # statistics for the memory bases stay in float32 under autocast
+    with autocast_off(x.device):  # statistics for the memory bases stay in float32 under autocast
         return _gram(x, resolve_backend(backend, x.device))
 
 
@@ -306,8 +314,7 @@ def task_scores(z: Tensor, task_bases: Tensor, *, backend: str = "auto") -> Tens
         raise ValueError(
             f"task_bases must have shape (T, d, u) with d={z.shape[1]} matching z, got {tuple(task_bases.shape)}"
         )
-    with torch.autocast(z.device.type, enabled=False) if autocast_dtype(z.device) else contextlib.nullcontext():
-        # the scores feed a softmax over tasks: float32 under autocast too
+    with autocast_off(z.device):  # the scores feed a softmax over tasks: float32 under autocast too
         return _task_scores(z, task_bases, resolve_backend(backend, z.device))
 
 

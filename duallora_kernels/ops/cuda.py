@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_build
-from .launchers import TORCH, Launchers
+from .launchers import TORCH, Launchers, rows_in_shape
 from .reference import TINY_NORM, task_scores_reference
 
 __all__ = ["cuda_launchers", "gram_cuda", "task_scores_cuda", "load_extension", "extension_unavailable",
@@ -184,14 +184,14 @@ def _kernel_takes(x: Tensor, lay) -> bool:
 def _cuda_forward(x, weight, bias, a, bt, gate, lay, store_t):
     if not _kernel_takes(x, lay):
         return TORCH.forward(x, weight, bias, a, bt, gate, lay, store_t)
-    n, d = weight.shape
+    d = weight.shape[1]
     g = _gate_rows(gate, lay, x.numel() // d)
     y, t = load_extension().dual_lora_forward(
         x.reshape(-1, d).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), a, bt, g,
         lay.r_orth, lay.r_blk, lay.orth_scale, lay.res_scale, store_t,
     )
     # T comes out unscaled in x's dtype, as the graph keeps it (fused_linear's "What is saved").
-    return y.view(*x.shape[:-1], n), t
+    return rows_in_shape(y, x.shape[:-1]), t
 
 
 def _cuda_backward(dy, x, weight, a, bt, gate, t, lay, plan, grad):

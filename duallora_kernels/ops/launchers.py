@@ -20,7 +20,8 @@ from torch import Tensor
 from ._kernel_utils import pow2_at_least
 from .reference import adapter_matrices, column_scales, project_onto, project_out
 
-__all__ = ["Layout", "GradPlan", "Launchers", "TORCH", "stack", "rebuild_bt", "project", "grad_buffer_dtype"]
+__all__ = ["Layout", "GradPlan", "Launchers", "TORCH", "stack", "rebuild_bt", "project", "grad_buffer_dtype",
+           "rows_in_shape"]
 
 
 class Layout:
@@ -87,6 +88,18 @@ def grad_buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def rows_in_shape(y: Tensor, lead: torch.Size) -> Tensor:
+    """Y (m, n), as a launcher made it (fresh, contiguous), given x's leading dims ``lead`` in place.
+
+    ``resize_`` to the same number of elements changes only the sizes: no copy, no device op. A ``view``
+    would do the same but hand back a view, and autograd forbids modifying a view that a custom op
+    returned, so ``y += b`` -- what nn.Linear's output allows and timm's attention does to its qkv --
+    would raise."""
+    if not y.is_contiguous():
+        raise RuntimeError("a launcher's Y must be contiguous to take x's leading dims in place")
+    return y.resize_(*lead, y.shape[-1])
+
+
 def _assemble_torch(orth_a, orth_b, frozen_a, frozen_b, res_a, res_b, basis, *, d, n, dtype, device,
                     r_orth=0, r_frozen=0, r_res=0, write_a=True, zero=None):
     """:func:`.adapter_prep.assemble` in torch ops."""
@@ -123,14 +136,14 @@ def _scales(lay: Layout, gate: Tensor | None, rows: int, like: Tensor) -> Tensor
 
 
 def _torch_forward(x, weight, bias, a, bt, gate, lay: Layout, store_t: bool):
-    n, d = weight.shape
+    d = weight.shape[1]
     x2 = x.reshape(-1, d)
     y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
     t = None
     if a is not None:
         t = x2 @ a.T
         y = y + (t * _scales(lay, gate, x2.shape[0], t)) @ bt
-    return y.view(*x.shape[:-1], n), (t if store_t else None)
+    return rows_in_shape(y, x.shape[:-1]), (t if store_t else None)
 
 
 def _torch_backward(dy, x, weight, a, bt, gate, t, lay: Layout, plan: GradPlan, grad: Tensor):
