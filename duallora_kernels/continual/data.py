@@ -249,7 +249,8 @@ class Task:
     """One task of a class-incremental split.
 
     ``classes[i]`` (a source label) is relabelled ``label_offset + i``; ``train``/``test`` yield
-    (float32 image (1, H, W), int64 global label).
+    (float32 image (C, H, W), int64 global label). ``train_plain``: the training images without
+    augmentation, for the passes that collect statistics (None: ``train`` does not augment).
     """
 
     index: int
@@ -257,10 +258,16 @@ class Task:
     label_offset: int
     train: Dataset
     test: Dataset
+    train_plain: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def statistics_data(self) -> Dataset:
+        """The training images the memory and the task statistics are collected from (never augmented)."""
+        return self.train if self.train_plain is None else self.train_plain
 
     @property
     def global_labels(self) -> range:
@@ -271,33 +278,35 @@ def split_class_incremental(
     train: LabelledImages,
     test: LabelledImages,
     *,
-    num_tasks: int,
+    num_tasks: int | None,
     classes_per_task: int,
     order: Sequence[int] | None = None,
     seed: int = 0,
     train_per_class: int | None = None,
     test_per_class: int | None = None,
     normalisation: Normalisation | None = None,
+    init_classes: int | None = None,
 ) -> list[Task]:
-    """Split a dataset into ``num_tasks`` tasks of ``classes_per_task`` disjoint classes each.
+    """Split a dataset into ``num_tasks`` tasks of ``classes_per_task`` disjoint classes each (the first of
+    ``init_classes`` when given: B<N>-Inc<K>, :func:`.datasets.splits.task_sizes`; ``num_tasks`` None: as
+    many as the classes fill).
 
     order: source classes in task order (default ``class_order(#classes, seed)``); its first
-        ``num_tasks * classes_per_task`` entries are used.
+        ``sum(task sizes)`` entries are used.
     train_per_class, test_per_class: keep that many samples of each class (a seeded choice), for fast runs;
         None keeps all.
     normalisation: default the mean/std of all of ``train``'s images.
 
     Deterministic given the arguments.
     """
-    if num_tasks < 1 or classes_per_task < 1:
+    from .datasets.splits import task_sizes
+
+    if (num_tasks is not None and num_tasks < 1) or classes_per_task < 1:
         raise ValueError(f"num_tasks and classes_per_task must be >= 1, got {num_tasks} and {classes_per_task}")
     source_classes = train.classes
-    needed = num_tasks * classes_per_task
-    if len(source_classes) < needed:
-        raise ValueError(
-            f"dataset has {len(source_classes)} classes, {num_tasks} tasks × {classes_per_task} classes "
-            f"needs {needed}"
-        )
+    sizes = task_sizes(len(order) if order is not None and num_tasks is None else len(source_classes),
+                       classes_per_task, init_classes, num_tasks)
+    needed = sum(sizes)
     if order is None:
         order = [source_classes[i] for i in class_order(len(source_classes), seed)]
     order = [int(c) for c in order]
@@ -307,13 +316,12 @@ def split_class_incremental(
     if unknown:
         raise ValueError(f"class order names classes {unknown} that the training data lacks (it has {source_classes})")
     if len(order) < needed:
-        raise ValueError(f"class order has {len(order)} classes, {num_tasks} tasks × {classes_per_task} needs {needed}")
+        raise ValueError(f"class order has {len(order)} classes, {len(sizes)} tasks × {classes_per_task} needs {needed}")
     normalisation = normalisation or Normalisation.of(train.images)
 
     tasks = []
-    for t in range(num_tasks):
-        classes = tuple(order[t * classes_per_task:(t + 1) * classes_per_task])
-        offset = t * classes_per_task
+    for t, offset in enumerate(np.cumsum([0, *sizes[:-1]]).tolist()):
+        classes = tuple(order[offset:offset + sizes[t]])
         datasets = [
             _task_dataset(data, classes, offset, per_class, normalisation, seed, split)
             for data, per_class, split in ((train, train_per_class, "train"), (test, test_per_class, "test"))
@@ -331,9 +339,18 @@ def _task_dataset(
     seed: int,
     split: str,
 ) -> TensorDataset:
+    index = per_class_index(data.labels, classes, per_class, seed, split)
+    labels = global_labels(data.labels[index], classes, label_offset)
+    return TensorDataset(normalisation.apply(data.images[index]), torch.from_numpy(labels))
+
+
+def per_class_index(labels: np.ndarray, classes: Sequence[int], per_class: int | None, seed: int,
+                    split: str) -> np.ndarray:
+    """The samples of ``classes`` (class by class), ``per_class`` of each (a seeded choice; None: all of them):
+    the subsampling rule of every data set's split."""
     chosen = []
     for c in classes:
-        members = np.flatnonzero(data.labels == c)
+        members = np.flatnonzero(labels == c)
         if per_class is not None:
             if per_class < 1:
                 raise ValueError(f"{split}_per_class must be >= 1 or None, got {per_class}")
@@ -345,12 +362,15 @@ def _task_dataset(
             rng = np.random.default_rng([seed, 0 if split == "train" else 1, c])
             members = np.sort(rng.choice(members, size=per_class, replace=False))
         chosen.append(members)
-    index = np.concatenate(chosen)
-    source_labels = data.labels[index]
-    labels = np.empty(len(index), dtype=np.int64)
+    return np.concatenate(chosen)
+
+
+def global_labels(source_labels: np.ndarray, classes: Sequence[int], label_offset: int) -> np.ndarray:
+    """Source labels relabelled to their task's global labels: ``classes[i]`` becomes ``label_offset + i``."""
+    labels = np.empty(len(source_labels), dtype=np.int64)
     for position, c in enumerate(classes):
         labels[source_labels == c] = label_offset + position
-    return TensorDataset(normalisation.apply(data.images[index]), torch.from_numpy(labels))
+    return labels
 
 
 def fashion_mnist_tasks(
@@ -371,10 +391,13 @@ def fashion_mnist_tasks(
     )
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
-    """A single-process DataLoader; with ``shuffle`` its order comes from a generator seeded by ``seed``."""
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader; with ``shuffle`` its order comes from a generator seeded by ``seed`` (the same order
+    whatever ``workers``: the loader draws it in this process). ``workers`` decode in that many processes;
+    ``pin_memory`` for non-blocking copies to a GPU."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0,
-                      drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                      drop_last=drop_last, pin_memory=pin_memory)
