@@ -2,18 +2,21 @@
 conventions against hand-computed expectations, the model's preprocessing and seeded augmentation."""
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from data_files import write_cifar10, write_cifar100, write_image_folder
+from duallora_kernels.continual.config import TrainConfig
 from duallora_kernels.continual.data import class_order, make_loader
 from duallora_kernels.continual.datasets import check_data_root, load_source
 from duallora_kernels.continual.datasets.images import TaskImages, for_epoch
 from duallora_kernels.continual.datasets.preprocess import Preprocessing
 from duallora_kernels.continual.datasets.splits import (pycil_order, read_class_order, resolve_class_order,
                                                         split_label, task_sizes)
+from duallora_kernels.continual.datasets.stream import load_stream
 
 # numpy.random.seed(1993); numpy.random.permutation(100): the CIFAR-100 class order PyCIL and PILOT runs use
 # (their default seed), as published in their logs and copied into many code bases.
@@ -165,6 +168,28 @@ def test_class_orders_by_rule(tmp_path):
         resolve_class_order(names, seed=0, explicit=("c100",))
 
 
+def test_a_b50_inc10_split_of_cifar100_in_pycil_order(tmp_path):
+    write_cifar100(tmp_path, train_per_class=2, test_per_class=1)
+    config = TrainConfig(dataset="cifar100", data_root=str(tmp_path), model="vit_tiny_patch16_224", num_tasks=None,
+                         init_classes=50, classes_per_task=10, class_order_seed=1993, train_per_class=None,
+                         test_per_class=None, img_size=None)
+    stream = load_stream(config)
+    assert stream.sizes == [50, 10, 10, 10, 10, 10] and stream.task_classes[0] == tuple(PYCIL_1993_CIFAR100)
+    prep = Preprocessing(3, (8, 8), "bilinear", (0.5,) * 3, (0.5,) * 3, 1.0)
+    tasks = stream.tasks(prep)
+    assert [t.label_offset for t in tasks] == [0, 50, 60, 70, 80, 90]
+    second = tasks[1]
+    # every sample of task 1 is an image of one of its classes, relabelled to 50 + its class's position
+    source = stream.source.train
+    positions = {c: i for i, c in enumerate(second.classes)}
+    for k in range(len(second.train)):
+        x, y = second.train_plain[k]
+        assert x.shape == (3, 8, 8) and y == 50 + positions[int(source.labels[second.train.index[k]])]
+    assert len(second.train) == 20 and len(second.test) == 10
+    described = stream.describe()
+    assert described["split"] == "B50-Inc10, 6 tasks" and described["class_names"][1][0] == f"class{second.classes[0]:02d}"
+
+
 # ------------------------------------------------------------------------------------- preprocessing
 def test_preprocessing_comes_from_the_models_timm_configuration():
     from PIL import Image
@@ -205,3 +230,57 @@ def test_augmentation_is_seeded_per_sample_whatever_the_workers(tmp_path):
     assert not torch.equal(data.for_epoch(1)[0][0], data.for_epoch(2)[0][0])
     assert torch.equal(data.for_epoch(1)[0][0], data.for_epoch(1)[0][0])
 
+
+# ------------------------------------------------------------------------------------------ the command
+def _train_args(argv):
+    from duallora_kernels import cli
+
+    parser = cli.build_parser()
+    return parser.parse_args(["train", *argv])
+
+
+def test_each_data_set_brings_its_own_defaults_and_the_embedded_benchmark_keeps_its_own(tmp_path):
+    from duallora_kernels.commands.train import configs_from_args
+
+    (default,) = configs_from_args(_train_args([]))
+    assert (default.dataset, default.num_tasks, default.classes_per_task, default.train_per_class,
+            default.test_per_class, default.img_size) == ("fashion-mnist", 5, 2, 500, 300, 28)
+    model = ["--model", "vit_tiny_patch16_224", "--data-root", str(tmp_path)]
+    (c100,) = configs_from_args(_train_args(["--dataset", "cifar100", *model]))
+    assert (c100.num_tasks, c100.classes_per_task, c100.train_per_class, c100.img_size) == (None, 10, None, None)
+    (c10,) = configs_from_args(_train_args(["--dataset", "cifar10", "--increment", "5", "--init-classes", "0", *model]))
+    assert (c10.classes_per_task, c10.init_classes, c10.in_chans) == (5, 0, 3)
+    (tmp_path / "order.txt").write_text("3 1 2")
+    (ordered,) = configs_from_args(_train_args(["--dataset", "imagefolder", "--class-order", str(tmp_path / "order.txt"),
+                                                "--split-ratio", "0.2", *model]))
+    assert ordered.class_order == (3, 1, 2) and ordered.to_json()["class_order"] == [3, 1, 2]
+    assert TrainConfig.from_json(ordered.to_json()) == ordered  # what a resumed run compares
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--dataset", "cifar100", "--model", "vit_tiny_patch16_224", "--data-root", "{missing}"],
+     r"--data-root \S+missing does not exist; --dataset cifar100 expects DIR/cifar-100-python/"),
+    (["--dataset", "cifar100", "--data-root", "{data}"], r"dataset 'cifar100' needs a timm ViT \(--model NAME"),
+    (["--dataset", "cifar100", "--model", "vit_tiny_patch16_224", "--data-root", "{data}", "--full"],
+     r"--full selects every Fashion-MNIST image"),
+    (["--workers", "2"], r"--workers: fashion-mnist is held in memory as tensors"),
+    (["--class-order", "sorted", "--class-order-seed", "1993"], r"give --class-order .* or --class-order-seed"),
+    (["--dataset", "cifar100", "--model", "vit_tiny_patch16_224", "--data-root", "{data}", "--split-ratio", "0.2"],
+     r"split_ratio .* applies to dataset 'imagefolder' only"),
+    (["--dataset", "imagefolder", "--model", "vit_tiny_patch16_224", "--data-root", "{data}"],
+     r"it looks like cifar100 data: --dataset cifar100"),
+])
+def test_bad_data_options_stop_with_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch, argv, match):
+    from duallora_kernels import cli
+    from duallora_kernels.continual import trainer
+
+    write_cifar100(tmp_path / "data", 1, 1, classes=5)
+    (tmp_path / "w.pth").write_bytes(b"never read")
+    monkeypatch.setattr(trainer.Trainer, "run", lambda *a, **k: pytest.fail("a run started"))
+    argv = [a.format(missing=tmp_path / "missing", ckpt=tmp_path / "w.pth", data=tmp_path / "data") for a in argv]
+    out = tmp_path / "out"
+    assert cli.main(["train", *argv, f"--out-dir={out}", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert re.search(match, captured.err), captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("duallora train: error:")
+    assert not out.exists()

@@ -399,5 +399,10 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    if generator is not None:
+        # Every iter() of a DataLoader takes one number from this generator (its workers' base seed) before the
+        # sampler draws the order. The committed runs iterated each epoch's loader through a progress bar that
+        # called iter() twice; the trainer now calls it once, so one number is taken here: same batches.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
                       drop_last=drop_last, pin_memory=pin_memory)
