@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .datasets.splits import global_labels, per_class_index, task_sizes
+
 IMAGE_SIZE = 28
 DEFAULT_FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -299,8 +301,6 @@ def split_class_incremental(
 
     Deterministic given the arguments.
     """
-    from .datasets.splits import task_sizes
-
     if (num_tasks is not None and num_tasks < 1) or classes_per_task < 1:
         raise ValueError(f"num_tasks and classes_per_task must be >= 1, got {num_tasks} and {classes_per_task}")
     source_classes = train.classes
@@ -342,35 +342,6 @@ def _task_dataset(
     index = per_class_index(data.labels, classes, per_class, seed, split)
     labels = global_labels(data.labels[index], classes, label_offset)
     return TensorDataset(normalisation.apply(data.images[index]), torch.from_numpy(labels))
-
-
-def per_class_index(labels: np.ndarray, classes: Sequence[int], per_class: int | None, seed: int,
-                    split: str) -> np.ndarray:
-    """The samples of ``classes`` (class by class), ``per_class`` of each (a seeded choice; None: all of them):
-    the subsampling rule of every data set's split."""
-    chosen = []
-    for c in classes:
-        members = np.flatnonzero(labels == c)
-        if per_class is not None:
-            if per_class < 1:
-                raise ValueError(f"{split}_per_class must be >= 1 or None, got {per_class}")
-            if per_class > len(members):
-                raise ValueError(
-                    f"{split}_per_class={per_class} but class {c} has only {len(members)} {split} samples"
-                )
-            # One generator per (seed, split, class): a class's subsample does not depend on the others.
-            rng = np.random.default_rng([seed, 0 if split == "train" else 1, c])
-            members = np.sort(rng.choice(members, size=per_class, replace=False))
-        chosen.append(members)
-    return np.concatenate(chosen)
-
-
-def global_labels(source_labels: np.ndarray, classes: Sequence[int], label_offset: int) -> np.ndarray:
-    """Source labels relabelled to their task's global labels: ``classes[i]`` becomes ``label_offset + i``."""
-    labels = np.empty(len(source_labels), dtype=np.int64)
-    for position, c in enumerate(classes):
-        labels[source_labels == c] = label_offset + position
-    return labels
 
 
 def fashion_mnist_tasks(

@@ -4,6 +4,8 @@ classes come.
 * Task sizes (:func:`task_sizes`): ``B<N>-Inc<K>`` as PyCIL and PILOT name them: a first task of N classes,
   then K classes per task. ``B0`` means the first task is like the others (N = K). With no task count the
   classes are used up, the last task taking what remains (PyCIL's rule); with one, exactly that many tasks.
+* Samples (:func:`per_class_index`, :func:`global_labels`): a seeded subset of each class, relabelled to its
+  position in the class order.
 * Class order (:func:`resolve_class_order`): one of
   - the run's seed (the default; what the embedded benchmark always did: ``numpy.random.default_rng(seed)``);
   - ``class_order_seed`` S: PyCIL's rule, ``numpy.random.seed(S); numpy.random.permutation(C)``, so
@@ -20,7 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["SORTED", "task_sizes", "split_label", "pycil_order", "resolve_class_order", "read_class_order"]
+__all__ = ["SORTED", "task_sizes", "split_label", "pycil_order", "resolve_class_order", "read_class_order",
+           "per_class_index", "global_labels"]
 
 #: ``--class-order sorted``: the data set's own label order.
 SORTED = "sorted"
@@ -125,3 +128,33 @@ def read_class_order(path: str | os.PathLike) -> tuple[int | str, ...]:
                                                  for e in entries):
         raise ValueError(f"--class-order {path}: expected a list of class indices or names, got {text[:80]!r}")
     return tuple(int(e) if isinstance(e, str) and e.lstrip("-").isdigit() else e for e in entries)
+
+
+def per_class_index(labels: np.ndarray, classes: Sequence[int], per_class: int | None, seed: int,
+                    split: str) -> np.ndarray:
+    """The samples of ``classes`` (class by class), ``per_class`` of each (a seeded choice; None: all of them):
+    the subsampling rule of every data set's split, the embedded benchmark's first."""
+    chosen = []
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        if per_class is not None:
+            if per_class < 1:
+                raise ValueError(f"{split}_per_class must be >= 1 or None, got {per_class}")
+            if per_class > len(members):
+                raise ValueError(
+                    f"{split}_per_class={per_class} but class {c} has only {len(members)} {split} samples"
+                )
+            # One generator per (seed, split, class): a class's subsample does not depend on the others.
+            rng = np.random.default_rng([seed, 0 if split == "train" else 1, c])
+            members = np.sort(rng.choice(members, size=per_class, replace=False))
+        chosen.append(members)
+    return np.concatenate(chosen)
+
+
+def global_labels(source_labels: np.ndarray, classes: Sequence[int], label_offset: int) -> np.ndarray:
+    """Source labels relabelled to their task's global labels: ``classes[i]`` becomes ``label_offset + i``."""
+    labels = np.empty(len(source_labels), dtype=np.int64)
+    for position, c in enumerate(classes):
+        labels[source_labels == c] = label_offset + position
+    return labels
+

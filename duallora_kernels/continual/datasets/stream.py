@@ -13,10 +13,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..data import Task, global_labels, per_class_index
+from ..data import Task
 from .images import ImageSource, TaskImages
 from .preprocess import Preprocessing
-from .splits import resolve_class_order, split_label, task_sizes
+from .splits import global_labels, per_class_index, resolve_class_order, split_label, task_sizes
 
 __all__ = ["TaskStream", "load_stream"]
 
