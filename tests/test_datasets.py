@@ -257,7 +257,30 @@ def test_each_data_set_brings_its_own_defaults_and_the_embedded_benchmark_keeps_
     assert TrainConfig.from_json(ordered.to_json()) == ordered  # what a resumed run compares
 
 
+def test_a_preset_expands_to_the_inflora_settings_and_given_options_win(tmp_path):
+    from duallora_kernels.commands.presets import expand_preset
+    from duallora_kernels.commands.train import configs_from_args
+
+    parser = _train_args([])._train_parser
+    argv, preset = expand_preset(["--preset", "cifar100-b0inc10", "--data-root", "D", "--checkpoint", "w.pth",
+                                  "--increment", "5"], parser)
+    assert preset.source == "InfLoRA configs/cifar100_inflora.json"
+    assert argv[:4] == ["--dataset", "cifar100", "--model", "vit_base_patch16_224"] and argv.count("--increment") == 1
+    (config,) = configs_from_args(parser.parse_args([*argv, "--preset", "cifar100-b0inc10"]))
+    # configs/cifar100_inflora.json: init_cls 10, increment 10 (given here: 5 wins), 20 epochs, batch 128, Adam lr 5e-4 without
+    # weight decay, shuffle false, rank 10, lamb 0.95 -> 0.95 + 0.05 * 9 / 10 after the last of 10 tasks
+    assert (config.init_classes, config.classes_per_task, config.epochs, config.batch_size, config.lr, config.head_lr,
+            config.weight_decay, config.class_order, config.rank_orth, config.threshold_start,
+            config.threshold_end) == (10, 5, 20, 128, 5e-4, 5e-4, 0.0, "sorted", 10, 0.95, 0.995)
+    argv, _ = expand_preset(["--preset=imagenetr-b0inc10"], parser)
+    assert argv[argv.index("--init-classes") + 1] == "10" and argv[argv.index("--epochs") + 1] == "50"
+    assert argv[argv.index("--threshold-end") + 1] == "0.999"  # 0.98 + 0.02 * 19 / 20: 20 tasks
+
+
 @pytest.mark.parametrize("argv, match", [
+    (["--preset", "cifar100-b0inc10", "--data-root", "{missing}", "--checkpoint", "{ckpt}"],
+     r"--data-root \S+missing does not exist; --dataset cifar100 expects DIR/cifar-100-python/"),
+    (["--preset", "imagenetr-b0inc20", "--checkpoint", "{ckpt}"], r"--preset imagenetr-b0inc20 .* add --data-root DIR"),
     (["--dataset", "cifar100", "--model", "vit_tiny_patch16_224", "--data-root", "{missing}"],
      r"--data-root \S+missing does not exist; --dataset cifar100 expects DIR/cifar-100-python/"),
     (["--dataset", "cifar100", "--data-root", "{data}"], r"dataset 'cifar100' needs a timm ViT \(--model NAME"),
@@ -284,3 +307,7 @@ def test_bad_data_options_stop_with_one_line_before_anything_is_written(tmp_path
     assert re.search(match, captured.err), captured.err
     assert captured.err.count("\n") == 1 and captured.err.startswith("duallora train: error:")
     assert not out.exists()
+    if "--preset" in argv and "--data-root" in argv:  # the expanded command was printed first, in full
+        assert re.search(r"--preset cifar100-b0inc10 is: duallora train --dataset cifar100 --model vit_base_patch16_224 "
+                         r"--init-classes 10 --increment 10 --class-order sorted --epochs 20 .* --data-root \S+missing "
+                         r"--checkpoint \S+w.pth", captured.out), captured.out

@@ -1,6 +1,6 @@
 """`duallora train`: the class-incremental benchmark (default: Split Fashion-MNIST, 5 tasks x 2
 classes, on the self-pretrained ViT shipped with the package), one method or several, same data and seed;
-or the user's own data set (``--dataset``, ``--data-root``).
+or the user's own data set (``--dataset``, ``--data-root``; ``--preset`` for published settings).
 
 Options that a run would ignore are refused before anything runs (:func:`configs_from_args`)."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ import typing
 from ..cli import INTERRUPTED, HelpFormatter, add_threads_option, apply_threads
 from ..continual.config import AMP_MODES, GATE_SOURCES, METHODS, PROTOTYPE_SOURCES, TASK_SCORES, TrainConfig
 from ..continual.datasets import DATASETS, RUN_DEFAULTS
+from .presets import PRESETS, expand_preset, expanded_command
 
 DESCRIPTION = (
     "Run the class-incremental benchmark: by default DualLoRA on Split Fashion-MNIST (5 tasks x 2 classes, "
@@ -21,7 +22,8 @@ DESCRIPTION = (
     "the accuracy matrix, task-identity accuracy and a checkpoint; --resume continues from the last finished "
     "task (Ctrl-C prints the exact command). Writes OUT_DIR/<method>-seed<seed>/results.json and results.png. "
     "Options a run would not use (e.g. --checkpoint without --model) are refused. Your own data: --dataset "
-    "cifar100|cifar10|imagefolder --data-root DIR --model NAME --checkpoint FILE (see the README, 'Your own data')."
+    "cifar100|cifar10|imagefolder --data-root DIR --model NAME --checkpoint FILE, or --preset NAME for a "
+    "published setting (see the README, 'Your own data')."
 )
 CURVES_PNG = "a_t-curves.png"  # beside the runs, when one command makes several
 _SKIP = {"method", "targets", "train_per_class", "test_per_class", "amp", "compile", "class_order"}
@@ -136,8 +138,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.register("action", None, _Given)
     p.register("action", "store", _Given)
     p.register("action", "store_true", _GivenFlag)
+    p.set_defaults(_train_parser=p)  # --preset re-reads the command line with its options
     p.add_argument("--method", default="duallora",
                    help=f"one of {', '.join(METHODS)}; a comma-separated list; or 'all'")
+    p.add_argument("--preset", default=None, metavar="NAME", choices=tuple(PRESETS),
+                   help=f"a published setting ({', '.join(PRESETS)}: the InfLoRA configurations, docs/method.md) as "
+                        "the options it stands for, printed in full; options given beside it win. Needs "
+                        "--data-root and --checkpoint (ViT-B/16 weights) (default: none)")
     p.add_argument("--class-order", default=None, metavar="FILE|sorted",
                    help="the class order, given: a file of class indices or names (JSON list, or separated by "
                         "commas / white space), or 'sorted' for the data set's own order (default: shuffled, "
@@ -243,6 +250,11 @@ def _data_settings(args: argparse.Namespace, given: set[str]) -> dict[str, typin
         raise ValueError("give --class-order (the order itself) or --class-order-seed (a shuffle), not both")
     if args.class_order is not None:
         settings["class_order"] = SORTED if args.class_order == SORTED else read_class_order(args.class_order)
+    if args.preset is not None and (args.checkpoint is None or args.data_root is None):
+        missing = " and ".join(f for f, v in (("--data-root DIR", args.data_root), ("--checkpoint FILE", args.checkpoint))
+                               if v is None)
+        raise ValueError(f"--preset {args.preset} is a setting for a pre-trained ViT-B/16 on your own files: add "
+                         f"{missing} (README, 'Your own data')")
     return settings
 
 
@@ -304,6 +316,12 @@ def _run(args: argparse.Namespace) -> int:
     from ..continual.execution import check_execution
     from ..continual.trainer import Trainer
 
+    if args.preset is not None:  # the preset's options, then the user's: read again as one command line
+        argv, _ = expand_preset(getattr(args, "_argv", sys.argv[1:]), args._train_parser)
+        args = args._train_parser.parse_args([*argv, "--preset", args.preset])
+        args._argv = argv
+        if distributed.rank() == 0:
+            print(f"duallora train: --preset {args.preset} is: {expanded_command(argv)}", flush=True)
     configs = configs_from_args(args)  # every method's settings are checked before any runs
     check_data_root(configs[0].dataset, configs[0].data_root)  # a folder that is not the data set: one line, now
     threads = apply_threads(args.threads)
