@@ -2,6 +2,7 @@
 the memory's growth recorded after each task, resuming a run on the user's data, and the stacked rank of 20
 tasks on every backend."""
 import json
+import logging
 
 import pytest
 import torch
@@ -121,3 +122,20 @@ def test_twenty_tasks_stacked_rank_on_every_backend(backend, gen, monkeypatch):
     assert kw["frozen_a"].shape[0] + kw["orth_a"].shape[0] + kw["res_a"].shape[0] == 88
     check_against_reference(x, w, b, kw, backend=backend)
 
+
+def test_the_cuda_backend_falls_back_above_its_rank_limit_with_one_notice(gen, monkeypatch, caplog):
+    from duallora_kernels.ops import cuda
+    from duallora_kernels.ops.launchers import TORCH, Layout
+
+    monkeypatch.setattr(cuda, "load_extension", lambda: pytest.fail("the extension was called"))
+    monkeypatch.setattr(cuda, "_told_rank", [])
+    x, w = torch.randn(5, 24, generator=gen).bfloat16(), torch.randn(12, 24, generator=gen).bfloat16()
+    a, bt = torch.randn(136, 24, generator=gen).bfloat16(), torch.randn(136, 12, generator=gen).bfloat16()
+    lay = Layout(a, 8, 128, None, 0.5, 2.0)
+    with caplog.at_level(logging.WARNING, logger=cuda.__name__):
+        for _ in range(3):
+            y, t = cuda._cuda_forward(x, w, None, a, bt, None, lay, True)
+    assert torch.equal(y, TORCH.forward(x, w, None, a, bt, None, lay, True)[0])
+    notices = [r.getMessage() for r in caplog.records]
+    assert len(notices) == 1 and "stacked rank 136 is above the tensor-core kernels' limit of 128" in notices[0]
+    assert "\n" not in notices[0]
