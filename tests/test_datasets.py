@@ -287,6 +287,7 @@ def test_a_preset_expands_to_the_inflora_settings_and_given_options_win(tmp_path
     (["--dataset", "cifar100", "--model", "vit_tiny_patch16_224", "--data-root", "{data}", "--full"],
      r"--full selects every Fashion-MNIST image"),
     (["--workers", "2"], r"--workers: fashion-mnist is held in memory as tensors"),
+    (["--split-seed", "3"], r"--split-seed draws the --split-ratio split; without --split-ratio it would be ignored"),
     (["--class-order", "sorted", "--class-order-seed", "1993"], r"give --class-order .* or --class-order-seed"),
     (["--dataset", "cifar100", "--model", "vit_tiny_patch16_224", "--data-root", "{data}", "--split-ratio", "0.2"],
      r"split_ratio .* applies to dataset 'imagefolder' only"),

@@ -246,6 +246,9 @@ def _data_settings(args: argparse.Namespace, given: set[str]) -> dict[str, typin
     if dataset == "fashion-mnist" and "workers" in given:
         raise ValueError("--workers: fashion-mnist is held in memory as tensors, there is nothing to decode in "
                          "worker processes; leave it out")
+    if "split_seed" in given and args.split_ratio is None:
+        raise ValueError("--split-seed draws the --split-ratio split; without --split-ratio it would be ignored: "
+                         "leave it out")
     if args.class_order is not None and "class_order_seed" in given:
         raise ValueError("give --class-order (the order itself) or --class-order-seed (a shuffle), not both")
     if args.class_order is not None:
