@@ -83,10 +83,29 @@ FULL_RUNS = "split-fmnist-full"
 UPPER_BOUND = "upper-bound/upper-bound.json"  # results/upper-bound/probe_upper_bound.py: what limits `joint`  # beside the default runs: `duallora train --full`, every image
 
 
-def _images(c: dict[str, Any]) -> str:
+def _images(c: dict[str, Any], data: dict[str, Any]) -> str:
     if c["train_per_class"] is None and c["test_per_class"] is None:
+        if c.get("dataset", "fashion-mnist") != "fashion-mnist":
+            return f"every image ({data['train_images']:,} train / {data['test_images']:,} test)"
         return "every image (`--full`: 6,000 train / 1,000 test images per class)"
     return f"{c['train_per_class']} train / {c['test_per_class']} test images per class"
+
+
+def _split(d: dict[str, Any]) -> str:
+    """"5 tasks x 2 classes", or how the run's data says its split is written ("B50-Inc10, 6 tasks")."""
+    data = d.get("data") or {}
+    sizes = data.get("task_sizes") or [d["config"]["classes_per_task"]] * d["config"]["num_tasks"]
+    return f"{len(sizes)} tasks x {sizes[0]} classes" if len(set(sizes)) == 1 else data["split"]
+
+
+def _order(docs: list[tuple[Path, dict[str, Any]]], seeds: list[int]) -> str:
+    """Which rule made the class order (recorded in results.json's data) and the order of each seed."""
+    orders = {int(d["config"]["seed"]): d["class_order"] for _, d in docs if d["method"] != "joint"}
+    order_text = "; ".join(f"seed {s}: {orders[s]}" for s in seeds if s in orders)
+    rules = {(d.get("data") or {}).get("class_order_rule", "") for _, d in docs}
+    if all(not r or r.startswith("shuffled by the seed ") for r in rules):
+        return f"class order shuffled by the seed ({order_text})"
+    return f"class order {' / '.join(sorted(rules))} ({order_text})"
 
 
 def render_runs(docs: list[tuple[Path, dict[str, Any]]], root: Path,
@@ -96,13 +115,13 @@ def render_runs(docs: list[tuple[Path, dict[str, Any]]], root: Path,
     groups = group_by_method([d for _, d in docs], METHODS)
     path_of = {id(d): p for p, d in docs}
     seeds = sorted({s for g in groups for s in g.seeds})
-    orders = {int(d["config"]["seed"]): d["class_order"] for _, d in docs if d["method"] != "joint"}
-    order_text = "; ".join(f"seed {s}: {orders[s]}" for s in seeds if s in orders)
+    data = first.get("data") or {}
+    source = (f"{data['dataset']} from {data.get('layout', 'its folder')}, "
+              if data.get("dataset", "fashion-mnist") != "fashion-mnist" else "")
     lines = [
         title,
         "",
-        f"{c['num_tasks']} tasks x {c['classes_per_task']} classes, class order shuffled by the seed ({order_text}), "
-        f"{_images(c)}, backbone: {first['backbone']} "
+        f"{source}{_split(first)}, {_order(docs, seeds)}, {_images(c, data)}, backbone: {first['backbone']} "
         f"({_backbone(first)}). "
         "A_last: final accuracy over all classes; A_avg: mean over tasks of the accuracy on the classes seen so far; "
         "forgetting: max-based; task-id: accuracy of the dynamic memory's task prediction after the last task."
@@ -130,9 +149,11 @@ def render_runs(docs: list[tuple[Path, dict[str, Any]]], root: Path,
     return lines
 
 
-_NOT_PART_OF_THE_RESULT = ("out_dir", "run_name", "data_root", "backend")
+_NOT_PART_OF_THE_RESULT = ("out_dir", "run_name", "data_root", "backend", "workers")
 # What a run made before a setting existed did, in that setting's words.
-_BEFORE_IT_EXISTED = {"amp": "off", "compile": "off", "task_score": "subspace"}
+_BEFORE_IT_EXISTED = {"amp": "off", "compile": "off", "task_score": "subspace", "dataset": "fashion-mnist",
+                      "init_classes": None, "class_order_seed": None, "class_order": None, "split_ratio": None,
+                      "split_seed": 0}
 
 
 def _settings(d: dict[str, Any]) -> str:

@@ -132,14 +132,14 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
 def test_nan_in_a_tasks_data_stops_with_the_layer_and_the_task(tmp_path, monkeypatch):
     from duallora_kernels.continual import trainer as trainer_module
 
-    real = trainer_module.fashion_mnist_tasks
+    real = trainer_module.load_stream
 
-    def with_nan(*args, **kwargs):
-        tasks = real(*args, **kwargs)
-        tasks[1].train.tensors[0][3, 0, 5, 5] = float("nan")  # one pixel of one image of task 1
-        return tasks
+    def with_nan(config):
+        stream = real(config)
+        stream.ready[1].train.tensors[0][3, 0, 5, 5] = float("nan")  # one pixel of one image of task 1
+        return stream
 
-    monkeypatch.setattr(trainer_module, "fashion_mnist_tasks", with_nan)
+    monkeypatch.setattr(trainer_module, "load_stream", with_nan)
     with pytest.raises(ValueError, match=r"non-finite input statistics .* at layer 'backbone\.blocks\.0\.attn\.qkv', "
                                          r"task 1 \(start of task, before training\).*NaN/inf"):
         Trainer(TrainConfig(**TINY, out_dir=str(tmp_path)), progress=False, log=lambda m: None).run()

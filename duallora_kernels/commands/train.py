@@ -1,5 +1,6 @@
 """`duallora train`: the class-incremental benchmark (default: Split Fashion-MNIST, 5 tasks x 2
-classes, on the self-pretrained ViT shipped with the package), one method or several, same data and seed.
+classes, on the self-pretrained ViT shipped with the package), one method or several, same data and seed;
+or the user's own data set (``--dataset``, ``--data-root``; ``--preset`` for published settings).
 
 Options that a run would ignore are refused before anything runs (:func:`configs_from_args`)."""
 from __future__ import annotations
@@ -12,29 +13,50 @@ import typing
 
 from ..cli import INTERRUPTED, HelpFormatter, add_threads_option, apply_threads
 from ..continual.config import AMP_MODES, GATE_SOURCES, METHODS, PROTOTYPE_SOURCES, TASK_SCORES, TrainConfig
+from ..continual.datasets import DATASETS, RUN_DEFAULTS
+from .presets import PRESETS, expand_preset, expanded_command
 
 DESCRIPTION = (
     "Run the class-incremental benchmark: by default DualLoRA on Split Fashion-MNIST (5 tasks x 2 classes, "
     "class order shuffled by --seed; --seeds 0,1,2 runs each method once per seed) on the self-pretrained ViT shipped with the package. After every task: "
     "the accuracy matrix, task-identity accuracy and a checkpoint; --resume continues from the last finished "
     "task (Ctrl-C prints the exact command). Writes OUT_DIR/<method>-seed<seed>/results.json and results.png. "
-    "Options a run would not use (e.g. --checkpoint without --model) are refused."
+    "Options a run would not use (e.g. --checkpoint without --model) are refused. Your own data: --dataset "
+    "cifar100|cifar10|imagefolder --data-root DIR --model NAME --checkpoint FILE, or --preset NAME for a "
+    "published setting (see the README, 'Your own data')."
 )
 CURVES_PNG = "a_t-curves.png"  # beside the runs, when one command makes several
-_SKIP = {"method", "targets", "train_per_class", "test_per_class", "amp", "compile"}
-_CHOICES = {"gate_mode": ("soft", "hard"), "gate_source": GATE_SOURCES, "summary": ("cls", "mean"),
+_SKIP = {"method", "targets", "train_per_class", "test_per_class", "amp", "compile", "class_order"}
+_CHOICES = {"dataset": DATASETS, "gate_mode": ("soft", "hard"), "gate_source": GATE_SOURCES, "summary": ("cls", "mean"),
             "task_score": TASK_SCORES, "prototype_features": PROTOTYPE_SOURCES,
             "backend": ("auto", "triton", "torch", "cuda")}
 _HELP = {
     "seed": "seeds the class order, the subsets and training (logged in the results)",
-    "data_root": "folder with Fashion-MNIST's IDX files (default: Debian's /usr/share/datasets/fashion-mnist)",
-    "num_tasks": "number of tasks the classes are split into",
-    "classes_per_task": "classes in each task",
+    "dataset": "the data set: fashion-mnist (the embedded benchmark), cifar100 / cifar10 (the python-pickle folders "
+               "cifar-100-python/, cifar-10-batches-py/), imagefolder (train/ + test/ class folders, or one tree with "
+               "--split-ratio); nothing is downloaded",
+    "data_root": "the data set's folder (default: Debian's /usr/share/datasets/fashion-mnist for fashion-mnist; the "
+                 "other data sets need it)",
+    "num_tasks": "number of tasks (default: 5 for fashion-mnist; other data sets: as many as the classes fill, the "
+                 "last task taking the rest)",
+    "classes_per_task": "classes per task, K of B<N>-Inc<K> (default: 2 for fashion-mnist and cifar10, 10 for "
+                        "cifar100 and imagefolder)",
+    "init_classes": "classes of the first task, N of B<N>-Inc<K> (B50-Inc10: --init-classes 50 --increment 10; "
+                    "default: as many as the others, B0)",
+    "class_order_seed": "shuffle the class order with PyCIL's rule (numpy.random.seed(S); permutation); 1993 gives "
+                        "the order PyCIL and PILOT use (default: the order --seed shuffles, as the embedded "
+                        "benchmark always did)",
+    "split_ratio": "imagefolder without a test split: the fraction of each class held out for testing, e.g. 0.2 "
+                   "(default: none, the folder must have train/ and test/)",
+    "split_seed": "seeds the per-class --split-ratio split (recorded in results.json)",
+    "workers": "DataLoader worker processes decoding images (default: the usable cores less one, at most 8; "
+               "fashion-mnist's tensors need none)",
     "model": "a timm ViT, DeiT, DeiT III, BEiT, EVA/EVA-02 or Swin name, e.g. vit_small_patch16_224 (default: the "
              "self-pretrained ViT shipped with the package, see `duallora pretrain`)",
     "checkpoint": "local .pth/.safetensors weights for --model (default: none, --model starts from random "
                   "weights)",
-    "img_size": "input size of --model; Fashion-MNIST images are 28x28",
+    "img_size": "input size of --model (default: 28 for fashion-mnist, whose images are 28x28; other data sets: the "
+                "model's own, e.g. 224)",
     "patch_size": "patch size of --model; must divide --img-size, e.g. 4 or 7 for 28 (default: the model's own)",
     "depth": "number of blocks of --model; not Swin, whose blocks go per stage (default: the model's own)",
     "embed_dim": "width of --model (default: the model's own)",
@@ -69,7 +91,9 @@ _HELP = {
     "out_dir": "runs go to OUT_DIR/<method>-seed<seed>/",
     "run_name": "the run's folder under OUT_DIR (default: <method>-seed<seed>); one method only",
 }
-_METAVAR = {"data_root": "DIR", "out_dir": "DIR", "checkpoint": "FILE", "model": "NAME", "run_name": "NAME"}
+_METAVAR = {"data_root": "DIR", "out_dir": "DIR", "checkpoint": "FILE", "model": "NAME", "run_name": "NAME",
+            "class_order_seed": "S", "split_ratio": "R", "init_classes": "N", "classes_per_task": "K"}
+_ALIASES = {"classes_per_task": ("--increment",)}  # PyCIL's and PILOT's name for it
 # Options only the timm model of --model uses: the shipped backbone has its own weights and sizes.
 _MODEL_ONLY = ("checkpoint", "img_size", "patch_size", "depth", "embed_dim", "num_heads")
 # What each method does not use, and why (an option given only to methods that ignore it is refused).
@@ -114,8 +138,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.register("action", None, _Given)
     p.register("action", "store", _Given)
     p.register("action", "store_true", _GivenFlag)
+    p.set_defaults(_train_parser=p)  # --preset re-reads the command line with its options
     p.add_argument("--method", default="duallora",
                    help=f"one of {', '.join(METHODS)}; a comma-separated list; or 'all'")
+    p.add_argument("--preset", default=None, metavar="NAME", choices=tuple(PRESETS),
+                   help=f"a published setting ({', '.join(PRESETS)}: the InfLoRA configurations, docs/method.md) as "
+                        "the options it stands for, printed in full; options given beside it win. Needs "
+                        "--data-root and --checkpoint (ViT-B/16 weights) (default: none)")
+    p.add_argument("--class-order", default=None, metavar="FILE|sorted",
+                   help="the class order, given: a file of class indices or names (JSON list, or separated by "
+                        "commas / white space), or 'sorted' for the data set's own order (default: shuffled, "
+                        "see --class-order-seed)")
     p.add_argument("--seeds", default=None, metavar="S1,S2,...",
                    help="run every method once per seed (comma-separated), into OUT_DIR/<method>-seed<seed>/, "
                         "and plot their A_t into OUT_DIR/a_t-curves.png; instead of --seed (default: --seed's one "
@@ -123,9 +156,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help="use all of Fashion-MNIST instead of --train-per-class/--test-per-class images per class")
     p.add_argument("--train-per-class", type=int, default=TrainConfig.train_per_class,
-                   help="training images per class (a seeded subset)")
+                   help=f"training images per class, a seeded subset (default: {TrainConfig.train_per_class} for "
+                        "fashion-mnist; other data sets: all)")
     p.add_argument("--test-per-class", type=int, default=TrainConfig.test_per_class,
-                   help="test images per class (a seeded subset)")
+                   help=f"test images per class, a seeded subset (default: {TrainConfig.test_per_class} for "
+                        "fashion-mnist; other data sets: all)")
     p.add_argument("--targets", default=",".join(TrainConfig.targets),
                    help="linear layers to adapt, by name, comma-separated")
     p.add_argument("--resume", action="store_true", help="continue from the run's last finished task")
@@ -146,8 +181,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             continue
         kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if typing.get_args(kind) else kind
-        p.add_argument("--" + f.name.replace("_", "-"), type=base, default=f.default, help=_HELP[f.name],
-                       choices=_CHOICES.get(f.name), metavar=_METAVAR.get(f.name))
+        p.add_argument("--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, ()), type=base, default=f.default,
+                       help=_HELP[f.name], choices=_CHOICES.get(f.name), metavar=_METAVAR.get(f.name))
     return p
 
 
@@ -171,6 +206,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
         unused = [_flag(n) for n in ("train_per_class", "test_per_class") if n in given]
         if unused:
             raise ValueError(f"--full uses every image, so {' and '.join(unused)} would be ignored: give one or the other")
+    data = _data_settings(args, given)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
     if args.seeds is not None and "seed" in given:
         raise ValueError("give --seed or --seeds, not both")
@@ -191,8 +227,38 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     common["test_per_class"] = None if args.full else args.test_per_class
     common["amp"] = args.amp or default_amp()
     common["compile"] = args.compile
+    common.update(data)
     del common["seed"]
     return [TrainConfig(method=m, seed=seed, **common) for seed in seeds for m in methods]
+
+
+def _data_settings(args: argparse.Namespace, given: set[str]) -> dict[str, typing.Any]:
+    """The data options of a run: the data set's own defaults where the options were not given (the embedded
+    benchmark's are TrainConfig's), the class order read from --class-order; ValueError for data options the
+    data set would not use."""
+    from ..continual.datasets.splits import SORTED, read_class_order
+
+    dataset = args.dataset
+    settings = {k: v for k, v in RUN_DEFAULTS.get(dataset, {}).items() if k not in given}
+    if dataset != "fashion-mnist" and args.full:
+        raise ValueError(f"--full selects every Fashion-MNIST image; --dataset {dataset} uses every image unless "
+                         "--train-per-class / --test-per-class say otherwise: leave --full out")
+    if dataset == "fashion-mnist" and "workers" in given:
+        raise ValueError("--workers: fashion-mnist is held in memory as tensors, there is nothing to decode in "
+                         "worker processes; leave it out")
+    if "split_seed" in given and args.split_ratio is None:
+        raise ValueError("--split-seed draws the --split-ratio split; without --split-ratio it would be ignored: "
+                         "leave it out")
+    if args.class_order is not None and "class_order_seed" in given:
+        raise ValueError("give --class-order (the order itself) or --class-order-seed (a shuffle), not both")
+    if args.class_order is not None:
+        settings["class_order"] = SORTED if args.class_order == SORTED else read_class_order(args.class_order)
+    if args.preset is not None and (args.checkpoint is None or args.data_root is None):
+        missing = " and ".join(f for f, v in (("--data-root DIR", args.data_root), ("--checkpoint FILE", args.checkpoint))
+                               if v is None)
+        raise ValueError(f"--preset {args.preset} is a setting for a pre-trained ViT-B/16 on your own files: add "
+                         f"{missing} (README, 'Your own data')")
+    return settings
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -249,10 +315,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..continual import distributed
+    from ..continual.datasets import check_data_root
     from ..continual.execution import check_execution
     from ..continual.trainer import Trainer
 
+    if args.preset is not None:  # the preset's options, then the user's: read again as one command line
+        argv, _ = expand_preset(getattr(args, "_argv", sys.argv[1:]), args._train_parser)
+        args = args._train_parser.parse_args([*argv, "--preset", args.preset])
+        args._argv = argv
+        if distributed.rank() == 0:
+            print(f"duallora train: --preset {args.preset} is: {expanded_command(argv)}", flush=True)
     configs = configs_from_args(args)  # every method's settings are checked before any runs
+    check_data_root(configs[0].dataset, configs[0].data_root)  # a folder that is not the data set: one line, now
     threads = apply_threads(args.threads)
     for config in configs:  # --amp, --compile: refused on this machine before any run writes anything
         check_execution(config)
@@ -272,21 +346,22 @@ def _run(args: argparse.Namespace) -> int:
                       f"{resume_command(getattr(args, '_argv', sys.argv[1:]))}", file=sys.stderr, flush=True)
             return INTERRUPTED
     if len(results) > 1 and distributed.rank() == 0:
-        _plot_curves(results, configs[0])
+        _plot_curves(results, configs[0], trainer.stream)
     return 0
 
 
-def _plot_curves(results: list[dict], config: TrainConfig) -> None:
+def _plot_curves(results: list[dict], config: TrainConfig, stream: typing.Any) -> None:
     """OUT_DIR/a_t-curves.png: every method's A_t over this command's seeds (mean, one std, each seed)."""
     from pathlib import Path
 
     from ..continual.seeds import group_by_method, plot_curves
 
+    from ..continual.record import data_title
+
     groups = group_by_method(results, METHODS)
     seeds = sorted({s for g in groups for s in g.seeds})
     path = Path(config.out_dir) / CURVES_PNG
-    plot_curves(groups, path, f"Split Fashion-MNIST ({config.num_tasks} tasks x {config.classes_per_task}), "
-                              f"seeds {', '.join(map(str, seeds))}: A_t, mean ± std")
+    plot_curves(groups, path, f"{data_title(config, stream)}, seeds {', '.join(map(str, seeds))}: A_t, mean ± std")
     print(f"duallora train: A_t of {len(groups)} method(s) over seed(s) {', '.join(map(str, seeds))} -> {path}",
           flush=True)
 

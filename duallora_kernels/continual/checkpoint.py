@@ -7,6 +7,7 @@ The trainer (:mod:`.trainer`) decides when and on which rank; these functions on
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,15 @@ from torch import Tensor
 from .._io import atomic_write, atomic_write_json
 from .config import TrainConfig
 
-__all__ = ["CHECKPOINT_FORMAT", "RESUME_FREE", "write_checkpoint", "read_checkpoint", "tasks_done_on_disk"]
+__all__ = ["CHECKPOINT_FORMAT", "RESUME_FREE", "RUN_OUTPUTS", "write_checkpoint", "read_checkpoint",
+           "tasks_done_on_disk", "set_aside_earlier_outputs"]
 
 CHECKPOINT_FORMAT = 1
-# Fields that may differ between a run and its resumption without changing its results.
-RESUME_FREE = ("out_dir", "run_name", "data_root", "backend", "compile")
+# Fields that may differ between a run and its resumption without changing its results (the data loader's
+# workers do not: augmentation is seeded per sample, continual.datasets.images).
+RESUME_FREE = ("out_dir", "run_name", "data_root", "backend", "compile", "workers")
+# What a run writes into its folder; a run that starts from task 0 moves an earlier run's into previous/.
+RUN_OUTPUTS = ("results.json", "results.png", "checkpoint.json", "task-*.safetensors")
 
 
 def write_checkpoint(run_dir: Path, tasks_done: int, tensors: dict[str, Tensor], config: TrainConfig,
@@ -64,3 +69,23 @@ def read_checkpoint(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Tens
         raise ValueError(f"--resume: the checkpoint in {config.run_dir} was made with other settings {diff} "
                          "(checkpoint, now); use the same settings or another --out-dir/--run-name")
     return state, load_file(str(config.run_dir / state["weights"]))
+
+
+def set_aside_earlier_outputs(run_dir: Path, start: int, total: int) -> list[Path]:
+    """Move an earlier run's outputs out of the way of a run of ``total`` tasks starting at task ``start``: from
+    task 0 all of them go into ``previous/`` (replacing what an older run left there); a resumed, unfinished run
+    moves a results.json/png that cannot be its own (results are written only when a run finishes). Returns
+    the files moved (their old paths)."""
+    names = RUN_OUTPUTS if start == 0 else ("results.json", "results.png") if start < total else ()
+    found = sorted({p for pattern in names for p in run_dir.glob(pattern) if p.is_file()})
+    if not found:
+        return []
+    previous = run_dir / "previous"
+    if previous.is_dir():
+        for old in previous.iterdir():
+            if old.is_file():
+                old.unlink()
+    previous.mkdir(exist_ok=True)
+    for path in found:
+        os.replace(path, previous / path.name)
+    return found

@@ -46,16 +46,27 @@ class TrainConfig:
 
     method: str = "duallora"
     seed: int = 0
-    # data: Split Fashion-MNIST, class order shuffled by `seed`
+    # data (continual.datasets): the embedded Split Fashion-MNIST by default, class order shuffled by `seed`
+    dataset: str = "fashion-mnist"
     data_root: str | None = None
-    num_tasks: int = 5
+    # tasks: num_tasks (None: as many as the classes fill, the last taking the rest), classes_per_task (the
+    # increment K of B<N>-Inc<K>), init_classes (N: the first task's classes; None or 0: K)
+    num_tasks: int | None = 5
     classes_per_task: int = 2
+    init_classes: int | None = None
+    # class order: `seed`'s shuffle unless class_order_seed (PyCIL's rule) or class_order (a list of class
+    # indices or names, or "sorted") is given
+    class_order_seed: int | None = None
+    class_order: tuple[int | str, ...] | str | None = None
+    # imagefolder without a test split: the fraction of each class held out for testing, and its seed
+    split_ratio: float | None = None
+    split_seed: int = 0
     train_per_class: int | None = 500
     test_per_class: int | None = 300
     # backbone: None = the self-pretrained ViT shipped with the package; else a timm ViT name
     model: str | None = None
     checkpoint: str | None = None
-    img_size: int = 28
+    img_size: int | None = 28
     patch_size: int | None = None
     depth: int | None = None
     embed_dim: int | None = None
@@ -83,6 +94,9 @@ class TrainConfig:
     # "auto" = inductor, or any torch._dynamo backend name such as "aot_eager")
     amp: str = "off"
     compile: str = "off"
+    # DataLoader worker processes that decode images (None: continual.execution.default_workers; the embedded
+    # benchmark's tensors need none)
+    workers: int | None = None
     # optimisation
     epochs: int = 3
     batch_size: int = 64
@@ -96,14 +110,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         method_settings(self.method)
         self.targets = tuple(self.targets)
-        for name in ("num_tasks", "classes_per_task", "epochs", "batch_size", "rank_orth", "rank_res", "score_rank"):
+        if isinstance(self.class_order, list):  # as read back from JSON
+            self.class_order = tuple(self.class_order)
+        for name in ("classes_per_task", "epochs", "batch_size", "rank_orth", "rank_res", "score_rank"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("train_per_class", "test_per_class"):
+        for name, least in (("num_tasks", 1), ("train_per_class", 1), ("test_per_class", 1), ("init_classes", 0),
+                            ("workers", 0), ("img_size", 1)):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be an int >= 1 or None (all data), got {v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+                raise ValueError(f"{name} must be an int >= {least} or None, got {v!r}")
+        self._check_data()
         for name in ("threshold_start", "threshold_end"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
@@ -128,6 +146,10 @@ class TrainConfig:
             raise ValueError(f"prototype_shrinkage must be in [0, 1], got {self.prototype_shrinkage!r}")
         if self.beta < 0 or self.weight_decay < 0:
             raise ValueError("beta and weight_decay must be >= 0")
+        if self.model is None and self.dataset != "fashion-mnist":
+            raise ValueError(f"dataset {self.dataset!r} needs a timm ViT (--model NAME, e.g. --model vit_base_patch16_224 "
+                             "--checkpoint FILE): the default backbone is a 28x28 grey-scale stand-in pretrained on "
+                             "MNIST digits, for the embedded Fashion-MNIST benchmark only")
         if self.model is None:
             unused = [f"{n}={getattr(self, n)!r}" for n in ("checkpoint", "patch_size", "depth", "embed_dim", "num_heads")
                       if getattr(self, n) is not None] + ([f"img_size={self.img_size}"] if self.img_size != 28 else [])
@@ -138,6 +160,23 @@ class TrainConfig:
                     "or leave them out"
                 )
 
+    def _check_data(self) -> None:
+        from .datasets import DATASETS
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.split_ratio is not None and (self.dataset != "imagefolder" or not 0.0 < self.split_ratio < 1.0):
+            raise ValueError(f"split_ratio (the fraction of each class held out for testing) must be in (0, 1) and "
+                             f"applies to dataset 'imagefolder' only; got {self.split_ratio!r} with {self.dataset!r}")
+        if isinstance(self.class_order, str) and self.class_order != "sorted":
+            raise ValueError(f"class_order must be a sequence of class indices or names, or 'sorted'; "
+                             f"got {self.class_order!r}")
+
+    @property
+    def in_chans(self) -> int:
+        """Image channels the backbone reads: 1 for the embedded grey-scale benchmark, 3 for the others."""
+        return 1 if self.dataset == "fashion-mnist" else 3
+
     @property
     def name(self) -> str:
         return self.run_name or f"{self.method}-seed{self.seed}"
@@ -146,13 +185,18 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
-    def layer_kwargs(self) -> dict[str, Any]:
+    def layer_kwargs(self, num_tasks: int | None = None) -> dict[str, Any]:
+        """DualLoRALinear's arguments; the threshold schedule spans ``num_tasks`` (default: ``self.num_tasks``,
+        which a split that fills the classes leaves None: the trainer passes the split's count)."""
         from ..memory import threshold_schedule
 
         switches, _ = method_settings(self.method)
+        tasks = num_tasks or self.num_tasks
+        if tasks is None:
+            raise ValueError("num_tasks=None: the number of tasks comes from the data; pass layer_kwargs(num_tasks)")
         return dict(
             rank_orth=self.rank_orth, rank_res=self.rank_res, orth_scale=self.orth_scale, res_scale=self.res_scale,
-            thresholds=threshold_schedule(self.num_tasks, self.threshold_start, self.threshold_end),
+            thresholds=threshold_schedule(tasks, self.threshold_start, self.threshold_end),
             score_rank=self.score_rank, temperature=self.temperature, gate_mode=self.gate_mode,
             summary=self.summary, backend=self.backend, **switches,
         )
@@ -164,6 +208,8 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets)
+        if isinstance(self.class_order, tuple):
+            d["class_order"] = list(self.class_order)
         return d
 
     @classmethod

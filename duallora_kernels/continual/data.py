@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .datasets.splits import global_labels, per_class_index, task_sizes
+
 IMAGE_SIZE = 28
 DEFAULT_FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -249,7 +251,8 @@ class Task:
     """One task of a class-incremental split.
 
     ``classes[i]`` (a source label) is relabelled ``label_offset + i``; ``train``/``test`` yield
-    (float32 image (1, H, W), int64 global label).
+    (float32 image (C, H, W), int64 global label). ``train_plain``: the training images without
+    augmentation, for the passes that collect statistics (None: ``train`` does not augment).
     """
 
     index: int
@@ -257,10 +260,16 @@ class Task:
     label_offset: int
     train: Dataset
     test: Dataset
+    train_plain: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def statistics_data(self) -> Dataset:
+        """The training images the memory and the task statistics are collected from (never augmented)."""
+        return self.train if self.train_plain is None else self.train_plain
 
     @property
     def global_labels(self) -> range:
@@ -271,33 +280,33 @@ def split_class_incremental(
     train: LabelledImages,
     test: LabelledImages,
     *,
-    num_tasks: int,
+    num_tasks: int | None,
     classes_per_task: int,
     order: Sequence[int] | None = None,
     seed: int = 0,
     train_per_class: int | None = None,
     test_per_class: int | None = None,
     normalisation: Normalisation | None = None,
+    init_classes: int | None = None,
 ) -> list[Task]:
-    """Split a dataset into ``num_tasks`` tasks of ``classes_per_task`` disjoint classes each.
+    """Split a dataset into ``num_tasks`` tasks of ``classes_per_task`` disjoint classes each (the first of
+    ``init_classes`` when given: B<N>-Inc<K>, :func:`.datasets.splits.task_sizes`; ``num_tasks`` None: as
+    many as the classes fill).
 
     order: source classes in task order (default ``class_order(#classes, seed)``); its first
-        ``num_tasks * classes_per_task`` entries are used.
+        ``sum(task sizes)`` entries are used.
     train_per_class, test_per_class: keep that many samples of each class (a seeded choice), for fast runs;
         None keeps all.
     normalisation: default the mean/std of all of ``train``'s images.
 
     Deterministic given the arguments.
     """
-    if num_tasks < 1 or classes_per_task < 1:
+    if (num_tasks is not None and num_tasks < 1) or classes_per_task < 1:
         raise ValueError(f"num_tasks and classes_per_task must be >= 1, got {num_tasks} and {classes_per_task}")
     source_classes = train.classes
-    needed = num_tasks * classes_per_task
-    if len(source_classes) < needed:
-        raise ValueError(
-            f"dataset has {len(source_classes)} classes, {num_tasks} tasks × {classes_per_task} classes "
-            f"needs {needed}"
-        )
+    sizes = task_sizes(len(order) if order is not None and num_tasks is None else len(source_classes),
+                       classes_per_task, init_classes, num_tasks)
+    needed = sum(sizes)
     if order is None:
         order = [source_classes[i] for i in class_order(len(source_classes), seed)]
     order = [int(c) for c in order]
@@ -307,13 +316,12 @@ def split_class_incremental(
     if unknown:
         raise ValueError(f"class order names classes {unknown} that the training data lacks (it has {source_classes})")
     if len(order) < needed:
-        raise ValueError(f"class order has {len(order)} classes, {num_tasks} tasks × {classes_per_task} needs {needed}")
+        raise ValueError(f"class order has {len(order)} classes, {len(sizes)} tasks × {classes_per_task} needs {needed}")
     normalisation = normalisation or Normalisation.of(train.images)
 
     tasks = []
-    for t in range(num_tasks):
-        classes = tuple(order[t * classes_per_task:(t + 1) * classes_per_task])
-        offset = t * classes_per_task
+    for t, offset in enumerate(np.cumsum([0, *sizes[:-1]]).tolist()):
+        classes = tuple(order[offset:offset + sizes[t]])
         datasets = [
             _task_dataset(data, classes, offset, per_class, normalisation, seed, split)
             for data, per_class, split in ((train, train_per_class, "train"), (test, test_per_class, "test"))
@@ -331,25 +339,8 @@ def _task_dataset(
     seed: int,
     split: str,
 ) -> TensorDataset:
-    chosen = []
-    for c in classes:
-        members = np.flatnonzero(data.labels == c)
-        if per_class is not None:
-            if per_class < 1:
-                raise ValueError(f"{split}_per_class must be >= 1 or None, got {per_class}")
-            if per_class > len(members):
-                raise ValueError(
-                    f"{split}_per_class={per_class} but class {c} has only {len(members)} {split} samples"
-                )
-            # One generator per (seed, split, class): a class's subsample does not depend on the others.
-            rng = np.random.default_rng([seed, 0 if split == "train" else 1, c])
-            members = np.sort(rng.choice(members, size=per_class, replace=False))
-        chosen.append(members)
-    index = np.concatenate(chosen)
-    source_labels = data.labels[index]
-    labels = np.empty(len(index), dtype=np.int64)
-    for position, c in enumerate(classes):
-        labels[source_labels == c] = label_offset + position
+    index = per_class_index(data.labels, classes, per_class, seed, split)
+    labels = global_labels(data.labels[index], classes, label_offset)
     return TensorDataset(normalisation.apply(data.images[index]), torch.from_numpy(labels))
 
 
@@ -371,10 +362,18 @@ def fashion_mnist_tasks(
     )
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
-    """A single-process DataLoader; with ``shuffle`` its order comes from a generator seeded by ``seed``."""
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader; with ``shuffle`` its order comes from a generator seeded by ``seed`` (the same order
+    whatever ``workers``: the loader draws it in this process). ``workers`` decode in that many processes;
+    ``pin_memory`` for non-blocking copies to a GPU."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0,
-                      drop_last=drop_last)
+    if generator is not None:
+        # Every iter() of a DataLoader takes one number from this generator (its workers' base seed) before the
+        # sampler draws the order. The committed runs iterated each epoch's loader through a progress bar that
+        # called iter() twice; the trainer now calls it once, so one number is taken here: same batches.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                      drop_last=drop_last, pin_memory=pin_memory)

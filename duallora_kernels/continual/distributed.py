@@ -97,11 +97,13 @@ class ShardedLoader:
         return len(self.loader)
 
 
-def sharded_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> ShardedLoader:
+def sharded_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, workers: int = 0,
+                   pin_memory: bool = False) -> ShardedLoader:
     """This rank's part of each global batch of the one-process loader (see the module's docstring)."""
     from .data import make_loader
 
-    return ShardedLoader(make_loader(dataset, batch_size, shuffle=shuffle, seed=seed), rank(), world_size())
+    loader = make_loader(dataset, batch_size, shuffle=shuffle, seed=seed, workers=workers, pin_memory=pin_memory)
+    return ShardedLoader(loader, rank(), world_size())
 
 
 def smallest_batch(n: int, batch_size: int) -> int:

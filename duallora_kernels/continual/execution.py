@@ -14,19 +14,22 @@ from torch import nn
 from . import distributed
 from .config import AMP_MODES, TrainConfig
 
-__all__ = ["Execution", "amp_dtype", "compile_backend", "check_execution", "training_step"]
+__all__ = ["Execution", "amp_dtype", "compile_backend", "check_execution", "default_workers", "training_step"]
 
 
 @dataclass(frozen=True)
 class Execution:
     """Where and how a run's training steps execute: device, autocast dtype (None: off), torch.compile backend
-    (None: eager), and this process's place in a torchrun group."""
+    (None: eager), this process's place in a torchrun group, and how its data loaders feed it (worker
+    processes that decode images; pinned memory for non-blocking copies to a GPU)."""
 
     device: torch.device
     amp_dtype: torch.dtype | None
     compile_backend: str | None
     rank: int = 0
     world: int = 1
+    workers: int = 0
+    pin_memory: bool = False
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -95,8 +98,21 @@ def _compile_probe(backend: str, device: str) -> None:
 def check_execution(config: TrainConfig) -> Execution:
     """Device, autocast and compiler of a run, each checked on this machine (ValueError, before anything runs)."""
     device = distributed.device_for_rank()
+    workers = config.workers if config.workers is not None else (
+        0 if config.dataset == "fashion-mnist" else default_workers())
     return Execution(device, amp_dtype(config.amp, device), compile_backend(config.compile, device),
-                     distributed.rank(), distributed.world_size())
+                     distributed.rank(), distributed.world_size(), workers, device.type == "cuda")
+
+
+def default_workers() -> int:
+    """``--workers``' default for data sets that decode images: the cores this process may use, one left to the
+    training loop, shared between the processes torchrun starts on this node, at most 8."""
+    import os
+
+    from ..cli import usable_cores
+
+    per_process = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_process - 1))
 
 
 def training_step(model: nn.Module, t: int, offset: int, ex: Execution) -> Callable[..., torch.Tensor]:

@@ -21,9 +21,6 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import os
-import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -32,24 +29,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import __version__
 from .._io import atomic_write_json
 from ..memory import all_reduce_stats, check_finite_stats
 from ..nn import begin_task, collect_inputs, dual_lora_layers, end_task, residual_off, set_gate
-from . import distributed, metrics
+from . import distributed, metrics, record
 from .calibration import calibrate_logits, clear_gates, first_pass_gate, model_task_gate
-from .checkpoint import read_checkpoint, tasks_done_on_disk, write_checkpoint
+from .checkpoint import read_checkpoint, set_aside_earlier_outputs, tasks_done_on_disk, write_checkpoint
 from .config import TrainConfig
-from .data import Task, fashion_mnist_tasks, make_loader
+from .data import Task, make_loader
+from .datasets.images import for_epoch
+from .datasets.preprocess import Preprocessing
+from .datasets.stream import TaskStream, load_stream
 from .execution import Execution, check_execution, training_step
+from .growth import format_growth, memory_growth
 from .prototypes import PROTOTYPE_SCORES, ClassPrototypes, PrototypeFeatures, collect_task_prototypes, prototype_gate
-from .pretrain import hardware, sha256_of
+from .pretrain import sha256_of
 
 __all__ = ["Trainer"]
-
-
-# What a run writes into its folder; a run that starts from task 0 moves an earlier run's into previous/.
-_RUN_OUTPUTS = ("results.json", "results.png", "checkpoint.json", "task-*.safetensors")
 
 
 @dataclass
@@ -58,6 +54,7 @@ class _History:
     task_id: list[float | None] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     basis_sizes: list[dict[str, int]] = field(default_factory=list)
+    memory: list[dict[str, dict[str, int]] | None] = field(default_factory=list)  # growth.memory_growth per task
 
 
 class Trainer:
@@ -82,16 +79,17 @@ class Trainer:
         # prototype-*; made with the model by build_model), None with subspace scores
         self.prototypes: ClassPrototypes | None = None
         self.prototype_features: PrototypeFeatures | None = None
+        # the run's data (load_stream) and the image pipeline of its backbone (None: the embedded benchmark's)
+        self.stream: TaskStream | None = None
+        self.preprocessing: Preprocessing | None = None
 
     # ------------------------------------------------------------------ set-up (no file written)
     def _tasks(self) -> list[Task]:
-        c = self.config
-        tasks = fashion_mnist_tasks(
-            c.data_root, num_tasks=c.num_tasks, classes_per_task=c.classes_per_task, seed=c.seed,
-            train_per_class=c.train_per_class, test_per_class=c.test_per_class,
-        )
-        if c.method == "joint":  # one task holding every class: the upper bound
-            tasks = [_merge_tasks(tasks)]
+        """The tasks of the loaded stream (:meth:`run` loads it before the model), decoded with the backbone's
+        preprocessing."""
+        tasks = self.stream.tasks(self.preprocessing)
+        if self.config.method == "joint":  # one task holding every class: the upper bound
+            tasks = [record.merge_tasks(tasks)]
         return tasks
 
     def _backbone(self) -> nn.Module:
@@ -106,8 +104,10 @@ class Trainer:
             self.backbone_sha256 = sha256_of(weights)
             return load_pretrained_backbone(weights)
         sizes = dict(img_size=c.img_size, patch_size=c.patch_size, depth=c.depth, embed_dim=c.embed_dim,
-                     num_heads=c.num_heads, in_chans=1)
+                     num_heads=c.num_heads, in_chans=c.in_chans)
         model = create_vit(c.model, checkpoint=c.checkpoint, **{k: v for k, v in sizes.items() if v is not None})
+        if c.dataset != "fashion-mnist":  # the user's images take the model's pipeline (datasets.preprocess)
+            self.preprocessing = Preprocessing.of_model(model)
         self.backbone_label = f"timm {c.model}" + (f" from {c.checkpoint}" if c.checkpoint else " (random init: NOT pretrained)")
         self.backbone_sha256 = sha256_of(c.checkpoint) if c.checkpoint else None
         return model
@@ -122,25 +122,27 @@ class Trainer:
         # the frozen pre-trained backbone the prototype features are read from: copied before the adapters go in
         reference = (copy.deepcopy(backbone).eval().requires_grad_(False)
                      if use_prototypes and c.prototype_features == "pretrained" else None)
-        model = ContinualViT(backbone, adapter=c.layer_kwargs(), targets=c.targets)
+        num_tasks = len(self.stream.sizes) if self.stream is not None else c.num_tasks  # the split's, also for joint
+        model = ContinualViT(backbone, adapter=c.layer_kwargs(num_tasks), targets=c.targets)
         self.prototype_features = PrototypeFeatures(model, c.prototype_features, reference) if use_prototypes else None
         return model
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> dict[str, Any]:
         c = self.config
-        self._load_at_start = _load_average()
+        self._load_at_start = record.load_average()
         ex = self.execution = check_execution(c)  # device, --amp, --compile: refused here, before any file
         torch.manual_seed(c.seed)
         if ex.rank != 0:  # one process speaks and writes: rank 0
             self.log, self.progress = (lambda msg: None), False
-        tasks = self._tasks()  # data problems surface here, before anything is written
+        self.stream = load_stream(c)  # data problems surface here, before anything is built or written
+        model = self.build_model()
+        tasks = self._tasks()
         distributed.check_world_size(ex.world, [
             (f"task {t}'s {what}", len(data), b) for t, task in enumerate(tasks)
             for what, data, b in (("training data", task.train, c.batch_size),
                                   ("training data (passes without gradients)", task.train, 2 * c.batch_size),
                                   ("test data", task.test, 2 * c.batch_size))])
-        model = self.build_model()
         history, start = _History(), 0
         if resume:
             start = self._restore(model, history, tasks)
@@ -152,7 +154,9 @@ class Trainer:
         distributed.barrier()  # every rank has read the checkpoint before rank 0 moves files
         if ex.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._set_aside_earlier_outputs(start, len(tasks))
+            moved = set_aside_earlier_outputs(run_dir, start, len(tasks))
+            if moved:
+                self.log(f"[{c.name}] moved an earlier run's {', '.join(p.name for p in moved)} to {run_dir / 'previous'}/")
         distributed.barrier()
         if ex.world > 1:
             self.log(f"[{c.name}] {ex.world} processes ({torch.distributed.get_backend()}), each global batch of "
@@ -160,7 +164,8 @@ class Trainer:
         if ex.amp_dtype is not None or ex.compile_backend is not None:
             self.log(f"[{c.name}] training step: autocast {c.amp}, torch.compile backend {ex.compile_backend or 'off'}")
         self.log(f"[{c.name}] backbone: {self.backbone_label}")
-        self.log(f"[{c.name}] class order: {[list(t.classes) for t in tasks]} (seed {c.seed})")
+        self.log(f"[{c.name}] {record.data_title(c, self.stream)}, class order: {[list(t.classes) for t in tasks]} "
+                 f"({self.stream.order_rule})")
         for t in range(start, len(tasks)):
             self.current_task = t
             t0 = time.perf_counter()
@@ -170,17 +175,19 @@ class Trainer:
             history.task_id.append(tid)
             history.seconds.append(time.perf_counter() - t0)
             history.basis_sizes.append({n: l.basis_size for n, l in dual_lora_layers(model).items()})
+            history.memory.append(memory_growth(model))
             self.log(f"[{c.name}] after task {t} ({history.seconds[-1]:.0f} s):\n"
-                     + metrics.format_matrix(history.accuracy, history.task_id))
+                     + metrics.format_matrix(history.accuracy, history.task_id) + "\n"
+                     + format_growth(history.memory[-1], t))
             self._checkpoint(model, history, t)
         self.current_task = None
-        results = self._results(tasks, history)
+        results = record.results_dict(c, tasks, history, self.stream, backbone=self.backbone_label,
+                                      backbone_sha256=self.backbone_sha256, load_at_start=self._load_at_start)
         distributed.barrier()
         if ex.rank == 0:
             atomic_write_json(run_dir / "results.json", results)
-            metrics.plot_results(history.accuracy, run_dir / "results.png", _plot_title(c, results), history.task_id,
-                                 task_classes=results["class_order"] if c.method != "joint" else None,
-                                 class_names=_class_names(c))
+            metrics.plot_results(history.accuracy, run_dir / "results.png", record.plot_title(c, results, self.stream),
+                                 history.task_id, **record.legend(c, results["class_order"], self.stream))
         distributed.barrier()
         s = results["summary"]
         self.log(f"[{c.name}] A_last {100 * s['A_last']:.2f}  A_avg {100 * s['A_avg']:.2f}  "
@@ -205,34 +212,17 @@ class Trainer:
             return f"interrupted in run {c.name} after its last task, while writing its results ({kept})"
         return f"interrupted in task {task} of {self.total_tasks} of run {c.name} ({kept})"
 
-    def _set_aside_earlier_outputs(self, start: int, total: int) -> None:
-        """Move an earlier run's outputs out of the way of this one: a run starting at task 0 moves all of them
-        into ``previous/`` (replacing what an older run left there); a resumed, unfinished run moves a
-        results.json/png that cannot be its own (results are written only when a run finishes)."""
-        run_dir = self.config.run_dir
-        names = _RUN_OUTPUTS if start == 0 else ("results.json", "results.png") if start < total else ()
-        found = sorted({p for pattern in names for p in run_dir.glob(pattern) if p.is_file()})
-        if not found:
-            return
-        previous = run_dir / "previous"
-        if previous.is_dir():
-            for old in previous.iterdir():
-                if old.is_file():
-                    old.unlink()
-        previous.mkdir(exist_ok=True)
-        for path in found:
-            os.replace(path, previous / path.name)
-        self.log(f"[{self.config.name}] moved an earlier run's {', '.join(p.name for p in found)} to {previous}/")
-
     def _seed(self, task: int) -> int:
         return self.config.seed * 1000 + task
 
     def _loader(self, dataset, batch_size: int, *, shuffle: bool, seed: int = 0):
         """A one-process loader, or under torchrun this rank's part of the same global batches
-        (:mod:`.distributed`)."""
+        (:mod:`.distributed`); --workers decode, pinned memory on a GPU."""
+        ex = self.execution
+        feed = dict(workers=ex.workers, pin_memory=ex.pin_memory) if ex is not None else {}
         if distributed.world_size() > 1:
-            return distributed.sharded_loader(dataset, batch_size, shuffle=shuffle, seed=seed)
-        return make_loader(dataset, batch_size, shuffle=shuffle, seed=seed)
+            return distributed.sharded_loader(dataset, batch_size, shuffle=shuffle, seed=seed, **feed)
+        return make_loader(dataset, batch_size, shuffle=shuffle, seed=seed, **feed)
 
     def _collect(self, model: nn.Module, task: Task, desc: str, *, residual: bool = True) -> dict:
         """One pass over the task's training data; every adapted layer's input statistics, summed over ranks."""
@@ -262,19 +252,24 @@ class Trainer:
         model.train()
         step = self._training_step(model, t, task.label_offset, ex)
         scaler = torch.amp.GradScaler(ex.device.type, enabled=ex.amp_dtype == torch.float16)
+        bar = tqdm(total=c.epochs * len(task.train), desc=f"task {t}: train", unit="img", unit_scale=True,
+                   disable=not self.progress, leave=False)
         for epoch in range(c.epochs):
-            loader = self._loader(task.train, c.batch_size, shuffle=True, seed=self._seed(t) * 100 + epoch)
-            bar = tqdm(loader, desc=f"task {t}: epoch {epoch + 1}/{c.epochs}", disable=not self.progress, leave=False)
+            seed = self._seed(t) * 100 + epoch  # the batches' order and, where the data augments, the augmentation
+            loader = self._loader(for_epoch(task.train, seed), c.batch_size, shuffle=True, seed=seed)
             sizes = distributed.global_batch_sizes(len(task.train), c.batch_size)
-            for x, y in bar:
+            for x, y in loader:
+                global_batch = next(sizes)
                 # under torchrun: world / global batch size, the weight of this rank's summed loss
-                weight = torch.tensor(ex.world / next(sizes), device=ex.device)
-                loss = step(x.to(ex.device), y.to(ex.device), weight)
+                weight = torch.tensor(ex.world / global_batch, device=ex.device)
+                loss = step(x.to(ex.device, non_blocking=True), y.to(ex.device, non_blocking=True), weight)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update(global_batch)
+                bar.set_postfix(epoch=f"{epoch + 1}/{c.epochs}", loss=f"{loss.item():.3f}")
+        bar.close()
         if ex.world > 1:  # this task's DDP wrapper (and its gradient hooks on the adapters) goes now, not at some
             del step      # later garbage collection: the next task's wrapper must be the only one
             gc.collect()
@@ -287,7 +282,7 @@ class Trainer:
         end_task(model, stats, task_stats)
         if self.prototypes is not None:  # after end_task: the model every later test of this task meets
             collect_task_prototypes(self.prototype_features, self.prototypes,
-                                    self._loader(task.train, c.batch_size * 2, shuffle=False),
+                                    self._loader(task.statistics_data, c.batch_size * 2, shuffle=False),
                                     model.task_label_ranges[t], ex.device)
 
     def _training_step(self, model: nn.Module, t: int, offset: int, ex: Execution) -> Callable:
@@ -296,9 +291,13 @@ class Trainer:
 
     def _pass(self, model: nn.Module, task: Task, desc: str) -> None:
         device = self.execution.device if self.execution else torch.device("cpu")
-        loader = self._loader(task.train, self.config.batch_size * 2, shuffle=False)
-        for x, _ in tqdm(loader, desc=desc, disable=not self.progress, leave=False):
-            model.features(x.to(device))
+        data = task.statistics_data
+        loader = self._loader(data, self.config.batch_size * 2, shuffle=False)
+        with tqdm(total=len(data), desc=desc, unit="img", unit_scale=True, disable=not self.progress,
+                  leave=False) as bar:
+            for x, _ in loader:
+                model.features(x.to(device, non_blocking=True))
+                bar.update(len(x))
 
     @torch.no_grad()
     def _evaluate(self, model: nn.Module, seen: Sequence[Task]) -> tuple[list[float], float | None]:
@@ -312,7 +311,7 @@ class Trainer:
             hits = total = 0
             loader = self._loader(task.test, c.batch_size * 2, shuffle=False)
             for x, y in tqdm(loader, desc=f"evaluate task {j}", disable=not self.progress, leave=False):
-                x, y = x.to(device), y.to(device)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits, gate = self._predict(model, x, len(ranges))
                 if gate is not None:
                     if c.calibrated:
@@ -371,60 +370,11 @@ class Trainer:
         model.load_state_dict(tensors)
         for name, value in state["history"].items():
             setattr(history, name, value)
+        history.memory += [None] * (done - len(history.memory))  # a checkpoint made before growth was recorded
         self.log(f"[{c.name}] resumed after task {done - 1} from {c.run_dir / 'checkpoint.json'}")
         return done
-
-    # ------------------------------------------------------------------ results
-    def _results(self, tasks: Sequence[Task], history: _History) -> dict[str, Any]:
-        c = self.config
-        return {
-            "method": c.method,
-            "summary": metrics.summary(history.accuracy, history.task_id),
-            "accuracy_matrix": history.accuracy,
-            "task_id_accuracy": history.task_id,
-            "class_order": [list(t.classes) for t in tasks],
-            "config": c.to_json(),
-            "backbone": self.backbone_label,
-            "basis_sizes": history.basis_sizes,
-            "seconds_per_task": history.seconds,
-            "backbone_sha256": self.backbone_sha256,
-            "environment": {
-                "duallora_kernels": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                "threads": torch.get_num_threads(), **hardware(),
-                "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-                "load_average": {"start": self._load_at_start, "end": _load_average()}, "argv": sys.argv,
-            },
-        }
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average: run times measured while other processes ran are not clean."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _class_names(c: TrainConfig) -> tuple[str, ...] | None:
-    from .data import FASHION_MNIST_CLASSES
-
-    return FASHION_MNIST_CLASSES if c.num_tasks * c.classes_per_task <= len(FASHION_MNIST_CLASSES) else None
 
 
 def _has_residual_blocks(model: nn.Module) -> bool:
     """Whether any residual block exists: without one a residual-off pass would repeat the last pass."""
     return any(bool(l.res_active) or l.frozen_tasks.numel() for l in dual_lora_layers(model).values())
-
-
-def _merge_tasks(tasks: Sequence[Task]) -> Task:
-    from torch.utils.data import ConcatDataset
-
-    classes = tuple(c for t in tasks for c in t.classes)
-    return Task(index=0, classes=classes, label_offset=0,
-                train=ConcatDataset([t.train for t in tasks]), test=ConcatDataset([t.test for t in tasks]))
-
-
-def _plot_title(c: TrainConfig, results: dict[str, Any]) -> str:
-    s = results["summary"]
-    return (f"{c.method} on Split Fashion-MNIST ({c.num_tasks} tasks x {c.classes_per_task}), seed {c.seed}: "
-            f"A_last {100 * s['A_last']:.1f}%, forgetting {100 * s['forgetting']:.1f}%")

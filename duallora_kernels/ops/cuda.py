@@ -17,7 +17,8 @@ extension nor nvcc, a one-line RuntimeError says what to install.
   r <= 128. Other calls run :data:`.launchers.TORCH` (cuBLAS): float32 (so that TF32 is used
   exactly when torch's float32 matmul precision allows it, which is what the Triton path does
   with ``tl.dot``; a float32 CUDA kernel on SIMT FMA would be slower than cuBLAS, and an
-  mma.sync TF32 variant is not written yet), float64, and r > 128.
+  mma.sync TF32 variant is not written yet), float64, and r > 128 (a stacked rank that a long task
+  stream reaches: the first such call logs one line, :func:`_kernel_takes`).
 * :func:`gram_cuda`: cuBLAS (one GEMM; bf16/fp16 on tensor cores with a float32 result).
 * :func:`task_scores_cuda`: csrc/memory_ops.cu, one SIMT launch for all tasks (float32 / float64
   accumulation): (b x T x d x u) multiply-adds, off the training step's path, where cuBLAS would
@@ -35,6 +36,7 @@ run on a GPU (tests/test_fused_linear.py's ``cuda_backend`` tests are what a GPU
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -63,6 +65,8 @@ _SMEM_ROW_LIMIT = 48 * 1024  # task_scores stages one z row in (static-limit) sh
 
 _ext = None
 _lock = threading.Lock()
+_logger = logging.getLogger(__name__)
+_told_rank: list[int] = []  # the stacked rank the fallback notice named (said once per process)
 
 
 def build_extension(verbose: bool = False):
@@ -178,6 +182,11 @@ def _gate_rows(gate, lay, d_rows: int):
 
 
 def _kernel_takes(x: Tensor, lay) -> bool:
+    if x.dtype in KERNEL_DTYPES and lay.r > MAX_RANK and not _told_rank:
+        # host-side and once: the rank is a Python int of the layout, so this costs no device sync
+        _told_rank.append(lay.r)
+        _logger.warning("duallora_kernels backend='cuda': stacked rank %d is above the tensor-core kernels' limit "
+                        "of %d; those layers run the torch launchers (cuBLAS) from now on", lay.r, MAX_RANK)
     return x.dtype in KERNEL_DTYPES and lay.r <= MAX_RANK
 
 
