@@ -160,10 +160,12 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # T and A get no gradient: no zero tensors made for them
     ctx.statics = (orth_scale, res_scale, backend)
     # x only when dA or dW0 will need it: with only the B factors training, the graph keeps T, not x.
+    # The bias only when it trains: under autocast it is a low-precision copy, which nothing else would keep
+    # (F.linear does not), and backward reads it only for its own gradient.
     need = ctx.needs_input_grad
     keep_x = need[1] or ((need[3] or need[5]) and a.numel() > 0)
     ctx.save_for_backward(x if keep_x else None, weight, t, a, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a,
-                          frozen_b, bias)
+                          frozen_b, bias if need[2] else None)
 
 
 def _backward(ctx, dy, _dt, _da):
