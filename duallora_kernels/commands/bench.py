@@ -138,8 +138,8 @@ def print_table(rows: list[dict[str, Any]], file: Any = None) -> None:
     """Times (ms), ratios and the fused kernel's achieved TFLOP/s and GB/s (% of the device's peak)."""
     timing = {(r["shape"], r["batch"], r["dtype"], r["pass"], r["variant"], r["rank"]): r
               for r in rows if r["kind"] == "timing"}
-    headers = ["layer", "d->n", "m", "dtype", "pass", "r", "frozen ms", "fused ms", "unfused ms", "compiled ms",
-               "peft ms", "cuda ms", "fused/frozen", "unfused/fused", "compiled/fused", "cuda/frozen", "fused TFLOP/s",
+    headers = ["layer", "d->n", "m", "dtype", "pass", "r", "frozen ms", "fused ms", "fixed-A ms", "unfused ms",
+               "compiled ms", "peft ms", "cuda ms", "fused/frozen", "fixed-A/frozen", "unfused/fused", "compiled/fused", "cuda/frozen", "fused TFLOP/s",
                "fused GB/s"]
     table = []
     for c in (r for r in rows if r["kind"] == "comparison"):
@@ -148,8 +148,9 @@ def print_table(rows: list[dict[str, Any]], file: Any = None) -> None:
         pf, pb = fused.get("pct_peak_flops"), fused.get("pct_peak_bw")
         table.append([
             c["layer"], f"{c['d']}->{c['n']}", c["m"], dtype_label(c), c["pass"], c["rank"],
-            *(_fmt(c.get(f"{v}_ms"), ".3f") for v in ("frozen", "fused", "unfused", "unfused_compiled", "peft", "cuda")),
-            _fmt(c["fused_over_frozen"], ".2f"), _fmt(c["unfused_over_fused"], ".2f"),
+            *(_fmt(c.get(f"{v}_ms"), ".3f") for v in ("frozen", "fused", "fused_fixed_a", "unfused", "unfused_compiled",
+                                                        "peft", "cuda")),
+            _fmt(c["fused_over_frozen"], ".2f"), _fmt(c.get("fused_fixed_a_over_frozen"), ".2f"), _fmt(c["unfused_over_fused"], ".2f"),
             _fmt(c.get("unfused_compiled_over_fused"), ".2f"), _fmt(c.get("cuda_over_frozen"), ".2f"),
             None if tf is None else f"{tf:.1f}" + (f" ({pf:.0f}%)" if pf is not None else ""),
             None if gb is None else f"{gb:.0f}" + (f" ({pb:.0f}%)" if pb is not None else ""),

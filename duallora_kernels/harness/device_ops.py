@@ -107,7 +107,7 @@ def op_count_row(problem: LayerProblem, variant: str, count: OpCount | None, *, 
     from ..opcount import FROZEN_STEP, STEP_BUDGET
 
     shape = problem.shape
-    budget = STEP_BUDGET if variant == "fused" else FROZEN_STEP if variant == "frozen" else None
+    budget = STEP_BUDGET if variant in ("fused", "fused_fixed_a") else FROZEN_STEP if variant == "frozen" else None
     row: dict[str, Any] = {
         "kind": "op_count", "layer": shape.name, "shape": shape.key, "d": shape.d, "n": shape.n,
         "batch": problem.batch, "m": problem.m, "rank": None if variant == "frozen" else problem.rank,

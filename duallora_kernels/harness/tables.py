@@ -94,9 +94,10 @@ def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int =
             seen.add(key)
             rows.append([
                 _with_note(doc), dtype_label(c), f"{c['layer']} {c['d']}→{c['n']}", c["m"], c["rank"],
-                _ms(c["frozen_ms"]), _ms(c["fused_ms"]), _ms(c["unfused_ms"]), _ms(c.get("unfused_compiled_ms")),
+                _ms(c["frozen_ms"]), _ms(c["fused_ms"]), _ms(c.get("fused_fixed_a_ms")), _ms(c["unfused_ms"]),
+                _ms(c.get("unfused_compiled_ms")),
                 _ms(c["peft_ms"]), _ms(c.get("cuda_ms")),
-                _x(c["fused_over_frozen"], c.get("goal_fused_over_frozen")),
+                _x(c["fused_over_frozen"], c.get("goal_fused_over_frozen")), _x(c.get("fused_fixed_a_over_frozen")),
                 _x(c["unfused_over_fused"], c.get("goal_unfused_over_fused")),
                 _x(c.get("unfused_compiled_over_fused"), c.get("goal_unfused_compiled_over_fused")),
                 _x(c.get("unfused_over_frozen")), _x(c.get("cuda_over_frozen"), c.get("goal_cuda_over_frozen")),
@@ -104,13 +105,14 @@ def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int =
             ])
     if not rows:
         return None
-    headers = ["device, date", "dtype", "layer d→n", "m", "r", "frozen ms", "fused ms", "unfused ms", "compiled ms",
-               "peft ms", "cuda ms", f"fused/frozen (goal {_goal('fused_over_frozen')})",
+    headers = ["device, date", "dtype", "layer d→n", "m", "r", "frozen ms", "fused ms", "fixed-A ms", "unfused ms",
+               "compiled ms", "peft ms", "cuda ms", f"fused/frozen (goal {_goal('fused_over_frozen')})", "fixed-A/frozen",
                f"unfused/fused (goal {_goal('unfused_over_fused')})",
                f"compiled/fused (goal {_goal('unfused_compiled_over_fused')})", "unfused/frozen",
                f"cuda/frozen (goal {_goal('cuda_over_frozen')})", "source"]
     return ("**One DualLoRA layer, forward+backward** (median ms; rank "
-            f"{rank} or the file's largest; every rank is in the JSON; compiled = the unfused composition under "
+            f"{rank} or the file's largest; every rank is in the JSON; fixed-A = the fused op with A fixed (B-only "
+            "training, `train_a=False`); compiled = the unfused composition under "
             "torch.compile, GPU only; cuda = the CUDA C++ tensor-core backend (csrc/); '-' = not run on that device, see the file's reasons)\n\n"
             + format_table(headers, rows, markdown=True))
 
@@ -142,7 +144,7 @@ def ops_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int = H
                 n = r["device_ops"]
                 if r.get("amp", "off") != "off":  # the budgets are those of a step without autocast's casts
                     return str(n)
-                if v == "fused":
+                if v in ("fused", "fused_fixed_a"):
                     return f"{n} {'✓' if n <= STEP_BUDGET else '✗'}"
                 return f"{n} {'✓' if n == FROZEN_STEP else '✗'}" if v == "frozen" else str(n)
 
@@ -180,15 +182,17 @@ def saved_table(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> str | No
                 return "-" if r is None or r["status"] != "ok" else _x(r[f"activation_over_{ref}"])
 
             rows.append([_with_note(doc), scope, model if shape is None else f"{model} {shape}", dtype, batch, rk,
-                         *(act(v) for v in variants), over("fused", "frozen"), over("unfused", "frozen"),
+                         *(act(v) for v in variants), over("fused", "frozen"), over("fused_fixed_a", "frozen"),
+                         over("unfused", "frozen"),
                          over("fused", "full_ft"), over("unfused", "full_ft"), _source(path, root)])
     if not rows:
         return None
     headers = ["device, date", "scope", "layer / model", "dtype", "batch", "r", *variants,
-               "fused/frozen", "unfused/frozen", "fused/full_ft", "unfused/full_ft", "source"]
+               "fused/frozen", "fused_fixed_a/frozen", "unfused/frozen", "fused/full_ft", "unfused/full_ft", "source"]
     return ("**Bytes saved for backward** (activations: unique storages autograd saves, parameters and buffers "
-            "left out; a frozen layer saves only its weight, so its activations are 0 B; full_ft = every weight trains, what "
-            "any trainable layer must keep; goal: within 1.05x of frozen)\n\n"
+            "left out; a frozen layer saves only its weight, so its activations are 0 B; fused_fixed_a = the fused op "
+            "with A fixed (B-only training), which keeps T = x A^T and the assembled A instead of x; full_ft = every "
+            "weight trains, what any trainable layer must keep; goal: within 1.05x of frozen)\n\n"
             + format_table(headers, rows, markdown=True))
 
 

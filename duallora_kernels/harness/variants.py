@@ -2,6 +2,8 @@
 
 * ``fused``: :func:`duallora_kernels.ops.dual_lora_linear` with ``backend="triton"`` and
   ``check_basis=False``, as DualLoRALinear calls it.
+* ``fused_fixed_a``: the same with the A factors fixed (not requiring grad: ``DualLoRALinear(train_a=False)``,
+  B-only training): the op keeps T = x A^T for backward instead of x and computes no dA.
 * ``unfused``: the same function written in plain PyTorch the way a user would write it
   (:func:`unfused_dual_lora_linear`): the projections ``A_o = C_o - (C_o M) M^T`` and
   ``A_r = (C_r M) M^T`` as a separate step, then
@@ -35,10 +37,12 @@ from torch import Tensor, nn
 from .devices import triton_interpreting
 from .problems import LayerProblem, seeded_generator
 
-__all__ = ["VARIANTS", "PASSES", "COMPILED", "unfused_dual_lora_linear", "UnfusedDualLoRALinear", "cuda_unavailable",
+__all__ = ["VARIANTS", "FUSED_TRITON", "PASSES", "COMPILED", "unfused_dual_lora_linear", "UnfusedDualLoRALinear", "cuda_unavailable",
            "variant_unavailable", "layer_forward", "make_step"]
 
-VARIANTS: tuple[str, ...] = ("fused", "unfused", "frozen", "peft", "unfused_compiled", "cuda")
+VARIANTS: tuple[str, ...] = ("fused", "fused_fixed_a", "unfused", "frozen", "peft", "unfused_compiled", "cuda")
+#: The variants that run the fused Triton op (timed on a GPU, counted on the CPU under TRITON_INTERPRET=1).
+FUSED_TRITON: tuple[str, ...] = ("fused", "fused_fixed_a")
 PASSES: tuple[str, ...] = ("fwd", "fwd+bwd")
 #: The torch.compile'd unfused variant's name in ``--variants`` and the JSON.
 COMPILED = "unfused_compiled"
@@ -168,7 +172,7 @@ def variant_unavailable(variant: str, device: torch.device, purpose: str = "time
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     if variant == COMPILED:
         return compiled_unavailable(device)
-    if variant == "fused":
+    if variant in FUSED_TRITON:
         try:
             import triton  # noqa: F401
         except ImportError:
@@ -226,17 +230,20 @@ def layer_forward(variant: str, problem: LayerProblem) -> tuple[Callable[[Tensor
     if variant == "unfused":
         return (lambda x: unfused_dual_lora_linear(x, p.weight, p.bias, p.orth_a, p.orth_b, p.res_a, p.res_b,
                                                    p.basis_x, p.gate, p.orth_scale, p.res_scale)), p.adapters
-    if variant in ("fused", "cuda"):
+    if variant in ("fused", "fused_fixed_a", "cuda"):
         from ..ops import dual_lora_linear
 
         # check_basis=False: as DualLoRALinear does, the basis is validated where it is made (here:
         # a QR), not on every call; the unfused variant does not check it either.
-        kw: dict[str, Any] = dict(orth_a=p.orth_a, orth_b=p.orth_b, basis=p.basis, orth_scale=p.orth_scale,
+        fixed = variant == "fused_fixed_a"
+        a_of = (lambda a: a.detach()) if fixed else (lambda a: a)  # noqa: E731  (detached: no dA, x not kept)
+        kw: dict[str, Any] = dict(orth_a=a_of(p.orth_a), orth_b=p.orth_b, basis=p.basis, orth_scale=p.orth_scale,
                                   check_basis=False)
         if p.res_a is not None:
-            kw.update(res_a=p.res_a, res_b=p.res_b, gate=p.gate, res_scale=p.res_scale)
-        backend = "triton" if variant == "fused" else "cuda"
-        return (lambda x: dual_lora_linear(x, p.weight, p.bias, backend=backend, **kw)), p.adapters
+            kw.update(res_a=a_of(p.res_a), res_b=p.res_b, gate=p.gate, res_scale=p.res_scale)
+        backend = "cuda" if variant == "cuda" else "triton"
+        trainable = [t for t in (p.orth_b, p.res_b) if t is not None] if fixed else p.adapters
+        return (lambda x: dual_lora_linear(x, p.weight, p.bias, backend=backend, **kw)), trainable
     if variant == "peft":
         module = p._cache.get("peft")
         if module is None:
