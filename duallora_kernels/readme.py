@@ -12,6 +12,8 @@ The sections (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``), in REA
   (:func:`duallora_kernels.harness.tables.render_performance`)
 * ``memory-plan``: the memory planner's predictions and their GPU checks, bench/results/plan-*.json
   (:func:`duallora_kernels.harness.plan_report.render_plan_section`)
+* ``task-growth``: how a step's cost grows with the number of finished tasks, bench/results/tasks-*.json
+  (:func:`duallora_kernels.harness.task_growth_report.render_task_growth_section`)
 * ``compile-table``: the ahead-of-time kernel compiles, bench/results/compile-*.json
   (:func:`duallora_kernels.harness.compile_table.render_compile`)
 * ``cuda-compile-table``: the CUDA backend's kernels compiled per arch, bench/results/cuda-compile-*.json
@@ -53,9 +55,9 @@ def _results_table(args: argparse.Namespace) -> str:
 def _perf_table(args: argparse.Namespace) -> str:
     from .harness.tables import render_performance
 
-    # compile-*.json, cuda-compile-*.json and plan-*.json have their own sections
+    # compile-*.json, cuda-compile-*.json, plan-*.json and tasks-*.json have their own sections
     files = sorted(p for p in args.bench_results.glob("*.json")
-                   if not p.name.startswith(("compile-", "cuda-compile-", "plan-")))
+                   if not p.name.startswith(("compile-", "cuda-compile-", "plan-", "tasks-")))
     return render_performance(files, root=args.readme.resolve().parent, rank=args.rank)
 
 
@@ -63,6 +65,12 @@ def _memory_plan(args: argparse.Namespace) -> str:
     from .harness.plan_report import render_plan_section
 
     return render_plan_section(sorted(args.bench_results.glob("plan-*.json")), root=args.readme.resolve().parent)
+
+
+def _task_growth(args: argparse.Namespace) -> str:
+    from .harness.task_growth_report import render_task_growth_section
+
+    return render_task_growth_section(sorted(args.bench_results.glob("tasks-*.json")), root=args.readme.resolve().parent)
 
 
 def _compile_table(args: argparse.Namespace) -> str:
@@ -81,6 +89,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {
     "results-table": _results_table,
     "perf-table": _perf_table,
     "memory-plan": _memory_plan,
+    "task-growth": _task_growth,
     "compile-table": _compile_table,
     "cuda-compile-table": _cuda_compile_table,
 }
