@@ -14,6 +14,7 @@ from . import _checks as check
 from .layer_tasks import TaskLifecycle
 from .memory import SUMMARIES, GramAccumulator, summarize, task_gates, task_scores
 from .ops import BACKENDS, dual_lora_linear
+from .ops.saved_input import SAVED_X
 
 __all__ = ["DualLoRALinear", "DEFAULT_THRESHOLDS", "INITS", "GATE_MODES"]
 
@@ -45,6 +46,9 @@ class DualLoRALinear(TaskLifecycle, nn.Module):
             training): the op then keeps T = x A^T (m x r) for backward instead of x (m x d) and
             computes no dA, so a training step saves what the frozen layer saves plus T and the
             assembled A (r x d). docs/method.md ("Fixed down-projections") gives its accuracy.
+        saved_x: how the op keeps x for the gradient of A: "exact" (default) or "float8" (e4m3 with a
+            float32 scale per row: half of bfloat16's bytes; only dA sees the rounding). docs/method.md
+            ("x saved in float8") gives its accuracy. Nothing to keep with ``train_a=False``.
         backend: "auto" | "triton" | "torch" | "cuda" for the fused op and the memory ops.
     """
 
@@ -69,6 +73,7 @@ class DualLoRALinear(TaskLifecycle, nn.Module):
         orth_init: str = "pca",
         res_init: str = "pca",
         train_a: bool = True,
+        saved_x: str = "exact",
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -94,6 +99,7 @@ class DualLoRALinear(TaskLifecycle, nn.Module):
         if not isinstance(train_a, bool):
             raise TypeError(f"train_a must be True or False, got {train_a!r}")
         self.train_a = train_a
+        self.saved_x = check.choice("saved_x", saved_x, SAVED_X)
         self.backend = check.choice("backend", backend, BACKENDS)
         if isinstance(thresholds, (int, float)):
             thresholds = [thresholds]
@@ -163,6 +169,8 @@ class DualLoRALinear(TaskLifecycle, nn.Module):
         ]
         if not self.train_a:
             parts.append("train_a=False")
+        if self.saved_x != "exact":
+            parts.append(f"saved_x={self.saved_x}")
         if self._in_task:
             parts.append(f"training_task={self.tasks_done}")
         return ", ".join(parts)
@@ -245,7 +253,8 @@ class DualLoRALinear(TaskLifecycle, nn.Module):
                 kw["gate"] = gate  # any float dtype: the kernels read it in float32
         kw.setdefault("res_scale", self.res_scale)
         # The basis was validated where it was made (end_task, load_state_dict): no per-step check.
-        return dual_lora_linear(x, self.weight, self.bias, backend=self.backend, check_basis=False, **kw)
+        return dual_lora_linear(x, self.weight, self.bias, backend=self.backend, check_basis=False,
+                                saved_x=self.saved_x, **kw)
 
 
 def _num_samples(x: Tensor) -> int:

@@ -145,7 +145,8 @@ OPTION_RUNS = (
      "\"Fixed down-projections\")"),
     ("saved-x-float8", "Experiment: x saved in float8 for dA",
      "each adapted layer's saved input x kept as float8 e4m3 with one scale per row and read back for the "
-     "gradient of A only (results/saved-x-float8/run_experiment.py; not an option of the library)"),
+     "gradient of A only (results/saved-x-float8/run_experiment.py, run before it became the option "
+     "`saved_x=\"float8\"` of DualLoRALinear and dual_lora_linear)"),
 )
 
 
