@@ -107,7 +107,8 @@ def plot_task_growth(doc: dict[str, Any], out: Path) -> Path:
             ax.set_title(title, fontsize=9)
         ax.set_xlabel("tasks done")
         ax.legend(fontsize=7)
-    axes[0].set_ylim(bottom=0)
+    for ax in (axes[0], axes[3]):  # a layer beside a whole model: log scale, both readable
+        ax.set_yscale("log")
     fig.suptitle(f"How cost grows with the tasks ({doc['device']['name']}, {doc['date'][:10]})", fontsize=10)
     fig.tight_layout()
     out = Path(out)
