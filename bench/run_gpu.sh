@@ -19,7 +19,8 @@
 #                    config of each kernel (DUALLORA_AUTOTUNE=1: the tile lists are ordered by preference)
 #   4. memory        saved bytes (the four layers, a whole ViT-B/16)
 #   5. plan-check    the memory planner against the GPU: ViT-B/16 training steps (float32 parameters,
-#                    bf16 autocast, AdamW) of fused / unfused / PEFT / full fine-tuning / frozen at
+#                    bf16 autocast, AdamW) of fused / fused with A fixed (B-only training) / unfused /
+#                    PEFT / full fine-tuning / frozen at
 #                    batches 32 and 64, torch.cuda.max_memory_allocated and max_memory_reserved beside
 #                    the prediction and its error; also the device's CUDA context (the step's peak
 #                    memory that step 4 measured before, now measured here with the prediction)
@@ -133,7 +134,7 @@ plan() {
         "DUALLORA_TEST_DEVICE=cuda TRITON_INTERPRET=0 DUALLORA_AUTOTUNE=0 $PY -m pytest -q -rs --tb=short --durations=10 $xdist-k 'not cuda_backend and not (gpu_backends and cuda)' $TEST_FILES"
         "DUALLORA_AUTOTUNE=1 $PY -m duallora_kernels.commands.bench --no-progress --dtype bfloat16 --shapes $LAYERS --ranks 16,64 --batch 64 --variants frozen,fused_single,fused_split,fused_tma,fused,unfused_compiled,peft,unfused --out $p-headline.json"
         "DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.profile_memory --no-progress --scope layer,vit --dtype bfloat16 --rank 16 --shapes $LAYERS --batch 64 --vit-batch 64 --step-batch 64 --out $p-memory.json"
-        "DUALLORA_AUTOTUNE=0 $PY -m duallora_kernels.harness.plan_check --batches 32,64 --variants fused,unfused,peft,full_ft,frozen --out $OUT/plan-check-$SLUG-$DATE.json"
+        "DUALLORA_AUTOTUNE=0 $PY -m duallora_kernels.harness.plan_check --batches 32,64 --variants fused,fused_fixed_a,unfused,peft,full_ft,frozen --out $OUT/plan-check-$SLUG-$DATE.json"
         "export TORCH_CUDA_ARCH_LIST=$CAP MAX_JOBS=16; $PY -c '$CUDA_BUILD_PY' || exit 3; DUALLORA_TEST_DEVICE=cuda TRITON_INTERPRET=0 $PY -m pytest -q -rs --tb=short -k 'cuda_backend or (gpu_backends and cuda)' tests/test_fused_linear.py tests/test_gram.py tests/test_task_scores.py; rc=\$?; DUALLORA_AUTOTUNE=2 $PY -m duallora_kernels.commands.bench --no-progress --dtype bfloat16 --shapes $LAYERS --ranks 16 --batch 64 --variants frozen,fused,cuda --out $p-cuda.json || rc=1; exit \$rc"
     )
 }

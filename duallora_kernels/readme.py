@@ -14,6 +14,8 @@ The sections (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``), in REA
   (:func:`duallora_kernels.harness.plan_report.render_plan_section`)
 * ``design-estimate``: the Triton designs of the fused linear costed on paper per arch
   (:func:`duallora_kernels.harness.design_estimate.render_estimate`, from the kept tile lists)
+* ``task-growth``: how a step's cost grows with the number of finished tasks, bench/results/tasks-*.json
+  (:func:`duallora_kernels.harness.task_growth_report.render_task_growth_section`)
 * ``compile-table``: the ahead-of-time kernel compiles, bench/results/compile-*.json
   (:func:`duallora_kernels.harness.compile_table.render_compile`)
 * ``cuda-compile-table``: the CUDA backend's kernels compiled per arch, bench/results/cuda-compile-*.json
@@ -57,9 +59,9 @@ def _results_table(args: argparse.Namespace) -> str:
 def _perf_table(args: argparse.Namespace) -> str:
     from .harness.tables import render_performance
 
-    # compile-*.json, cuda-compile-*.json and plan-*.json have their own sections
+    # compile-*.json, cuda-compile-*.json, plan-*.json and tasks-*.json have their own sections
     files = sorted(p for p in args.bench_results.glob("*.json")
-                   if not p.name.startswith(("compile-", "cuda-compile-", "plan-")))
+                   if not p.name.startswith(("compile-", "cuda-compile-", "plan-", "tasks-")))
     return render_performance(files, root=args.readme.resolve().parent, rank=args.rank)
 
 
@@ -73,6 +75,12 @@ def _design_estimate(args: argparse.Namespace) -> str:
     from .harness.design_estimate import render_estimate
 
     return render_estimate()
+
+
+def _task_growth(args: argparse.Namespace) -> str:
+    from .harness.task_growth_report import render_task_growth_section
+
+    return render_task_growth_section(sorted(args.bench_results.glob("tasks-*.json")), root=args.readme.resolve().parent)
 
 
 def _compile_table(args: argparse.Namespace) -> str:
@@ -100,6 +108,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {
     "perf-table": _perf_table,
     "memory-plan": _memory_plan,
     "design-estimate": _design_estimate,
+    "task-growth": _task_growth,
     "compile-table": _compile_table,
     "cuda-compile-table": _cuda_compile_table,
     "timm-families": _timm_families,

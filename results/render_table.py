@@ -4,7 +4,9 @@
 joint upper bound (results/upper-bound/upper-bound.json, from probe_upper_bound.py beside it), and how much the
 default run varies across machines
 (results/variation/: the same run with another thread count, another backend, another backbone, and the
-backbone's pretraining with another thread count; notes.json says in words what differs in each run).
+backbone's pretraining with another thread count; notes.json says in words what differs in each run), and the
+default command with one memory option changed against it (OPTION_RUNS: results/split-fmnist-train-a-off/,
+results/saved-x-float8/).
 
     python results/render_table.py            # rewrite the README section
     python results/render_table.py --check    # exit 1 if it is out of date
@@ -46,7 +48,11 @@ def _command(d: dict[str, Any]) -> str:
     if not argv:
         return "(not recorded)"
     env = d.get("environment", {}).get("triton_interpret")
-    words = ["duallora", *argv[1:]] if Path(argv[0]).name == "duallora" else argv
+    first = Path(argv[0])
+    if first.name == "duallora" or first.parts[-2:] == ("duallora_kernels", "__main__.py"):  # python -m duallora_kernels
+        words = ["duallora", *argv[1:]]
+    else:
+        words = (["python"] if first.suffix == ".py" else []) + argv
     return (f"TRITON_INTERPRET={env} " if env else "") + shlex.join(words)
 
 
@@ -149,11 +155,68 @@ def render_runs(docs: list[tuple[Path, dict[str, Any]]], root: Path,
     return lines
 
 
+#: Runs of the default command with one memory option changed, rendered against the default runs (issue 20):
+#: folder under results/, title, and what the option is.
+OPTION_RUNS = (
+    ("split-fmnist-train-a-off", "`--train-a off`: B-only training",
+     "the adapters' down-projections A stay at their initialisation (the task's principal input directions) and "
+     "only B trains, so each adapted layer keeps T = x A^T for backward instead of its input x (docs/method.md, "
+     "\"Fixed down-projections\")"),
+    ("saved-x-float8", "Experiment: x saved in float8 for dA",
+     "each adapted layer's saved input x kept as float8 e4m3 with one scale per row and read back for the "
+     "gradient of A only (results/saved-x-float8/run_experiment.py, run before it became the option "
+     "`saved_x=\"float8\"` of DualLoRALinear and dual_lora_linear)"),
+)
+
+
+def _delta(option: Any, default: Any) -> str:
+    """"+0.3 (yes)": the option's mean minus the default's, and whether that is within the default's std."""
+    if option is None or default is None:
+        return "-"
+    diff = 100 * (option.mean - default.mean)
+    within = default.std is not None and abs(diff) <= 100 * default.std
+    return f"{diff:+.1f} ({'yes' if within else 'no'})"
+
+
+def render_option(folder: Path, title: str, what: str, default_docs: list[tuple[Path, dict[str, Any]]],
+                  root: Path) -> list[str]:
+    """One option's runs against the default runs of the same methods and seeds: A_last and forgetting, each
+    with its difference and whether that lies within one standard deviation of the default over the seeds."""
+    docs = [(p, json.loads(p.read_text())) for p in sorted(folder.glob("*/results.json"))]
+    if not docs:
+        return []
+    default = {g.method: g for g in group_by_method([d for _, d in default_docs], METHODS)}
+    groups = group_by_method([d for _, d in docs], METHODS)
+    lines = ["", f"### {title}", "",
+             f"The default command with one change: {what}. Same methods and seeds as the first table; Δ = the "
+             "option's mean minus the default's, in points, and whether it lies within one standard deviation of the "
+             "default over the seeds.", "",
+             "| method | seeds | A_last | A_last per seed | A_last: default | Δ A_last (within 1 std) | forgetting | "
+             "forgetting: default | Δ forgetting (within 1 std) | task-id | run time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        ref = default.get(g.method)
+        ref_a, ref_f = (ref.metric("A_last"), ref.metric("forgetting")) if ref else (None, None)
+        if ref is not None and ref.seeds != g.seeds:
+            ref_a = ref_f = None  # compared seed for seed only
+        lines.append(
+            f"| `{g.method}` | {', '.join(map(str, g.seeds))} | {_spread(g.metric('A_last'))} | "
+            f"{' / '.join(_pct(r['summary']['A_last']) for r in g.runs)} | {_spread(ref_a)} | "
+            f"{_delta(g.metric('A_last'), ref_a)} | {_spread(g.metric('forgetting'))} | {_spread(ref_f)} | "
+            f"{_delta(g.metric('forgetting'), ref_f)} | {_spread(g.metric('task_id_accuracy'))} | "
+            f"{g.seconds().mean:.0f} s |")
+    first = docs[0][1]
+    lines += ["", f"Made with `{_command(first)}` on {_machine(first)}, torch "
+              f"{first.get('environment', {}).get('torch', '?')} ([{folder.name}/]({folder.relative_to(root)}))."
+              f"{_load([d for _, d in docs])}"]
+    return lines
+
+
 _NOT_PART_OF_THE_RESULT = ("out_dir", "run_name", "data_root", "backend", "workers")
 # What a run made before a setting existed did, in that setting's words.
 _BEFORE_IT_EXISTED = {"amp": "off", "compile": "off", "task_score": "subspace", "dataset": "fashion-mnist",
                       "init_classes": None, "class_order_seed": None, "class_order": None, "split_ratio": None,
-                      "split_seed": 0}
+                      "split_seed": 0, "train_a": True}
 
 
 def _settings(d: dict[str, Any]) -> str:
@@ -296,7 +359,10 @@ def render(runs: Sequence[Path], root: Path = ROOT, variation: Path | None = Non
                   *([f"", f"Each run's command is in its results.json ({len(commands)} commands; the others differ from "
                          "the one above by their `--method`)."] if len(commands) > 1 else []),
                   *([f"", f"Not run with `--full` yet: {', '.join(f'`{m}`' for m in missing)}."] if missing else [])]
-    lines += render_upper_bound(docs[0][0].parent.parent.parent / UPPER_BOUND, root)
+    results_dir = docs[0][0].parent.parent.parent
+    for folder, title, what in OPTION_RUNS:
+        lines += render_option(results_dir / folder, title, what, docs, root)
+    lines += render_upper_bound(results_dir / UPPER_BOUND, root)
     if variation is not None and variation.is_dir():
         from duallora_kernels.continual.pretrain import SHIPPED_SHA256
 
@@ -307,7 +373,8 @@ def render(runs: Sequence[Path], root: Path = ROOT, variation: Path | None = Non
         notes = json.loads(notes_file.read_text()) if notes_file.is_file() else {}
         lines += render_variation(reference, var_runs, pretrains, SHIPPED_SHA256, root, notes)
     lines += ["", "Generated by `python results/render_table.py` from `results/split-fmnist/*/results.json`, "
-              f"`results/{FULL_RUNS}/*/results.json`, `results/{UPPER_BOUND}` and `results/variation/`; the choices behind the defaults are in [docs/method.md](docs/method.md)."]
+              f"`results/{FULL_RUNS}/*/results.json`, "
+              f"{', '.join(f'`results/{f}/*/results.json`' for f, _, _ in OPTION_RUNS)}, `results/{UPPER_BOUND}` and `results/variation/`; the choices behind the defaults are in [docs/method.md](docs/method.md)."]
     return "\n".join(lines)
 
 

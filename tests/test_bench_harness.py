@@ -219,15 +219,17 @@ def _sample_doc() -> dict:
     doc["device"].update(type="cuda", name="NVIDIA H100 80GB HBM3", slug="h100-80gb-hbm3")
     doc["date"] = "2031-01-02T03:04:05+00:00"
     rows = []
-    for variant, ms in (("frozen", 1.0), ("fused", 1.08), ("unfused", 2.5), ("unfused_compiled", 1.5), ("cuda", 1.4),
-                        ("fused_single", 1.2), ("fused_split", 1.08), ("fused_tma", 1.05)):
+    for variant, ms in (("frozen", 1.0), ("fused", 1.08), ("fused_fixed_a", 1.04), ("unfused", 2.5),
+                        ("unfused_compiled", 1.5), ("cuda", 1.4), ("fused_single", 1.2), ("fused_split", 1.08),
+                        ("fused_tma", 1.05)):
         rows.append({"kind": "timing", "layer": "vit_b.fc1", "shape": "768x3072", "d": 768, "n": 3072, "batch": 64,
                      "m": 12608, "rank": None if variant == "frozen" else 16, "dtype": "bfloat16", "amp": "off",
                      "pass": "fwd+bwd", "variant": variant, "status": "ok", "reason": None, "median_ms": ms, "flops": 1, "bytes": 1,
                      "tflops": 1.0, "gbps": 1.0})
     rows.append({**rows[-1], "variant": "peft", "status": "skipped", "reason": "peft is not installed",
                  "median_ms": None, "tflops": None, "gbps": None})
-    for variant, n in (("frozen", 2), ("fused", 7), ("unfused", 35), ("unfused_compiled", 9), ("peft", None)):
+    for variant, n in (("frozen", 2), ("fused", 7), ("fused_fixed_a", 6), ("unfused", 35), ("unfused_compiled", 9),
+                       ("peft", None)):
         rows.append({"kind": "op_count", "layer": "vit_b.fc1", "shape": "768x3072", "d": 768, "n": 3072, "batch": 64,
                      "m": 12608, "rank": None if variant == "frozen" else 16, "dtype": "bfloat16", "amp": "off",
                      "pass": "fwd+bwd", "variant": variant, "status": "ok" if n else "skipped", "reason": None if n else "peft is not installed",
@@ -257,16 +259,18 @@ def test_renderer_fills_the_readme_between_the_markers(tmp_path):
     cells = [c.strip() for c in speed.strip("|").split("|")]
     floor = floor_ratio(12608, 3072, 768, 16, device_peaks("NVIDIA H100 80GB HBM3"))
     assert 1.0 < floor < 1.1  # rank 16 on fc1: a few percent more work than the frozen layer
-    assert cells[:15] == ["H100 80GB HBM3, 2031-01-02", "bfloat16", "vit_b.fc1 768→3072", "12608", "16",
-                          "1.000", f"{floor:.2f}x", "1.080", "1.200", "1.080", "1.050", "2.500", "1.500", "-", "1.400"]
+    assert cells[:16] == ["H100 80GB HBM3, 2031-01-02", "bfloat16", "vit_b.fc1 768→3072", "12608", "16",
+                          "1.000", f"{floor:.2f}x", "1.080", "1.200", "1.080", "1.050", "1.040", "2.500", "1.500", "-",
+                          "1.400"]
     over = 1.08 / floor
-    assert cells[15:20] == [f"{over:.2f}x {'✓' if over <= 1.05 else '✗'}", "1.08x", "2.31x ✓", "1.39x ✓", "1.40x ✗"]
+    assert cells[16:22] == [f"{over:.2f}x {'✓' if over <= 1.05 else '✗'}", "1.08x", "1.04x", "2.31x ✓", "1.39x ✓",
+                            "1.40x ✗"]
     assert "h100-2031-01-02.json" in cells[-1]
     assert "fused/floor (goal ≤ 1.05)" in section and "compiled/fused (goal ≥ 1.3)" in section
     assert "cuda/frozen (goal ≤ 1.35)" in section
     # device operations: one column per counted variant in VARIANTS' order, then the method
     cells = [c.strip() for c in ops.strip("|").split("|")]
-    assert cells[4:] == ["16", "7 ✓", "35", "2 ✓", "-", "9", "torch.profiler",
+    assert cells[4:] == ["16", "7 ✓", "6 ✓", "35", "2 ✓", "-", "9", "torch.profiler",
                          "[h100-2031-01-02.json](bench/results/h100-2031-01-02.json)"]
     assert "fused (budget ≤ 8)" in section
     assert readme_cmd.main([*perf, "--check"]) == 0
@@ -280,7 +284,7 @@ def test_ops_table_marks_the_budgets():
         if r["kind"] == "op_count" and r["variant"] in ("fused", "frozen"):
             r["device_ops"] = {"fused": 9, "frozen": 3}[r["variant"]]
     row = next(line for line in tables.ops_table([(ROOT / "x.json", doc)], ROOT).splitlines() if "vit_b.fc1" in line)
-    assert [c.strip() for c in row.strip("|").split("|")][5:8] == ["9 ✗", "35", "3 ✗"]
+    assert [c.strip() for c in row.strip("|").split("|")][5:9] == ["9 ✗", "6 ✓", "35", "3 ✗"]
 
 
 def test_committed_results_of_schema_1_are_still_read_and_rendered():

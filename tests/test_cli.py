@@ -209,3 +209,15 @@ def test_compile_where_the_compiler_fails_is_a_one_line_error(tmp_path, capsys, 
     assert "torch.compile with backend 'duallora_test_broken' does not work here" in err and "aot_eager" in err
     err = _refused(tmp_path, capsys, monkeypatch, ["--compile", "no_such_backend"])
     assert "has no backend 'no_such_backend'" in err
+
+
+# ------------------------------------------------------------------ issue 20: --train-a
+def test_train_a_reaches_every_layer_and_defaults_to_on():
+    parser = _subparsers()["train"]
+    assert all(c.train_a for c in train_command.configs_from_args(parser.parse_args(["--method", "all"])))
+    configs = train_command.configs_from_args(parser.parse_args(["--method", "all", "--train-a", "off"]))
+    assert len(configs) == 6 and not any(c.train_a or c.layer_kwargs()["train_a"] for c in configs)
+    # a run recorded before the setting existed trained A
+    assert TrainConfig.from_json({k: v for k, v in TrainConfig().to_json().items() if k != "train_a"}).train_a
+    with pytest.raises(ValueError, match="train_a must be True or False"):
+        TrainConfig(train_a="off")

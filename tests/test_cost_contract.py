@@ -103,6 +103,21 @@ def test_training_step_of_a_layer_has_no_host_sync_and_fits_the_budget(gen):
     assert not ops.syncs and ops.total <= STEP_BUDGET, ops
 
 
+def test_fixed_down_projections_add_no_device_op(gen):
+    # B-only training (issue 20): the same launches as training A too, less the projection of dA onto the
+    # basis ([dA_o; dA_r] M), which has nothing to project; the backward kernel runs without its dA product
+    x, w, b, kw = _full_problem(gen)
+    dy = torch.randn(*x.shape[:-1], w.shape[0], generator=gen).to(BF16)
+    fused = lambda: dual_lora_linear(x, w, b, backend="triton", check_basis=False, **kw)  # noqa: E731
+    trained = _counted_step(fused, x, dy, [p for p in kw.values() if isinstance(p, torch.Tensor)])
+    kw["orth_a"].requires_grad_(False)
+    kw["res_a"].requires_grad_(False)
+    fixed = _counted_step(fused, x, dy, [kw["orth_b"], kw["res_b"]])
+    assert not fixed.syncs and fixed.total == trained.total - 1, (trained, fixed)
+    assert fixed.kernels["_coefficients_kernel"] == trained.kernels["_coefficients_kernel"] - 1, (trained, fixed)
+    assert fixed.kernels["_fused_backward_kernel"] == 1 and not fixed.torch_ops, fixed
+
+
 def _counted_step(fn, x, dy, params):
     _step(fn, x, dy)  # first call: autotuning / compilation, not steady state
     for p in params:

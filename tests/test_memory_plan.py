@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from duallora_kernels.commands import profile_memory as mem_cmd
-from duallora_kernels.harness import memory_plan
+from duallora_kernels.harness import memory_plan, plan_report
 from duallora_kernels.harness.allocator_model import MiB, AllocatorReplay
 from duallora_kernels.harness.gpus import GPUS, GpuSpec, gpu
 from duallora_kernels.harness.memory_trace import FakeTraining, block_bytes, make_optimizer, planned_step
 from duallora_kernels.harness.saved_bytes import count_saved
 from duallora_kernels.harness.vit_models import build_vit_variant
+from duallora_kernels.nn import dual_lora_layers
 
 TINY = {"img_size": 32, "depth": 1, "embed_dim": 64, "num_heads": 2}
 MODEL = "vit_base_patch16_224"
@@ -43,7 +44,7 @@ def _variants() -> list[str]:
     if importlib.util.find_spec("peft") is not None:
         out.append("peft")
     if os.environ.get("TRITON_INTERPRET") == "1":  # the real fused layer on the CPU needs the interpreter
-        out.append("fused")
+        out += ["fused", "fused_fixed_a"]
     return out
 
 
@@ -64,6 +65,22 @@ def test_traced_saved_bytes_equal_the_hook_counter_on_a_real_model(variant, amp)
     traced = FakeTraining(partial(_build, variant, True), CLASSES, amp).trace(batch)
     assert traced.saved_bytes == real.activation_bytes
     assert real.activation_bytes > 0
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "amp-bf16"])
+def test_b_only_training_saves_the_frozen_models_activations_plus_t_and_a_per_layer(amp):
+    # issue 20: with A fixed each adapted layer keeps T = x A^T (m x r) and the assembled A (r x d), never x
+    batch = 3
+    traced = {v: FakeTraining(partial(_build, v, True), CLASSES, amp).trace(batch) for v in ("frozen", "fused_fixed_a")}
+    model = _build("fused_fixed_a", empty=True)
+    m = batch * (model.patch_embed.num_patches + 1)
+    elsize = 2 if amp is not None else 4
+    extra = sum((m * r + r * layer.in_features) * elsize for layer in dual_lora_layers(model).values()
+                for r in [layer.rank_orth + layer.rank_res])
+    assert traced["fused_fixed_a"].saved_bytes == traced["frozen"].saved_bytes + extra
+    rows = memory_plan.run_plan(_settings(variants=["frozen", "fused_fixed_a"], batch=batch, amp=amp))
+    goals = plan_report.fixed_a_goals(rows)
+    assert goals.startswith("B-only training (`fused_fixed_a`") and "frozen" in goals
 
 
 @pytest.mark.parametrize("optimizer,states", [("adamw", 2), ("sgd", 1)])

@@ -15,7 +15,7 @@ def _args(gen, dtype=torch.float64, grads=True, backend="torch"):
                                             lead=(2,))
     gate = kw["gate"].expand(*x.shape[:-1], kw["gate"].shape[-1])
     return (x, w, b, kw["orth_a"], kw["orth_b"], kw["res_a"], kw["res_b"], kw["frozen_a"], kw["frozen_b"], gate,
-            kw["basis"], 0.7, 1.3, backend, grads, grads)
+            kw["basis"], 0.7, 1.3, backend, grads, grads, False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -34,7 +34,7 @@ def test_opcheck_forward_of_each_triton_design(backend, gen):
 def test_opcheck_backward(backend, gen):
     args = _args(gen, torch.float64 if backend == "torch" else torch.float32, backend=backend)
     y, t, a, bt = torch.ops.duallora.fused_forward(*args)
-    (x, w, b, oa, ob, ra, rb, fa, fb, gate, basis, os_, rs, backend, _, _) = args
+    (x, w, b, oa, ob, ra, rb, fa, fb, gate, basis, os_, rs, backend, _, _, _) = args
     dy = torch.randn_like(y)
     bwd_args = (dy, x.detach(), w, t, a, bt, gate, basis, oa.detach(), ob.detach(), ra.detach(), rb.detach(), fa, fb,
                 b.detach(), os_, rs, backend, [True, False, True, True, True, True, True])
@@ -74,6 +74,7 @@ def test_every_entry_point_has_the_registered_argument_list():
 
     schema = [a.name for a in torch.ops.duallora.fused_forward.default._schema.arguments]
     spec = list(inspect.signature(dual_lora_linear_reference).parameters)
-    assert schema[: len(spec)] == spec and schema[len(spec):] == ["backend", "store_t", "keep_a"]
-    assert list(inspect.signature(dual_lora_linear).parameters) == spec + ["backend", "check_basis", "design"]
-    assert list(inspect.signature(dual_lora_linear_op).parameters) == spec + ["backend", "design"]
+    assert schema[: len(spec)] == spec and schema[len(spec):] == ["backend", "store_t", "keep_a", "x_float8"]
+    assert list(inspect.signature(dual_lora_linear).parameters) == spec + ["backend", "check_basis", "design",
+                                                                           "saved_x"]
+    assert list(inspect.signature(dual_lora_linear_op).parameters) == spec + ["backend", "design", "saved_x"]

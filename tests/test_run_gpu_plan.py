@@ -109,7 +109,8 @@ def test_the_plans_commands_are_what_the_issue_asks_and_the_clis_accept_them(tmp
     check = by["plan-check"]["command"]  # the planner against the GPU: every variant, two batches b and 2b
     assert check.startswith("DUALLORA_AUTOTUNE=0 ")
     cargs = plan_check.build_parser().parse_args(_cli_args(check, "duallora_kernels.harness.plan_check"))
-    assert cargs.batches == "32,64" and set(cargs.variants.split(",")) == {"fused", "unfused", "peft", "full_ft", "frozen"}
+    assert cargs.batches == "32,64" and set(cargs.variants.split(",")) == {"fused", "fused_fixed_a", "unfused", "peft", "full_ft",
+                                                                  "frozen"}
     assert cargs.out.parent == out and cargs.out.name.startswith("plan-check-")
     # a subset keeps the priority order, and the setup always comes first
     _, sub = _plan(out, DRY_RUN="1", STEPS="memory,kernel-tests")

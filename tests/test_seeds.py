@@ -151,3 +151,34 @@ def test_train_with_seeds_writes_every_run_and_the_curves_plot(tmp_path):
     assert sorted(p.parent.name for p in out.glob("*/results.json")) == [
         "duallora-seed0", "duallora-seed1", "joint-seed0", "joint-seed1"]
     assert (out / "a_t-curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_memory_option_runs_render_against_the_default_with_their_difference(tmp_path):
+    # issue 20: results/split-fmnist-train-a-off beside the default runs, each metric's Δ and whether it lies
+    # within one standard deviation of the default over the seeds
+    rng = np.random.default_rng(3)
+    root = tmp_path / "repo"
+    default = [_fake_run("duallora", s, rng) for s in (0, 1, 2)]
+    option = [_fake_run("duallora", s, rng) for s in (0, 1, 2)]
+    option[0]["environment"]["argv"] = ["/x/duallora_kernels/__main__.py", "train", "--train-a", "off"]
+    for folder, runs in (("split-fmnist", default), ("split-fmnist-train-a-off", option)):
+        for r in runs:
+            d = root / "results" / folder / f"duallora-seed{r['config']['seed']}"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(r))
+    spec = importlib.util.spec_from_file_location("render_table_options", ROOT / "results" / "render_table.py")
+    render_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_table)
+    text = render_table.render(sorted((root / "results" / "split-fmnist").glob("*/results.json")), root=root)
+    section = text.split("### `--train-a off`: B-only training")[1].split("###")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| `duallora`"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    for name, (i_opt, i_ref, i_delta) in (("A_last", (2, 4, 5)), ("forgetting", (6, 7, 8))):
+        opt = np.array([r["summary"][name] for r in option]) * 100
+        ref = np.array([r["summary"][name] for r in default]) * 100
+        diff = opt.mean() - ref.mean()
+        assert cells[i_opt] == f"{opt.mean():.1f} ± {opt.std(ddof=1):.1f}"
+        assert cells[i_ref] == f"{ref.mean():.1f} ± {ref.std(ddof=1):.1f}"
+        assert cells[i_delta] == f"{diff:+.1f} ({'yes' if abs(diff) <= ref.std(ddof=1) else 'no'})"
+    assert "Made with `duallora train --train-a off`" in section  # python -m duallora_kernels reads as duallora
+    assert "Experiment: x saved in float8" not in text  # no section without its runs

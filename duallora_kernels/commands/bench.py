@@ -8,6 +8,7 @@ runs/bench/ unless ``--out`` says where.
     duallora bench --quick               # a small subset, under a minute on 2 CPU cores
     duallora bench --shapes vit_b.fc1,3072x768 --ranks 16 --dtype bf16 --out bench/results/x.json
     duallora bench --amp bf16            # float32 layers, each forward under torch.autocast(bfloat16)
+    duallora bench --tasks 1,5,10,20     # how a layer's and a ViT step's cost grow with the finished tasks
 
 Run it as a module as well: ``python -m duallora_kernels.commands.bench --quick``.
 """
@@ -61,6 +62,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "inputs, as mixed-precision training does (default: off); --dtype must then be float32")
     p.add_argument("--no-count", action="store_true",
                    help="do not count each variant's device operations per forward+backward (op_count rows)")
+    g = p.add_argument_group("--tasks: how the cost grows with the number of finished tasks (instead of the matrix)")
+    g.add_argument("--tasks", default=None, metavar="T1,T2,...",
+                   help="numbers of finished tasks, e.g. 1,5,10,20: one layer (the first of --shapes, default "
+                        "vit_b.fc1; --batch images, default 8) and a whole ViT step (--vit-batch images) in the state "
+                        "of training the next task, beside the frozen model: device ops, time, planned memory, "
+                        "parameter bytes; writes a plot beside the JSON")
+    g.add_argument("--vit-batch", type=int, default=2, help="--tasks: images per ViT step (default: 2)")
+    g.add_argument("--basis-per-task", type=float, default=None,
+                   help="--tasks: memory basis columns each finished task adds, as a fraction of the layer's input "
+                        "width (default: 1/32)")
+    g.add_argument("--model", default="vit_base_patch16_224", help="--tasks: timm ViT (random init; default: "
+                   "vit_base_patch16_224)")
+    for flag in ("img-size", "patch-size", "depth", "embed-dim", "num-heads"):
+        g.add_argument(f"--{flag}", type=int, default=None, help=f"--tasks: override the model's {flag.replace('-', ' ')}")
 
 
 def quick_dtypes(device_type: str) -> tuple[tuple[str, ...], str | None]:
@@ -139,8 +154,9 @@ def print_table(rows: list[dict[str, Any]], file: Any = None) -> None:
     timing = {(r["shape"], r["batch"], r["dtype"], r["pass"], r["variant"], r["rank"]): r
               for r in rows if r["kind"] == "timing"}
     headers = ["layer", "d->n", "m", "dtype", "pass", "r", "frozen ms", "floor/frozen", "fused ms", "single ms",
-               "split ms", "tma ms", "unfused ms", "compiled ms", "peft ms", "cuda ms", "fused/floor", "fused/frozen",
-               "unfused/fused", "compiled/fused", "cuda/frozen", "fused TFLOP/s", "fused GB/s"]
+               "split ms", "tma ms", "fixed-A ms", "unfused ms", "compiled ms", "peft ms", "cuda ms", "fused/floor",
+               "fused/frozen", "fixed-A/frozen", "unfused/fused", "compiled/fused", "cuda/frozen", "fused TFLOP/s",
+               "fused GB/s"]
     table = []
     for c in (r for r in rows if r["kind"] == "comparison"):
         fused = timing.get((c["shape"], c["batch"], c["dtype"], c["pass"], "fused", c["rank"]), {})
@@ -149,9 +165,10 @@ def print_table(rows: list[dict[str, Any]], file: Any = None) -> None:
         table.append([
             c["layer"], f"{c['d']}->{c['n']}", c["m"], dtype_label(c), c["pass"], c["rank"],
             _fmt(c.get("frozen_ms"), ".3f"), _fmt(c.get("floor_over_frozen"), ".2f"),
-            *(_fmt(c.get(f"{v}_ms"), ".3f") for v in ("fused", "fused_single", "fused_split", "fused_tma", "unfused",
-                                                      "unfused_compiled", "peft", "cuda")),
-            _fmt(c.get("fused_over_floor"), ".2f"), _fmt(c["fused_over_frozen"], ".2f"), _fmt(c["unfused_over_fused"], ".2f"),
+            *(_fmt(c.get(f"{v}_ms"), ".3f") for v in ("fused", "fused_single", "fused_split", "fused_tma",
+                                                      "fused_fixed_a", "unfused", "unfused_compiled", "peft", "cuda")),
+            _fmt(c.get("fused_over_floor"), ".2f"), _fmt(c["fused_over_frozen"], ".2f"),
+            _fmt(c.get("fused_fixed_a_over_frozen"), ".2f"), _fmt(c["unfused_over_fused"], ".2f"),
             _fmt(c.get("unfused_compiled_over_fused"), ".2f"), _fmt(c.get("cuda_over_frozen"), ".2f"),
             None if tf is None else f"{tf:.1f}" + (f" ({pf:.0f}%)" if pf is not None else ""),
             None if gb is None else f"{gb:.0f}" + (f" ({pb:.0f}%)" if pb is not None else ""),
@@ -196,7 +213,47 @@ def measure(settings: dict[str, Any], device: Any, **kw: Any) -> list[dict[str, 
     return run_bench(device=device, amp=parse_amp(settings.get("amp")), **given, **kw)
 
 
+def task_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``--tasks``'s settings (:mod:`duallora_kernels.harness.task_growth`); ValueError with a one-line reason."""
+    from ..harness.task_growth import DEFAULT_BASIS_PER_TASK, parse_tasks
+    from .plan_memory import model_settings
+
+    tasks = parse_tasks(args.tasks)
+    shapes = parse_shapes(args.shapes or "vit_b.fc1")
+    ranks = parse_ranks(args.ranks or "16")
+    dtypes = parse_dtypes(args.dtype or ["float32"])
+    if len(shapes) != 1 or len(ranks) != 1 or len(dtypes) != 1:
+        raise ValueError("--tasks measures one layer shape, one rank and one dtype: give at most one of each")
+    if parse_amp(args.amp) is not None:
+        raise ValueError("--tasks times its steps without autocast (the planner's rows assume bf16 autocast): "
+                         "leave --amp out")
+    batch = args.batch or 8
+    per_task = DEFAULT_BASIS_PER_TASK if args.basis_per_task is None else args.basis_per_task
+    if batch < 1 or args.vit_batch < 1:
+        raise ValueError(f"--batch and --vit-batch must be >= 1, got {batch} and {args.vit_batch}")
+    if not 0 < per_task <= 1:
+        raise ValueError(f"--basis-per-task must be in (0, 1], got {per_task}")
+    timm_kwargs, label = model_settings(args)
+    return {"tasks": tasks, "shapes": shapes, "rank": ranks[0], "dtype": dtypes[0], "batch": batch,
+            "vit_batch": args.vit_batch, "basis_per_task": per_task, "model": args.model, "model_label": label,
+            "timm_kwargs": timm_kwargs, "num_classes": 100, "plan_batch": 64, "warmup_ms": args.warmup_ms,
+            "rep_ms": args.rep_ms, "seed": args.seed}
+
+
+def _plot_beside(out: Any, doc: dict[str, Any]) -> None:
+    from ..harness.task_growth_report import plot_task_growth
+
+    print(f"plot: {plot_task_growth(doc, out.with_suffix('.png'))}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        from ..harness.task_growth import TASKS_SCHEMA, run_task_growth
+        from ..harness.task_growth_report import print_task_growth
+
+        args._suffix = "-tasks"
+        return run_command(args, task_settings, run_task_growth, print_task_growth, show_triton=True,
+                           schema=TASKS_SCHEMA, finished=_plot_beside)
     return run_command(args, settings_from, measure, print_table, show_triton=True)
 
 

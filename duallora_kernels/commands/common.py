@@ -99,16 +99,22 @@ def _finish(doc: dict[str, Any], out: Path, rows: list[dict[str, Any]]) -> None:
 
 def run_command(args: argparse.Namespace, settings_from: Callable[[argparse.Namespace], dict[str, Any]],
                 measure: Callable[..., list[dict[str, Any]]], show: Callable[[list[dict[str, Any]]], None], *,
-                show_triton: bool) -> int:
+                show_triton: bool, schema: str | None = None,
+                finished: Callable[[Path, dict[str, Any]], None] | None = None) -> int:
     """A whole run: the settings (exit 2 when the flags are wrong), the start, ``measure(settings,
-    device, progress=, on_group=)`` saving partial results as it goes, ``show(rows)``, the JSON."""
+    device, progress=, on_group=)`` saving partial results as it goes, ``show(rows)``, the JSON (under
+    ``schema`` when given, else the bench schema), then ``finished(out, doc)`` (e.g. a plot beside it)."""
     started = _open_run(args, settings_from, show_triton=show_triton)
     if started is None:
         return 2
     device, out, doc, settings = started
+    if schema is not None:
+        doc["schema"] = schema
     rows = measure(settings, device, progress=not args.no_progress, on_group=_saver(doc, out))
     show(rows)
     _finish(doc, out, rows)
+    if finished is not None:
+        finished(out, doc)
     return 0
 
 

@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=None,
                    help=f"saved-bytes and step variants, subset of {','.join(VIT_VARIANTS)} (default: all; "
                         "--plan also knows inference)")
-    p.add_argument("--max-batch-variants", default="fused,unfused", help="variants of the largest-batch search")
+    p.add_argument("--max-batch-variants", default="fused,fused_fixed_a,unfused",
+                   help="variants of the largest-batch search (default: fused,fused_fixed_a,unfused)")
     p.add_argument("--shapes", action="append", default=None, help="layer shapes for --scope layer (default: all six)")
     p.add_argument("--rank", type=int, default=16, help="total adapter rank (default: 16)")
     p.add_argument("--batch", type=int, default=None, help="layer scope: images per batch, m = batch x 197 (default: 64)")

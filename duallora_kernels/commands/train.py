@@ -26,7 +26,7 @@ DESCRIPTION = (
     "published setting (see the README, 'Your own data')."
 )
 CURVES_PNG = "a_t-curves.png"  # beside the runs, when one command makes several
-_SKIP = {"method", "targets", "train_per_class", "test_per_class", "amp", "compile", "class_order"}
+_SKIP = {"method", "targets", "train_per_class", "test_per_class", "amp", "compile", "class_order", "train_a"}
 _CHOICES = {"dataset": DATASETS, "gate_mode": ("soft", "hard"), "gate_source": GATE_SOURCES, "summary": ("cls", "mean"),
             "task_score": TASK_SCORES, "prototype_features": PROTOTYPE_SOURCES,
             "backend": ("auto", "triton", "torch", "cuda")}
@@ -174,6 +174,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="torch.compile the training step (fullgraph); BACKEND: inductor (what --compile alone "
                         "uses; on the CPU it needs a C++ compiler), aot_eager (no code generation), or another "
                         "torch.compile backend. Default: off")
+    p.add_argument("--train-a", choices=("on", "off"), default="on",
+                   help="on: train the adapters' down-projections A and up-projections B; off: keep A at its "
+                        "initialisation (the task's principal input directions) and train B only, InfLoRA-style: "
+                        "each adapted layer then keeps T = x A^T for backward instead of its input x "
+                        "(docs/method.md, 'Fixed down-projections'). Default: on")
     add_threads_option(p)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -228,6 +233,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     common["amp"] = args.amp or default_amp()
     common["compile"] = args.compile
     common.update(data)
+    common["train_a"] = args.train_a == "on"
     del common["seed"]
     return [TrainConfig(method=m, seed=seed, **common) for seed in seeds for m in methods]
 

@@ -77,6 +77,9 @@ class TrainConfig:
     rank_res: int = 4
     orth_scale: float = 1.0
     res_scale: float = 1.0
+    # False: the down-projections C_o, C_r stay at their initialisation, only B trains (InfLoRA's B-only
+    # training; the op keeps T = x A^T for backward instead of x: docs/method.md, "Fixed down-projections")
+    train_a: bool = True
     threshold_start: float = 0.95
     threshold_end: float = 0.99
     score_rank: int = 16
@@ -128,6 +131,8 @@ class TrainConfig:
         for name in ("lr", "head_lr", "temperature", "prototype_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not isinstance(self.train_a, bool):
+            raise ValueError(f"train_a must be True or False, got {self.train_a!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if not isinstance(self.compile, str) or not self.compile:
@@ -198,7 +203,7 @@ class TrainConfig:
             rank_orth=self.rank_orth, rank_res=self.rank_res, orth_scale=self.orth_scale, res_scale=self.res_scale,
             thresholds=threshold_schedule(tasks, self.threshold_start, self.threshold_end),
             score_rank=self.score_rank, temperature=self.temperature, gate_mode=self.gate_mode,
-            summary=self.summary, backend=self.backend, **switches,
+            summary=self.summary, train_a=self.train_a, backend=self.backend, **switches,
         )
 
     @property

@@ -21,7 +21,7 @@ import torch
 
 from .problems import LayerProblem, amp_name
 from .results import error_text
-from .variants import make_step, variant_unavailable
+from .variants import FUSED_TRITON, make_step, variant_unavailable
 
 __all__ = ["METHODS", "OpCount", "count_step", "device_activities", "op_count_row", "count_variant"]
 
@@ -107,7 +107,7 @@ def op_count_row(problem: LayerProblem, variant: str, count: OpCount | None, *, 
     from ..opcount import FROZEN_STEP, STEP_BUDGET
 
     shape = problem.shape
-    budget = STEP_BUDGET if variant.startswith("fused") else FROZEN_STEP if variant == "frozen" else None
+    budget = STEP_BUDGET if variant in FUSED_TRITON else FROZEN_STEP if variant == "frozen" else None
     row: dict[str, Any] = {
         "kind": "op_count", "layer": shape.name, "shape": shape.key, "d": shape.d, "n": shape.n,
         "batch": problem.batch, "m": problem.m, "rank": None if variant == "frozen" else problem.rank,

@@ -171,10 +171,12 @@ def skipped_row(variant: str, reason: str, batch: int) -> dict[str, Any]:
 
 
 def plan_variant(variant: str, s: dict[str, Any], geo: Geometry) -> VariantPlan:
-    """Trace ``variant`` under the settings ``s`` (see :func:`run_plan`) at ``s['batch']`` and twice that."""
+    """Trace ``variant`` under the settings ``s`` (see :func:`run_plan`) at ``s['batch']`` and twice that.
+    Optional ``s['tasks']`` and ``s['basis_per_task']``: the DualLoRA layers' task state
+    (:func:`~.vit_models.load_training_state`)."""
     build = partial(build_vit_variant, "frozen" if variant == "inference" else variant, s["model"], rank=s["rank"],
                     dtype=s["dtype"], empty=True, num_classes=s["num_classes"], targets=s["targets"],
-                    **s["timm_kwargs"])
+                    tasks=s.get("tasks", 1), basis_per_task=s.get("basis_per_task"), **s["timm_kwargs"])
     fake = FakeTraining(build, s["num_classes"], s["amp"], train=variant != "inference", optimizer=s["optimizer"])
     return VariantPlan(variant, s, geo, fake.trace)
 

@@ -34,7 +34,7 @@ from .vit_models import build_vit_variant
 
 __all__ = ["this_gpu", "measure_step", "run_check", "build_parser", "main"]
 
-CHECK_VARIANTS = ("fused", "unfused", "peft", "full_ft", "frozen")
+CHECK_VARIANTS = ("fused", "fused_fixed_a", "unfused", "peft", "full_ft", "frozen")
 
 
 def this_gpu(device: torch.device) -> GpuSpec:

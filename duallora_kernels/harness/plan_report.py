@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .memory_plan import PLAN_SCHEMA, estimate_note, not_fitting
+from .problems import GOALS, goal_met
 from .tables import format_bytes, format_table
 
-__all__ = ["breakdown_table", "largest_batch_table", "print_plan", "plan_document", "render_plan_section",
-           "CHECK_SCHEMA"]
+__all__ = ["breakdown_table", "largest_batch_table", "fixed_a_goals", "print_plan", "plan_document",
+           "render_plan_section", "CHECK_SCHEMA"]
 
 CHECK_SCHEMA = "duallora-plan-check/1"
 _PARTS = (("parameters", "params"), ("gradients", "grads"), ("optimizer", "optimizer"), ("saved", "saved"),
@@ -54,6 +55,34 @@ def largest_batch_table(rows: Sequence[dict[str, Any]], markdown: bool = False) 
     return format_table(["GPU", "usable", *(r["variant"] for r in ok)], body, markdown=markdown)
 
 
+def fixed_a_goals(rows: Sequence[dict[str, Any]]) -> str | None:
+    """One sentence: B-only training (``fused_fixed_a``) against ``frozen``, the step's total on each GPU and
+    its largest batch (GPUs where both batches reach the search's cap left out), against the goals
+    (:data:`~.problems.GOALS`); None when the plan lacks either variant."""
+    by = {r["variant"]: r for r in _ok(rows)}
+    if "fused_fixed_a" not in by or "frozen" not in by:
+        return None
+    gpus = {g["gpu"]: g for g in by["frozen"]["gpus"]}
+    totals, batches = [], []
+    for g in by["fused_fixed_a"]["gpus"]:
+        f = gpus[g["gpu"]]
+        totals.append(g["device_bytes"] / f["device_bytes"])
+        if not (g["max_batch_capped"] and f["max_batch_capped"]) and f["max_batch"]:
+            batches.append(g["max_batch"] / f["max_batch"])
+
+    def verdict(name: str, value: float) -> str:
+        op, bound, _ = GOALS[name]
+        return f"goal {'≤' if op == '<=' else '≥'} {bound:g}: {'met' if goal_met(name, value) else 'missed'}"
+
+    total = f"{min(totals):.3f}x-{max(totals):.3f}x" if len(totals) > 1 else f"{totals[0]:.3f}x"
+    text = (f"B-only training (`fused_fixed_a`: A fixed, the op keeps T = x A^T instead of x) against frozen: step "
+            f"total {total} of frozen's ({verdict('fixed_a_total_over_frozen', max(totals))})")
+    if batches:
+        text += (f", largest batch {min(batches):.3f}x-{max(batches):.3f}x of frozen's over the GPUs "
+                 f"({verdict('fixed_a_batch_over_frozen', min(batches))})")
+    return text + "."
+
+
 def _heading(doc: dict[str, Any]) -> str:
     s = doc["settings"]
     return (f"{s['model_label']}, parameters {s['dtype']}, autocast {s['amp']}, {s['optimizer']}, rank {s['rank']} "
@@ -71,6 +100,9 @@ def print_plan(doc: dict[str, Any], file: Any = None) -> None:
             print(f"  {r['variant']}: {r['status']}: {r['reason']}", file=file)
     for line in not_fitting(rows):
         print(f"  {line}", file=file)
+    goals = fixed_a_goals(rows)
+    if goals:
+        print(f"\n{goals}", file=file)
     print(f"\nnote: {estimate_note()}", file=file)
 
 
@@ -141,6 +173,9 @@ def render_plan_section(paths: Sequence[Path], root: Path) -> str:
         parts += [f"**{_heading(doc)}** ({_link(path, root)}; {doc['date'][:10]}{took}):", "",
                   breakdown_table(rows, markdown=True), "", "Largest batch that fits:", "",
                   largest_batch_table(rows, markdown=True), ""]
+        goals = fixed_a_goals(rows)
+        if goals:
+            parts += [goals, ""]
         png = path.with_suffix(".png")
         if png.exists():
             parts += [f"![memory plan]({_link(png, root).split('](')[1][:-1]})", ""]

@@ -57,6 +57,8 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "unfused_compiled_over_fused": (">=", 1.3, "fused at least 1.3x faster than the torch.compile'd unfused one"),
     "saved_over_frozen": ("<=", 1.05, "bytes saved for backward within 1.05x of the frozen layer's"),
     "cuda_over_frozen": ("<=", 1.35, "CUDA C++ backend fwd+bwd within 1.35x of the frozen nn.Linear"),
+    "fixed_a_total_over_frozen": ("<=", 1.05, "B-only training's planned step memory within 1.05x of frozen's"),
+    "fixed_a_batch_over_frozen": (">=", 0.95, "B-only training's largest batch at least 0.95x of frozen's on every GPU"),
 }
 #: The CPU-friendly subset of ``--quick``.
 QUICK: dict[str, Any] = {

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from ..opcount import FROZEN_STEP, STEP_BUDGET
 from .problems import GOALS
 from .results import load_docs
-from .variants import VARIANTS
+from .variants import FUSED_TRITON, VARIANTS
 from .vit_models import VIT_VARIANTS
 
 __all__ = ["dtype_label", "fmt_ratio", "format_bytes", "format_table", "HEADLINE_RANK", "speed_table", "ops_table", "saved_table",
@@ -96,8 +96,10 @@ def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int =
                 _with_note(doc), dtype_label(c), f"{c['layer']} {c['d']}→{c['n']}", c["m"], c["rank"],
                 _ms(c["frozen_ms"]), _x(c.get("floor_over_frozen")), _ms(c["fused_ms"]),
                 *(_ms(c.get(f"fused_{design}_ms")) for design in ("single", "split", "tma")),
+                _ms(c.get("fused_fixed_a_ms")),
                 _ms(c["unfused_ms"]), _ms(c.get("unfused_compiled_ms")), _ms(c["peft_ms"]), _ms(c.get("cuda_ms")),
                 _x(c.get("fused_over_floor"), c.get("goal_fused_over_floor")), _x(c["fused_over_frozen"]),
+                _x(c.get("fused_fixed_a_over_frozen")),
                 _x(c["unfused_over_fused"], c.get("goal_unfused_over_fused")),
                 _x(c.get("unfused_compiled_over_fused"), c.get("goal_unfused_compiled_over_fused")),
                 _x(c.get("cuda_over_frozen"), c.get("goal_cuda_over_frozen")),
@@ -106,8 +108,8 @@ def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int =
     if not rows:
         return None
     headers = ["device, date", "dtype", "layer d→n", "m", "r", "frozen ms", "floor/frozen", "fused ms", "single ms",
-               "split ms", "tma ms", "unfused ms", "compiled ms", "peft ms", "cuda ms",
-               f"fused/floor (goal {_goal('fused_over_floor')})", "fused/frozen",
+               "split ms", "tma ms", "fixed-A ms", "unfused ms", "compiled ms", "peft ms", "cuda ms",
+               f"fused/floor (goal {_goal('fused_over_floor')})", "fused/frozen", "fixed-A/frozen",
                f"unfused/fused (goal {_goal('unfused_over_fused')})",
                f"compiled/fused (goal {_goal('unfused_compiled_over_fused')})",
                f"cuda/frozen (goal {_goal('cuda_over_frozen')})", "source"]
@@ -115,7 +117,8 @@ def speed_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int =
             f"{rank} or the file's largest; every rank is in the JSON; floor = the frozen time x the roofline "
             "ratio of the fused op's unavoidable work to the frozen layer's at this rank, on the device's peaks "
             "(ops/fused_linear_cost.py); fused = the design `auto` picks, single / split / tma = each Triton design "
-            "forced (ops/fused_linear.py); compiled = the unfused composition under "
+            "forced (ops/fused_linear.py); fixed-A = the fused op with A fixed (B-only training, `train_a=False`); "
+            "compiled = the unfused composition under "
             "torch.compile, GPU only; cuda = the CUDA C++ tensor-core backend (csrc/); '-' = not run on that device, see the file's reasons)\n\n"
             + format_table(headers, rows, markdown=True))
 
@@ -149,7 +152,7 @@ def ops_table(docs: list[tuple[Path, dict[str, Any]]], root: Path, rank: int = H
                 n = r["device_ops"]
                 if r.get("amp", "off") != "off":  # the budgets are those of a step without autocast's casts
                     return str(n)
-                if v.startswith("fused"):
+                if v in FUSED_TRITON:
                     return f"{n} {'✓' if n <= STEP_BUDGET else '✗'}"
                 return f"{n} {'✓' if n == FROZEN_STEP else '✗'}" if v == "frozen" else str(n)
 
@@ -187,15 +190,17 @@ def saved_table(docs: list[tuple[Path, dict[str, Any]]], root: Path) -> str | No
                 return "-" if r is None or r["status"] != "ok" else _x(r[f"activation_over_{ref}"])
 
             rows.append([_with_note(doc), scope, model if shape is None else f"{model} {shape}", dtype, batch, rk,
-                         *(act(v) for v in variants), over("fused", "frozen"), over("unfused", "frozen"),
+                         *(act(v) for v in variants), over("fused", "frozen"), over("fused_fixed_a", "frozen"),
+                         over("unfused", "frozen"),
                          over("fused", "full_ft"), over("unfused", "full_ft"), _source(path, root)])
     if not rows:
         return None
     headers = ["device, date", "scope", "layer / model", "dtype", "batch", "r", *variants,
-               "fused/frozen", "unfused/frozen", "fused/full_ft", "unfused/full_ft", "source"]
+               "fused/frozen", "fused_fixed_a/frozen", "unfused/frozen", "fused/full_ft", "unfused/full_ft", "source"]
     return ("**Bytes saved for backward** (activations: unique storages autograd saves, parameters and buffers "
-            "left out; a frozen layer saves only its weight, so its activations are 0 B; full_ft = every weight trains, what "
-            "any trainable layer must keep; goal: within 1.05x of frozen)\n\n"
+            "left out; a frozen layer saves only its weight, so its activations are 0 B; fused_fixed_a = the fused op "
+            "with A fixed (B-only training), which keeps T = x A^T and the assembled A instead of x; full_ft = every "
+            "weight trains, what any trainable layer must keep; goal: within 1.05x of frozen)\n\n"
             + format_table(headers, rows, markdown=True))
 
 

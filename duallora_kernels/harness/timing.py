@@ -73,26 +73,28 @@ def time_callable(fn: Callable[[], Any], device: torch.device, *, warmup_ms: flo
 def flop_count(m: int, d: int, n: int, rank: int, variant: str, pass_: str) -> int:
     """The useful FLOPs of a pass (2 per multiply-add; bias and elementwise work ignored).
     frozen: fwd ``2mnd``, bwd ``2mnd`` (dX only). Low-rank variants add ``2mr(d+n)`` forward and
-    ``4mr(d+n)`` backward (dY B, U A, dA, dB)."""
+    ``4mr(d+n)`` backward (dY B, U A, dA, dB); ``fused_fixed_a`` has no dA: ``2mr(d+2n)`` backward."""
     base = 2 * m * n * d
     if variant == "frozen":
         return base if pass_ == "fwd" else 2 * base
     lo = 2 * m * rank * (d + n)
-    return base + lo if pass_ == "fwd" else 2 * base + 3 * lo
+    if pass_ == "fwd":
+        return base + lo
+    return 2 * base + lo + (2 * m * rank * (d + 2 * n) if variant == "fused_fixed_a" else 2 * lo)
 
 
 def byte_count(m: int, d: int, n: int, rank: int, variant: str, pass_: str, elsize: int) -> int:
     """The least memory traffic of a pass: every large tensor moved once (the table in
     ``ops/fused_linear.py``). Forward: read X, W0, b; write Y. Backward: read dY, W0; write dX;
-    the low-rank variants also read X again (for dA), write T (m x r, x's dtype) forward and read it
-    backward, and move the factors and their gradients. Unfused code moves more; its GB/s is an
-    effective rate over this count."""
+    the low-rank variants also read X again (for dA; not ``fused_fixed_a``, which has no dA), write T
+    (m x r, x's dtype) forward and read it backward, and move the factors and their gradients. Unfused
+    code moves more; its GB/s is an effective rate over this count."""
     fwd = elsize * (m * d + n * d + m * n + n)
     bwd = elsize * (m * n + n * d + m * d)
     if variant != "frozen":
         small = elsize * rank * (d + n)
         fwd += small + elsize * m * rank
-        bwd += elsize * m * d + elsize * m * rank + 2 * small
+        bwd += elsize * m * rank + 2 * small + (0 if variant == "fused_fixed_a" else elsize * m * d)
     return fwd if pass_ == "fwd" else fwd + bwd
 
 
@@ -157,10 +159,10 @@ FUSED_VARIANTS = ("fused", "fused_single", "fused_split", "fused_tma")
 
 def comparison_rows(timing_rows: Iterable[dict[str, Any]], peaks: dict | None = None) -> list[dict[str, Any]]:
     """One ``kind="comparison"`` row per (shape, batch, dtype, pass, rank): the variants' medians,
-    the ratios fused/frozen, unfused/fused, peft/fused, unfused_compiled/fused, cuda/frozen and
-    cuda/fused (None where a side is missing), on fwd+bwd rows the floor (:func:`floor_fields`,
-    with the device's ``peaks``) and each variant's device operations (``<variant>_ops``, from the
-    ``op_count`` rows among ``timing_rows``)."""
+    the ratios fused/frozen, unfused/fused, peft/fused, unfused_compiled/fused, cuda/frozen,
+    cuda/fused, fused_fixed_a/frozen and fused_fixed_a/fused (None where a side is missing), on
+    fwd+bwd rows the floor (:func:`floor_fields`, with the device's ``peaks``) and each variant's
+    device operations (``<variant>_ops``, from the ``op_count`` rows among ``timing_rows``)."""
     timing_rows = list(timing_rows)
     def amp(r: dict[str, Any]) -> str:
         return r.get("amp", "off")  # rows of schema /1 and /2 ran without autocast
@@ -192,6 +194,8 @@ def comparison_rows(timing_rows: Iterable[dict[str, Any]], peaks: dict | None = 
             "goal_unfused_over_fused": goal_met("unfused_over_fused", u_f) if pass_ == "fwd+bwd" else None,
             "goal_unfused_compiled_over_fused": goal_met("unfused_compiled_over_fused", c_f) if pass_ == "fwd+bwd" else None,
             "cuda_over_frozen": cu_fr, "cuda_over_fused": ratio(t["cuda"], t["fused"]),
+            "fused_fixed_a_over_frozen": ratio(t["fused_fixed_a"], t["frozen"]),
+            "fused_fixed_a_over_fused": ratio(t["fused_fixed_a"], t["fused"]),
             "goal_cuda_over_frozen": goal_met("cuda_over_frozen", cu_fr) if pass_ == "fwd+bwd" else None,
             **({f"{v}_ops": ops[v] for v in VARIANTS} if pass_ == "fwd+bwd" else {}),
             **(floor_fields(t, m, n, d, rank, compute.get((shape, batch, dtype, amp_), dtype), peaks)

@@ -2,7 +2,9 @@
 
 * ``fused``: :func:`duallora_kernels.ops.dual_lora_linear` with ``backend="triton"`` and
   ``check_basis=False``, as DualLoRALinear calls it (``design="auto"``).
-* ``fused_single`` / ``fused_split`` / ``fused_tma``: the same with each Triton design forced
+* ``fused_fixed_a``: the same with the A factors fixed (not requiring grad: ``DualLoRALinear(train_a=False)``,
+  B-only training): the op keeps T = x A^T for backward instead of x and computes no dA.
+* ``fused_single`` / ``fused_split`` / ``fused_tma``: ``fused`` with each Triton design forced
   (ops/fused_linear.py), side by side in one run so a GPU run can decide the default;
   ``fused_tma`` on sm_90 only (elsewhere it would time the split design again).
 * ``unfused``: the same function written in plain PyTorch the way a user would write it
@@ -38,13 +40,15 @@ from torch import Tensor, nn
 from .devices import triton_interpreting
 from .problems import LayerProblem, seeded_generator
 
-__all__ = ["VARIANTS", "DESIGN_VARIANTS", "PASSES", "COMPILED", "unfused_dual_lora_linear", "UnfusedDualLoRALinear", "cuda_unavailable",
-           "variant_unavailable", "layer_forward", "make_step"]
+__all__ = ["VARIANTS", "FUSED_TRITON", "DESIGN_VARIANTS", "PASSES", "COMPILED", "unfused_dual_lora_linear",
+           "UnfusedDualLoRALinear", "cuda_unavailable", "variant_unavailable", "layer_forward", "make_step"]
 
-VARIANTS: tuple[str, ...] = ("fused", "unfused", "frozen", "peft", "unfused_compiled", "cuda", "fused_single",
-                             "fused_split", "fused_tma")
+VARIANTS: tuple[str, ...] = ("fused", "fused_fixed_a", "unfused", "frozen", "peft", "unfused_compiled", "cuda",
+                             "fused_single", "fused_split", "fused_tma")
 #: The fused variants that force one Triton design, and the design each forces.
 DESIGN_VARIANTS: dict[str, str] = {"fused_single": "single", "fused_split": "split", "fused_tma": "tma"}
+#: The variants that run the fused Triton op (timed on a GPU, counted on the CPU under TRITON_INTERPRET=1).
+FUSED_TRITON: tuple[str, ...] = ("fused", "fused_fixed_a", *DESIGN_VARIANTS)
 PASSES: tuple[str, ...] = ("fwd", "fwd+bwd")
 #: The torch.compile'd unfused variant's name in ``--variants`` and the JSON.
 COMPILED = "unfused_compiled"
@@ -176,7 +180,7 @@ def variant_unavailable(variant: str, device: torch.device, purpose: str = "time
         return compiled_unavailable(device)
     if variant == "fused_tma" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
         return "the TMA design needs sm_90 (Hopper); elsewhere it runs the split design's pointer GEMMs"
-    if variant == "fused" or variant in DESIGN_VARIANTS:
+    if variant in FUSED_TRITON:
         try:
             import triton  # noqa: F401
         except ImportError:
@@ -234,19 +238,22 @@ def layer_forward(variant: str, problem: LayerProblem) -> tuple[Callable[[Tensor
     if variant == "unfused":
         return (lambda x: unfused_dual_lora_linear(x, p.weight, p.bias, p.orth_a, p.orth_b, p.res_a, p.res_b,
                                                    p.basis_x, p.gate, p.orth_scale, p.res_scale)), p.adapters
-    if variant in ("fused", "cuda") or variant in DESIGN_VARIANTS:
+    if variant in ("cuda", *FUSED_TRITON):
         from ..ops import dual_lora_linear
 
         # check_basis=False: as DualLoRALinear does, the basis is validated where it is made (here:
         # a QR), not on every call; the unfused variant does not check it either.
-        kw: dict[str, Any] = dict(orth_a=p.orth_a, orth_b=p.orth_b, basis=p.basis, orth_scale=p.orth_scale,
+        fixed = variant == "fused_fixed_a"
+        a_of = (lambda a: a.detach()) if fixed else (lambda a: a)  # noqa: E731  (detached: no dA, x not kept)
+        kw: dict[str, Any] = dict(orth_a=a_of(p.orth_a), orth_b=p.orth_b, basis=p.basis, orth_scale=p.orth_scale,
                                   check_basis=False)
         if p.res_a is not None:
-            kw.update(res_a=p.res_a, res_b=p.res_b, gate=p.gate, res_scale=p.res_scale)
+            kw.update(res_a=a_of(p.res_a), res_b=p.res_b, gate=p.gate, res_scale=p.res_scale)
         backend = "cuda" if variant == "cuda" else "triton"
         if variant in DESIGN_VARIANTS:
             kw["design"] = DESIGN_VARIANTS[variant]
-        return (lambda x: dual_lora_linear(x, p.weight, p.bias, backend=backend, **kw)), p.adapters
+        trainable = [t for t in (p.orth_b, p.res_b) if t is not None] if fixed else p.adapters
+        return (lambda x: dual_lora_linear(x, p.weight, p.bias, backend=backend, **kw)), trainable
     if variant == "peft":
         module = p._cache.get("peft")
         if module is None:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import _checks as check
 from .reference import gram_reference, task_scores_reference
+from .saved_input import SAVED_X
 
 __all__ = ["BACKENDS", "resolve_backend", "autocast_dtype", "autocast_off", "dual_lora_linear", "gram", "task_scores"]
 
@@ -143,6 +144,7 @@ def dual_lora_linear(
     backend: str = "auto",
     check_basis: bool = True,
     design: str = "auto",
+    saved_x: str = "exact",
 ) -> Tensor:
     """One DualLoRA linear layer (docs/method.md)::
 
@@ -181,6 +183,10 @@ def dual_lora_linear(
             "single" (one kernel per pass), "split" (skinny low-rank passes, then plain GEMMs with a
             K-extension) or "tma" (split, its GEMMs on Hopper's tensor descriptors where the call
             allows). Same numbers, different speed: :mod:`duallora_kernels.ops.fused_linear`.
+        saved_x: how x is kept for backward when only the gradient of A needs it: ``"exact"`` (default)
+            or ``"float8"`` (e4m3 codes and a float32 scale per row: 1 byte per element plus 4 per row;
+            dA sees the rounding, Y, dX and dB do not; :mod:`duallora_kernels.ops.saved_input`). With A
+            factors that do not require grad x is not kept at all, whatever this says.
 
     Returns:
         Y (..., n) in x's dtype.
@@ -196,6 +202,7 @@ def dual_lora_linear(
     and the basis must share x's dtype, the rule of ``nn.Linear``, which raises for a bfloat16
     input and float32 weights: a TypeError that names the tensor.
     """
+    check.choice("saved_x", saved_x, SAVED_X)
     cast = autocast_dtype(x.device) if isinstance(x, Tensor) else None
     if cast is not None:
         x, weight, bias = (_autocast(t, cast) for t in (x, weight, bias))
@@ -203,13 +210,14 @@ def dual_lora_linear(
         # check, as autocast leaves float64 to fail F.linear.
         with torch.autocast(x.device.type, enabled=False):
             return _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
-                               orth_scale, res_scale, backend, check_basis, design, adapters_own_dtype=True)
+                               orth_scale, res_scale, backend, check_basis, design, adapters_own_dtype=True,
+                               saved_x=saved_x)
     return _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale,
-                       res_scale, backend, check_basis, design, adapters_own_dtype=False)
+                       res_scale, backend, check_basis, design, adapters_own_dtype=False, saved_x=saved_x)
 
 
 def _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale,
-                res_scale, backend, check_basis, design, *, adapters_own_dtype: bool) -> Tensor:
+                res_scale, backend, check_basis, design, *, adapters_own_dtype: bool, saved_x: str) -> Tensor:
     """:func:`dual_lora_linear` after autocast: validate, then run the registered op."""
     check.tensor("x", x)
     if x.dim() < 1:
@@ -269,7 +277,7 @@ def _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_
     return impl(
         x, weight, bias,
         orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a, frozen_b=frozen_b,
-        gate=gate2, basis=basis, orth_scale=orth_scale, res_scale=res_scale,
+        gate=gate2, basis=basis, orth_scale=orth_scale, res_scale=res_scale, saved_x=saved_x,
     )
 
 

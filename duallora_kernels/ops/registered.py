@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .launchers import TORCH, GradPlan, Launchers, Layout, grad_buffer_dtype, project, rebuild_bt, stack
+from .saved_input import dequantize_rows, quantize_rows
 
 __all__ = ["dual_lora_linear_op", "KERNEL_DTYPES"]
 
@@ -66,7 +67,7 @@ def fused_forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], orth_a: Optional[Tensor], orth_b: Optional[Tensor],
     res_a: Optional[Tensor], res_b: Optional[Tensor], frozen_a: Optional[Tensor], frozen_b: Optional[Tensor],
     gate: Optional[Tensor], basis: Optional[Tensor], orth_scale: float, res_scale: float, backend: str,
-    store_t: bool, keep_a: bool,
+    store_t: bool, keep_a: bool, x_float8: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _launchers(backend, x.dtype)
     a, bt, lay = stack(kernels, x, weight, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis,
@@ -83,7 +84,7 @@ def fused_forward(
 
 @fused_forward.register_fake
 def _(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale, res_scale,
-      backend, store_t, keep_a):
+      backend, store_t, keep_a, x_float8):
     n, d = weight.shape
     r = _rank(orth_a) + _rank(res_a) + _rank(frozen_a)
     y = x.new_empty((*x.shape[:-1], n))
@@ -162,29 +163,37 @@ def _(dy, x, weight, t, a, bt, gate, basis, orth_a, orth_b, res_a, res_b, frozen
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, orth_scale, res_scale,
-     backend, store_t, keep_a) = inputs
+     backend, store_t, keep_a, x_float8) = inputs
     _, t, a, bt = output
     ctx.mark_non_differentiable(t, a, bt)
     ctx.set_materialize_grads(False)  # T, A and B^T get no gradient: no zero tensors made for them
     ctx.statics = (orth_scale, res_scale, backend)
     # x only when dA or dW0 will need it: with only the B factors training, the graph keeps T, not x.
+    # The bias only when it trains: under autocast it is a low-precision copy, which nothing else would keep
+    # (F.linear does not), and backward reads it only for its own gradient.
     need = ctx.needs_input_grad
     keep_x = need[1] or ((need[3] or need[5]) and a.numel() > 0)
-    ctx.save_for_backward(x if keep_x else None, weight, t, a, bt, gate, basis, orth_a, orth_b, res_a, res_b,
-                          frozen_a, frozen_b, bias)
+    # x_float8 (saved_x="float8"): x kept as e4m3 codes and row scales when only dA reads it (dW0 wants it exact)
+    ctx.x_float8, ctx.x_dtype = keep_x and x_float8 and not need[1], x.dtype
+    saved_x, x_scale = quantize_rows(x) if ctx.x_float8 else (x if keep_x else None, None)
+    ctx.save_for_backward(saved_x, weight, t, a, bt, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a,
+                          frozen_b, bias if need[2] else None, x_scale)
 
 
 def _backward(ctx, dy, _dt, _da, _dbt):
-    x, weight, t, a, bt, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias = ctx.saved_tensors
+    x, weight, t, a, bt, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias, x_scale = \
+        ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:7])
     if dy is None:  # Y took no part in the loss (grads are not materialised, see _setup_context)
-        return (None,) * 16
+        return (None,) * 17
+    if ctx.x_float8:
+        x = dequantize_rows(x, x_scale, ctx.x_dtype)
     grads = torch.ops.duallora.fused_backward(
         dy, x, weight, t, a, bt, gate, basis, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, bias, *ctx.statics,
         needs,
     )
     out = [g if need else None for g, need in zip(grads, needs)]
-    return (*out, None, None, None, None, None, None, None, None, None)
+    return (*out, *(None,) * 10)
 
 
 torch.library.register_autograd("duallora::fused_forward", _backward, setup_context=_setup_context)
@@ -195,13 +204,14 @@ def dual_lora_linear_op(
     orth_b: Tensor | None = None, res_a: Tensor | None = None, res_b: Tensor | None = None,
     frozen_a: Tensor | None = None, frozen_b: Tensor | None = None, gate: Tensor | None = None,
     basis: Tensor | None = None, orth_scale: float = 1.0, res_scale: float = 1.0, backend: str = "torch",
-    design: str = "auto",
+    design: str = "auto", saved_x: str = "exact",
 ) -> Tensor:
     """Y of the registered op on validated arguments (``gate`` of shape x.shape[:-1] + (G,), e.g. the
     broadcast view :func:`duallora_kernels.ops.dual_lora_linear` makes; ``basis`` None or with k >= 1
     columns; ``backend`` "torch", "triton" or "cuda"; ``design`` one of
     :data:`.fused_linear.DESIGNS`, for "triton"). Keeps T and A for backward only when a gradient
-    will be asked for."""
+    will be asked for; x only when dA or dW0 will be, in float8 with ``saved_x="float8"`` when only
+    dA will (:mod:`.saved_input`)."""
     if backend == "triton":
         from .fused_linear import resolve_design
 
@@ -212,6 +222,6 @@ def dual_lora_linear_op(
     need = [grad_on and p is not None and p.requires_grad for p in (x, weight, bias, orth_a, orth_b, res_a, res_b)]
     y, _, _, _ = torch.ops.duallora.fused_forward(
         x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_b, gate, basis, float(orth_scale),
-        float(res_scale), backend, need[4] or need[6], any(need),
+        float(res_scale), backend, need[4] or need[6], any(need), saved_x == "float8",
     )
     return y
