@@ -69,14 +69,24 @@ def test_traced_saved_bytes_equal_the_hook_counter_on_a_real_model(variant, amp)
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "amp-bf16"])
 def test_b_only_training_saves_the_frozen_models_activations_plus_t_and_a_per_layer(amp):
-    # issue 20: with A fixed each adapted layer keeps T = x A^T (m x r) and the assembled A (r x d), never x
+    # issue 20: with A fixed each adapted layer keeps T = x A^T (m x r) and the assembled A (r x d), never x;
+    # the Triton designs that keep B^T from forward (split, tma: ops/fused_linear.py) also keep it (r x n)
+    from duallora_kernels.ops.fused_linear import launchers_for, resolve_design
+
     batch = 3
     traced = {v: FakeTraining(partial(_build, v, True), CLASSES, amp).trace(batch) for v in ("frozen", "fused_fixed_a")}
     model = _build("fused_fixed_a", empty=True)
     m = batch * (model.patch_embed.num_patches + 1)
     elsize = 2 if amp is not None else 4
-    extra = sum((m * r + r * layer.in_features) * elsize for layer in dual_lora_layers(model).values()
-                for r in [layer.rank_orth + layer.rank_res])
+
+    def kept(layer) -> int:
+        r = layer.rank_orth + layer.rank_res
+        design = resolve_design("auto", n=layer.out_features, d=layer.in_features, r=r, dtype=amp or torch.float32,
+                                device=torch.device("cpu"))
+        return (m * r + r * layer.in_features + (r * layer.out_features if launchers_for(design).keeps_bt else 0)) \
+            * elsize
+
+    extra = sum(kept(layer) for layer in dual_lora_layers(model).values())
     assert traced["fused_fixed_a"].saved_bytes == traced["frozen"].saved_bytes + extra
     rows = memory_plan.run_plan(_settings(variants=["frozen", "fused_fixed_a"], batch=batch, amp=amp))
     goals = plan_report.fixed_a_goals(rows)

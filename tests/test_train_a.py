@@ -34,20 +34,30 @@ def _fixed_a_problem(gen, dtype, m=30, d=48, n=40, r_o=4, r_r=3, lead=(2,)):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_saved_bytes_are_the_frozen_layers_plus_t_and_the_assembled_a(backend, dtype, gen):
+    for design in ("single", "split", "tma") if backend == "triton" else ("auto",):
+        _saved_bytes_of_a_b_only_step(backend, design, dtype, gen)
+
+
+def _saved_bytes_of_a_b_only_step(backend, design, dtype, gen):
     x, w, b, kw = _fixed_a_problem(gen, dtype)
     params = [w, b, *(v for v in kw.values() if isinstance(v, torch.Tensor))]
-    fused = count_saved(lambda: dual_lora_linear(x, w, b, backend=backend, check_basis=False, **kw), params)
+    fused = count_saved(lambda: dual_lora_linear(x, w, b, backend=backend, check_basis=False, design=design, **kw),
+                        params)
     frozen = count_saved(lambda: F.linear(x, w, b), [w, b])
-    m, d = x.numel() // x.shape[-1], x.shape[-1]
+    m, d, n = x.numel() // x.shape[-1], x.shape[-1], w.shape[0]
     r = kw["orth_a"].shape[0] + kw["res_a"].shape[0]
     elsize = x.element_size()
-    # T (m x r) and the assembled A (r x d, kept for dX rather than rebuilt: two launches with a basis) --
-    # never x (m x d), which the frozen layer does not keep either
-    assert fused.activation_bytes == frozen.activation_bytes + m * r * elsize + r * d * elsize, (fused, frozen)
+    # T (m x r; the split/tma designs keep S = T .* scale in its place) and the assembled A (r x d, kept for dX
+    # rather than rebuilt: two launches with a basis) -- never x (m x d), which the frozen layer does not keep
+    # either; the split/tma designs also keep the assembled B^T (r x n) instead of rebuilding it in backward
+    bt = r * n * elsize if design in ("split", "tma") else 0
+    assert fused.activation_bytes == frozen.activation_bytes + m * r * elsize + r * d * elsize + bt, \
+        (design, fused, frozen)
     assert frozen.activation_bytes == 0
     # training A as well keeps x on top
     kw["orth_a"].requires_grad_(True)
-    trained = count_saved(lambda: dual_lora_linear(x, w, b, backend=backend, check_basis=False, **kw), params)
+    trained = count_saved(lambda: dual_lora_linear(x, w, b, backend=backend, check_basis=False, design=design, **kw),
+                          params)
     assert trained.activation_bytes == fused.activation_bytes + m * d * elsize, (trained, fused)
 
 
