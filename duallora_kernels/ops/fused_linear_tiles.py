@@ -58,7 +58,7 @@ def _set(role: str, dtype_class: str, bucket: int | None, arch: str, shapes: lis
 # taught: the single design's second accumulator (BLOCK_M x R_PAD) costs registers like another
 # output tile, so its tiles shrink with the rank (128x128 to 64x32 in backward); the split design's
 # GEMMs hold one accumulator and keep 128x128x64 or larger at every rank on every arch (128x256 on
-# Hopper and at R_PAD 32 everywhere; in backward the dA/dB epilogue's rank chunks bring them to
+# Hopper and at R_PAD 32 on sm_80; in backward the dA/dB epilogue's rank chunks bring them to
 # 128x128 from R_PAD 64 on); its skinny passes are memory-bound, so they favour 64-row blocks (more
 # programs than SMs) and need BK 32 at R_PAD 256, where the (64 x 256) accumulator fills the registers.
 _SINGLE = {  # (forward lists, backward lists) by bucket, per arch class
@@ -102,7 +102,9 @@ for _arch in ("sm90", "sm80", "sm86"):
 # epilogue (dA, dB in 64-rank chunks) takes registers from R_PAD 64 on
 _GEMM_FWD = {"sm90": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)],
              "sm80": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
-             "sm86": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3)]}
+             # no 128x256 on sm_86/89: Triton 3.8 fits it in 246 registers, Triton 3.6 (the oldest
+             # we admit) spills 32 B there, as in the backward below; sm_80 fits it with both
+             "sm86": [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3)]}
 _GEMM_BWD = {"sm90": {32: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
                       64: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
                       128: [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
@@ -111,7 +113,7 @@ _GEMM_BWD = {"sm90": {32: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128
                       64: [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
                       128: [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
                       256: [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3)]}}
-_GEMM_BWD["sm86"] = _GEMM_BWD["sm80"]
+_GEMM_BWD["sm86"] = {**_GEMM_BWD["sm80"], 32: [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3)]}
 _TMA_BWD = {32: [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)],
             64: [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
             128: [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3)], 256: [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3)]}
