@@ -71,7 +71,7 @@ def _check_basis(basis: Tensor, d: int, ref: Tensor, on_device: bool) -> Tensor 
     if basis.shape[1] > d:
         raise ValueError(f"basis has {basis.shape[1]} columns but can span at most d={d} dimensions")
     if on_device:
-        check.orthonormal_async("basis", basis)
+        check.orthonormal_once("basis", basis)
     return basis
 
 
@@ -170,11 +170,16 @@ def dual_lora_linear(
             constant of the op: it gets no gradient (in every backend), even if it requires one.
         orth_scale: s_o. res_scale: s_r.
         backend: "auto" | "triton" | "torch" | "cuda" (see :func:`resolve_backend`).
-        check_basis: verify ``M^T M = I`` on every call, on the device (``torch._assert_async``:
-            no host synchronisation; on a GPU a failure is a device-side assert, on the CPU a
-            RuntimeError). Costs a few small device ops per call, so callers that validate the
-            basis where it is made pass False: :class:`duallora_kernels.nn.DualLoRALinear` checks
-            it in ``end_task`` and ``load_state_dict``.
+        check_basis: verify ``M^T M = I`` on the device (``torch._assert_async``: no host
+            synchronisation; on a GPU a failure is a device-side assert, on the CPU a RuntimeError)
+            once per version of the basis tensor: the first call that sees it pays the check's
+            eight small device ops, later calls with the same unchanged tensor pay nothing. A new
+            tensor, an in-place change (on it, a view or a ``.detach()`` of it) or a ``.data = ...``
+            swap is checked again; a write through ``basis.data`` bypasses the version counter
+            (as it does autograd's checks) and is not seen. Under torch.compile / FakeTensors the
+            check is part of every traced call. Callers that validate the basis where it is made
+            pass False: :class:`duallora_kernels.nn.DualLoRALinear` checks it in ``end_task`` and
+            ``load_state_dict``.
         design: which Triton design runs (backend "triton"): "auto" (a design measured faster on
             this GPU, else the one :mod:`.fused_linear_cost`'s estimate favours; the
             ``DUALLORA_DESIGN`` environment variable sets it for every call left at "auto"),
