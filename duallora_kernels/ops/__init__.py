@@ -62,6 +62,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _backend_for(backend: str, device: torch.device) -> str:
+    """:func:`resolve_backend`, except that meta tensors run the torch ops under any valid backend name:
+    they carry shapes and dtypes, no data, and torch's ops (the registered op's fake implementation for
+    the linear op) compute exactly those."""
+    if device.type == "meta":
+        check.choice("backend", backend, BACKENDS)
+        return "torch"
+    return resolve_backend(backend, device)
+
+
 def _check_basis(basis: Tensor, d: int, ref: Tensor, on_device: bool) -> Tensor | None:
     check.tensor("basis", basis, ndim=2)
     check.shape("basis", basis, (d, None), "(d, k): k orthonormal columns in the input space")
@@ -266,11 +276,10 @@ def _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_
                 raise ValueError(
                     f"gate of shape {tuple(gate.shape)} does not broadcast to x's rows {tuple(x.shape[:-1])} + ({blocks},)"
                 ) from None
-    # Meta tensors run the registered op's fake implementation: shapes and dtypes, no data.
     from .fused_linear import DESIGNS
 
     check.choice("design", design, DESIGNS)
-    impl = _dual_lora_impl("torch" if x.device.type == "meta" else resolve_backend(backend, x.device), design)
+    impl = _dual_lora_impl(_backend_for(backend, x.device), design)
     return impl(
         x, weight, bias,
         orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a, frozen_b=frozen_b,
@@ -293,7 +302,7 @@ def gram(x: Tensor, *, backend: str = "auto") -> Tensor:
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., d)")
     with autocast_off(x.device):  # statistics for the memory bases stay in float32 under autocast
-        return _gram(x, resolve_backend(backend, x.device))
+        return _gram(x, _backend_for(backend, x.device))
 
 
 def _gram(x: Tensor, b: str) -> Tensor:
@@ -320,7 +329,7 @@ def task_scores(z: Tensor, task_bases: Tensor, *, backend: str = "auto") -> Tens
             f"task_bases must have shape (T, d, u) with d={z.shape[1]} matching z, got {tuple(task_bases.shape)}"
         )
     with autocast_off(z.device):  # the scores feed a softmax over tasks: float32 under autocast too
-        return _task_scores(z, task_bases, resolve_backend(backend, z.device))
+        return _task_scores(z, task_bases, _backend_for(backend, z.device))
 
 
 def _task_scores(z: Tensor, task_bases: Tensor, b: str) -> Tensor:
