@@ -44,6 +44,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .._source import checkout_root, git
 from ..ops._kernel_utils import ARCHS, AUTOTUNE_ENV, kernel_name, observe_launches, smem_limit, target_arch
 from .aot_table import SCHEMA, row_problems, to_json
 from .cubin import inspect_cubin, ir_facts, ptx_counts
@@ -323,17 +324,18 @@ def run_jobs(jobs: list[dict], n_jobs: int = 1) -> Iterator[dict]:
 
 
 def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
+    """``git args`` in the package's own checkout ("" when installed: :mod:`.._source`)."""
+    return git(*args) or ""
 
 
 def _kernels_changed() -> bool:
     """Whether the package differs from the commit recorded (``git diff``, which unlike ``git
     status`` never writes the index that other processes may be using)."""
+    root = checkout_root()
+    if root is None:
+        return False
     try:
-        return subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "duallora_kernels"], cwd=ROOT).returncode == 1
+        return subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "duallora_kernels"], cwd=root).returncode == 1
     except OSError:
         return False
 
