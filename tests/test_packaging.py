@@ -118,10 +118,18 @@ def test_results_record_no_commit_of_a_repository_the_package_sits_in(tmp_path, 
 
 # ---------------------------------------------------------------------------------- sdist, wheel, install
 def _copy_of_the_source(dst: Path) -> Path:
-    """The source tree without what a checkout accumulates (its history, venvs, build outputs, runs)."""
-    junk = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "runs", ".hypothesis",
-                                  ".benchmarks", "*.so")
-    return Path(shutil.copytree(ROOT, dst, ignore=junk))
+    """The source tree without what a checkout accumulates (history, venvs, build outputs, runs): in a
+    checkout the files git tracks or would (not those it ignores), in an unpacked sdist all of them."""
+    from duallora_kernels import _source
+
+    listed = _source.git("ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    if listed is None:
+        return Path(shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info")))
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():  # a tracked file deleted in the work tree is not there to copy
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dst / name)
+    return dst
 
 
 def _build(hook: str, source: Path, out: Path) -> Path:
