@@ -13,7 +13,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
 fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-if ! .venv/bin/python -c "import duallora_kernels, torch, timm, pytest" 2>/dev/null; then
+if ! .venv/bin/python -c "import duallora_kernels, torch, timm, pytest, mlxtend" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
   .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
 fi

@@ -1,5 +1,5 @@
 // Tile shapes and shared-memory budgets of the tensor-core DualLoRA kernels (fused_forward.cu,
-// fused_backward.cu). Plain C++ (no CUDA): duallora_kernels/ops/cuda_aot.py compiles a tiny host
+// fused_backward.cu). Plain C++ (no CUDA): duallora_kernels/compiled/cuda_aot.py compiles a tiny host
 // program against this header to report the dynamic shared memory of every instantiation, and
 // the kernels static_assert the same numbers against the limit of the arch being compiled.
 #pragma once

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.weak import WeakIdKeyDictionary
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -113,3 +115,54 @@ def orthonormal_async(name: str, basis: Tensor) -> None:
         f"{name} must have orthonormal columns (M^T M = I) within {orthonormal_tol(basis.dtype):.0e} for "
         f"{basis.dtype}; pass an orthonormal basis (e.g. torch.linalg.qr(...).Q)",
     )
+
+
+class _Checked:
+    """What must be unchanged for an earlier check of a tensor to hold: its version counter (bumped by
+    every in-place op on it or on a view or ``.detach()`` of it), the storage it reads (a weak
+    reference, which keeps the storage's address from being reused while held: a ``.data = ...``
+    swap shows as another storage) and how it reads it."""
+
+    __slots__ = ("version", "storage", "layout")
+
+    def __init__(self, t: Tensor) -> None:
+        self.version = t._version
+        self.storage = StorageWeakRef(t.untyped_storage())
+        self.layout = _layout(t)
+
+    def holds_for(self, t: Tensor) -> bool:
+        return (t._version == self.version and t.untyped_storage()._cdata == self.storage.cdata
+                and _layout(t) == self.layout)
+
+
+def _layout(t: Tensor) -> tuple:
+    return t.dtype, t.device, t.shape, t.stride(), t.storage_offset()
+
+
+#: Bases found orthonormal by :func:`orthonormal_once`, by identity (a weak reference: never by
+#: address, which a freed tensor hands on to the next), with what the finding depends on.
+_orthonormal: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _trackable(t: Tensor) -> bool:
+    """Whether a check of ``t`` can be remembered: a plain tensor with data and a version counter,
+    outside tracing (torch.compile's FakeTensors, functorch's wrappers and tensor subclasses are new
+    objects on every trace or hold no data: those are checked every time, inside the graph)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return type(t) in (Tensor, torch.nn.Parameter) and t.device.type != "meta" and not t.is_inference()
+
+
+def orthonormal_once(name: str, basis: Tensor) -> None:
+    """:func:`orthonormal_async` once per version of ``basis``: again for a new tensor, or after an
+    in-place change or a ``.data = ...`` swap. Writes that bypass the version counter -- in place
+    through ``basis.data`` or its storage, which autograd's own checks do not see either -- are not
+    seen; a basis edited that way must be passed as a new tensor."""
+    if not _trackable(basis):
+        orthonormal_async(name, basis)
+        return
+    seen = _orthonormal.get(basis)
+    if seen is not None and seen.holds_for(basis):
+        return
+    orthonormal_async(name, basis)  # on the CPU a failure raises here, before anything is remembered
+    _orthonormal[basis] = _Checked(basis)

@@ -17,9 +17,9 @@ The sections (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``), in REA
 * ``task-growth``: how a step's cost grows with the number of finished tasks, bench/results/tasks-*.json
   (:func:`duallora_kernels.harness.task_growth_report.render_task_growth_section`)
 * ``compile-table``: the ahead-of-time kernel compiles, bench/results/compile-*.json
-  (:func:`duallora_kernels.harness.compile_table.render_compile`)
+  (:func:`duallora_kernels.compiled.compile_table.render_compile`)
 * ``cuda-compile-table``: the CUDA backend's kernels compiled per arch, bench/results/cuda-compile-*.json
-  (:func:`duallora_kernels.harness.cuda_compile_table.render_cuda_compile`)
+  (:func:`duallora_kernels.compiled.cuda_compile_table.render_cuda_compile`)
 * ``timm-families``: what ``inject`` adapts in 14 timm families and how far a finished task moves,
   results/timm-families/families.json (:func:`duallora_kernels.timm_families.render`)
 
@@ -84,13 +84,13 @@ def _task_growth(args: argparse.Namespace) -> str:
 
 
 def _compile_table(args: argparse.Namespace) -> str:
-    from .harness.compile_table import render_compile
+    from .compiled.compile_table import render_compile
 
     return render_compile(args.bench_results)
 
 
 def _cuda_compile_table(args: argparse.Namespace) -> str:
-    from .harness.cuda_compile_table import render_cuda_compile
+    from .compiled.cuda_compile_table import render_cuda_compile
 
     return render_cuda_compile(args.bench_results)
 

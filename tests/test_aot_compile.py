@@ -1,11 +1,11 @@
 """Every Triton kernel compiles ahead of time for sm_90/89/86/80 within the cost contract
 (DESIGN §2): no spills in bf16/fp16, shared memory within the arch's limit, wgmma for the
 GEMM-shaped dots on Hopper, mma.sync elsewhere, no fenced atomics where relaxed ones are asked
-for. No GPU needed: duallora_kernels.ops.aot compiles with an explicit target.
+for. No GPU needed: duallora_kernels.compiled.aot compiles with an explicit target.
 
 The compile runs in a subprocess because the test suite runs under TRITON_INTERPRET=1, whose
 kernels are interpreter objects with one tiny config. CI compiles a small subset (fixed config,
-three (arch, dtype, rank)); the full table is ``python -m duallora_kernels.ops.aot``, committed as
+three (arch, dtype, rank)); the full table is ``python -m duallora_kernels.compiled.aot``, committed as
 bench/results/compile-<triton version>.json and checked here row by row.
 """
 import json
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from duallora_kernels.ops import aot, aot_table
+from duallora_kernels.compiled import aot, aot_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: The GEMM-shaped kernels whose main loops must run wgmma on Hopper (by kernel name).
@@ -35,7 +35,7 @@ def ci_table(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("aot") / "compile-ci.json"
     env = {k: v for k, v in os.environ.items() if k != aot.AUTOTUNE_ENV}
     env["TRITON_INTERPRET"] = "0"
-    run = subprocess.run([sys.executable, "-m", "duallora_kernels.ops.aot", "--subset", "ci", "--jobs", "1",
+    run = subprocess.run([sys.executable, "-m", "duallora_kernels.compiled.aot", "--subset", "ci", "--jobs", "1",
                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.exists(), f"exit {run.returncode}\n{run.stderr[-4000:]}"
     return json.loads(out.read_text())
@@ -71,7 +71,7 @@ def _committed() -> list[pathlib.Path]:
 
 
 def test_a_full_table_is_committed():
-    assert _committed(), "run: TRITON_INTERPRET=0 python -m duallora_kernels.ops.aot (then commit the JSON)"
+    assert _committed(), "run: TRITON_INTERPRET=0 python -m duallora_kernels.compiled.aot (then commit the JSON)"
 
 
 @pytest.mark.parametrize("path", _committed(), ids=lambda p: p.name)
@@ -126,7 +126,7 @@ def test_row_problems_catch_each_breach():
 
 _FENCE_PROBE = '''
 import torch, triton, triton.language as tl
-from duallora_kernels.ops import aot
+from duallora_kernels.compiled import aot
 
 @triton.jit
 def probe(p, v, SEM: tl.constexpr):

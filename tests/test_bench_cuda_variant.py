@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from duallora_kernels.commands import bench as bench_cmd
@@ -67,3 +68,23 @@ def test_the_bench_and_the_loader_give_the_same_reason_without_a_toolchain(monke
         assert str(err) == reason
     else:
         raise AssertionError("load_extension built or imported an extension without nvcc or _C")
+
+
+def test_with_nvcc_but_without_the_sources_the_bench_skips_before_any_build(monkeypatch, tmp_path):
+    # an installed copy whose csrc/ did not ship (issue 24): nvcc alone used to make the variant look runnable
+    monkeypatch.setattr(cuda_build, "nvcc_path", lambda *a, **k: tmp_path / "nvcc")
+    monkeypatch.setattr(cuda, "_ext", None)
+    monkeypatch.setattr(cuda, "CSRC", tmp_path / "csrc")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reason = variants.cuda_unavailable(torch.device("cuda"))
+    assert reason == cuda.extension_unavailable() and len(reason.splitlines()) == 1
+    assert f"are not in {tmp_path / 'csrc'}" in reason and "bindings.cpp" in reason
+    monkeypatch.setattr(cuda, "build_extension", lambda: pytest.fail("a build was started"))
+    with pytest.raises(RuntimeError) as err:
+        cuda.load_extension()
+    assert str(err.value) == reason
+
+
+def test_the_sources_are_found_where_the_package_runs_from():
+    # a checkout: its csrc/; a wheel: the copy setup.py ships in the package (tests/test_packaging.py)
+    assert all((cuda.CSRC / s).is_file() for s in cuda.SOURCES)

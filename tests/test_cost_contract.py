@@ -159,7 +159,7 @@ def test_autocast_adds_to_the_fused_step_only_the_casts_it_adds_to_nn_linear(des
 
 def test_a_recycled_address_does_not_skip_the_basis_check(gen):
     # Finding 2 of issue 8: the old address-keyed cache accepted a bad basis that landed where a
-    # checked one had been. The check now runs on the device on every call.
+    # checked one had been. Checks are remembered per tensor object (a weak reference) and version.
     d = 64
     x = torch.randn(5, d, generator=gen)
     w = torch.randn(8, d, generator=gen)
@@ -172,9 +172,69 @@ def test_a_recycled_address_does_not_skip_the_basis_check(gen):
             dual_lora_linear(x, w, orth_a=a, orth_b=b_, basis=torch.randn(d, 16, generator=gen), backend="torch")
     basis = torch.linalg.qr(torch.randn(d, 16, generator=gen))[0]
     dual_lora_linear(x, w, orth_a=a, orth_b=b_, basis=basis, backend="torch")
-    basis.data[0, 0] += 1.0  # changed in place, behind autograd's back
+    with torch.no_grad():
+        basis[0, 0] += 1.0  # changed in place, outside autograd
     with pytest.raises(RuntimeError, match="basis must have orthonormal columns"):
         dual_lora_linear(x, w, orth_a=a, orth_b=b_, basis=basis, backend="torch")
+
+
+def _call_with(basis, gen):
+    d = basis.shape[0]
+    x, w = torch.randn(5, d, generator=gen), torch.randn(8, d, generator=gen)
+    a, b_ = torch.randn(2, d, generator=gen), torch.randn(8, 2, generator=gen)
+    return lambda: dual_lora_linear(x, w, orth_a=a, orth_b=b_, basis=basis, backend="torch")
+
+
+@pytest.mark.parametrize("change", ["in place", "through a view", "through detach", "parameter in place",
+                                    "data swap", "same storage read another way"])
+def test_every_change_of_a_checked_basis_its_version_or_storage_shows_is_checked_again(change, gen):
+    d, k = 32, 8
+    basis = torch.linalg.qr(torch.randn(d, k, generator=gen))[0].contiguous()
+    if change == "parameter in place":
+        basis = torch.nn.Parameter(basis, requires_grad=False)
+    call = _call_with(basis, gen)
+    call()
+    with count_device_ops() as again:
+        call()  # remembered: nothing changed
+    assert "_assert_async" not in again.torch_ops, again
+    with torch.no_grad():
+        if change in ("in place", "parameter in place"):
+            basis.mul_(2.0)
+        elif change == "through a view":
+            basis[:, 1:3].mul_(2.0)
+        elif change == "through detach":
+            basis.detach()[0].add_(1.0)
+        elif change == "data swap":
+            basis.data = torch.randn(d, k, generator=gen)
+        else:  # the same memory as a (d, k) matrix of other strides: version and storage unchanged
+            basis.data = basis.data.reshape(k, d).T
+    with pytest.raises(RuntimeError, match="basis must have orthonormal columns"):
+        call()
+
+
+@pytest.mark.parametrize("design", sorted(DESIGN_STEP))
+def test_the_functional_op_checks_an_unchanged_basis_once(design, gen):
+    # check_basis=True (the default) pays its device ops when it first sees a basis; a training loop
+    # that passes the same basis again runs the design's step, as the layer (check_basis=False) does.
+    x, w, b, kw = _full_problem(gen, r_r=4)
+    kw["basis"] = helpers.orthonormal_basis(*kw["basis"].shape, gen, torch.float32)  # bf16's is not, to 1e-4
+    dy = torch.randn(*x.shape[:-1], w.shape[0], generator=gen).to(BF16)
+    params = [p for p in kw.values() if isinstance(p, torch.Tensor) and p.requires_grad]
+    checked = lambda: dual_lora_linear(x, w, b, backend="triton", design=design, **kw)  # noqa: E731
+    unchecked = lambda: dual_lora_linear(x, w, b, backend="triton", design=design, check_basis=False, **kw)  # noqa: E731
+    with count_device_ops() as first:
+        _step(checked, x, dy)
+    assert first.torch_ops["_assert_async"] == 1 and not first.syncs, first
+    repeated = _counted_step(checked, x, dy, params)
+    plain = _counted_step(unchecked, x, dy, params)
+    assert repeated.total == plain.total == DESIGN_STEP[design][1], (repeated, plain)
+    assert "_assert_async" not in repeated.torch_ops and not repeated.syncs, repeated
+    kw["basis"] = kw["basis"].clone()  # a new tensor: checked again
+    for p in params:
+        p.grad = None
+    with count_device_ops() as new:
+        _step(checked, x, dy)
+    assert new.torch_ops["_assert_async"] == 1 and new.total == first.total, (new, first)
 
 
 def test_layer_validates_a_loaded_basis(gen):

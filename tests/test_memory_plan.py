@@ -39,13 +39,14 @@ def _settings(**over):
     return {**s, **over}
 
 
-def _variants() -> list[str]:
-    out = ["unfused", "frozen", "full_ft"]
-    if importlib.util.find_spec("peft") is not None:
-        out.append("peft")
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the real fused layer on the CPU needs the interpreter
-        out += ["fused", "fused_fixed_a"]
-    return out
+def _variants() -> list:
+    """Every variant; those this environment cannot run show as skipped, with the reason."""
+    interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the fused layer on the CPU runs the Triton interpreter: TRITON_INTERPRET=1")
+    return ["unfused", "frozen", "full_ft",
+            pytest.param("peft", marks=pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                                          reason="peft is not installed (pip install '.[peft]')")),
+            pytest.param("fused", marks=interp), pytest.param("fused_fixed_a", marks=interp)]
 
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "amp-bf16"])

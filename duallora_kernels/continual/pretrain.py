@@ -27,15 +27,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._io import atomic_write, atomic_write_json
 from .data import LabelledImages, Normalisation, load_mnist_5k
+from .pretrain_recipe import accuracy, adamw, augment, hold_out, normalise, warmup_cosine
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
@@ -296,7 +296,7 @@ def pretrain(config: PretrainConfig = DEFAULT_CONFIG, *, seed: int = 0, progress
     torch.set_num_threads(threads)
     try:
         digits = load_mnist_5k()
-        train, val = _hold_out(digits, config.val_per_class, seed)
+        train, val = hold_out(digits, config.val_per_class, seed)
         normalisation = Normalisation.of(train.images)
         x_train = torch.from_numpy(train.images).float().div_(255).unsqueeze(1)
         y_train = torch.from_numpy(train.labels)
@@ -305,12 +305,12 @@ def pretrain(config: PretrainConfig = DEFAULT_CONFIG, *, seed: int = 0, progress
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         model = create_vit(**config.create_vit_kwargs(), num_classes=num_classes)
-        optimizer = _adamw(model.named_parameters(), config)
+        optimizer = adamw(model.named_parameters(), config)
         steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
         total = steps_per_epoch * config.epochs
         if config.max_steps is not None:
             total = min(total, config.max_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total))
 
         start, start_cpu = time.perf_counter(), time.process_time()
         step, loss_avg = 0, None
@@ -321,7 +321,7 @@ def pretrain(config: PretrainConfig = DEFAULT_CONFIG, *, seed: int = 0, progress
             for index in torch.randperm(len(y_train), generator=generator).split(config.batch_size):
                 if step == total:
                     break
-                x = _normalise(_augment(x_train[index], generator), normalisation)
+                x = normalise(augment(x_train[index], generator), normalisation)
                 loss = F.cross_entropy(model(x), y_train[index], label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -337,10 +337,10 @@ def pretrain(config: PretrainConfig = DEFAULT_CONFIG, *, seed: int = 0, progress
         # CPU seconds of all threads: on a shared machine wall time says more about the neighbours.
         train_cpu_seconds = time.process_time() - start_cpu
 
-        val_accuracy = _accuracy(model, val, normalisation)
+        val_accuracy = accuracy(model, val, normalisation)
         # On an evenly spread subset as large as the held-out set: enough to show over-fitting, and cheap.
         step_size = max(1, len(train) // max(1, len(val)))
-        train_accuracy = _accuracy(model, LabelledImages(train.images[::step_size], train.labels[::step_size]),
+        train_accuracy = accuracy(model, LabelledImages(train.images[::step_size], train.labels[::step_size]),
                                    normalisation)
     finally:
         torch.set_num_threads(threads_before)
@@ -368,62 +368,3 @@ def pretrain(config: PretrainConfig = DEFAULT_CONFIG, *, seed: int = 0, progress
         "hardware": hardware(),
     }
     return model.state_dict(), info
-
-
-def _normalise(x: Tensor, normalisation: Normalisation) -> Tensor:
-    return (x - normalisation.mean) / normalisation.std
-
-
-def _hold_out(data: LabelledImages, per_class: int, seed: int) -> tuple[LabelledImages, LabelledImages]:
-    """Split off ``per_class`` samples of each class (a seeded choice) as a validation set."""
-    rng = np.random.default_rng([seed, 7])
-    val = np.concatenate([rng.choice(np.flatnonzero(data.labels == c), size=per_class, replace=False)
-                          for c in data.classes]) if per_class > 0 else np.zeros(0, dtype=np.int64)
-    keep = np.setdiff1d(np.arange(len(data)), val)
-    return (LabelledImages(data.images[keep], data.labels[keep]),
-            LabelledImages(data.images[np.sort(val)], data.labels[np.sort(val)]))
-
-
-def _adamw(named_parameters: Iterable[tuple[str, Tensor]], config: PretrainConfig) -> torch.optim.AdamW:
-    """AdamW with ``config.weight_decay`` on the weight matrices, none on biases, norms and the position
-    embedding."""
-    named = list(named_parameters)
-    decay = [p for n, p in named if p.ndim >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "pos_embed" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-
-
-def _augment(x: Tensor, generator: torch.Generator, *, degrees: float = 5.0, scale: float = 0.05,
-             shift_px: float = 2.0) -> Tensor:
-    """Random affine warps of images on the 0..1 scale, by default small ones (rotation ±5°, scale 0.95-1.05,
-    shift ±2 px): without them a ViT memorises 4,500 digits long before it generalises."""
-    n = x.shape[0]
-    u = torch.rand(n, 4, generator=generator) * 2 - 1
-    angle, scale, shift = (u[:, 0] * math.radians(degrees), 1 + scale * u[:, 1],
-                           u[:, 2:] * (2 * shift_px / x.shape[-1]))
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
-
-
-def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, data: LabelledImages, normalisation: Normalisation) -> float:
-    if len(data) == 0:
-        return float("nan")
-    model.eval()
-    x = normalisation.apply(data.images)
-    predictions = torch.cat([model(batch).argmax(-1) for batch in x.split(500)])
-    model.train()
-    return float((predictions == torch.from_numpy(data.labels)).float().mean())

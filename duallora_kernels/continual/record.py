@@ -47,6 +47,9 @@ def results_dict(c: TrainConfig, tasks: Sequence[Task], history: Any, stream: An
         "memory_growth": history.memory,
         "data": stream.describe() if stream is not None else None,
         "seconds_per_task": history.seconds,
+        # task-<t>.safetensors' bytes: the model and the task identity's statistics (after the last task, the
+        # class weights its score applies)
+        "checkpoint_bytes_per_task": history.checkpoint_bytes,
         "backbone_sha256": backbone_sha256,
         "environment": {
             "duallora_kernels": __version__, "torch": torch.__version__, "python": platform.python_version(),

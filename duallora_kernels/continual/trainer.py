@@ -55,6 +55,7 @@ class _History:
     seconds: list[float] = field(default_factory=list)
     basis_sizes: list[dict[str, int]] = field(default_factory=list)
     memory: list[dict[str, dict[str, int]] | None] = field(default_factory=list)  # growth.memory_growth per task
+    checkpoint_bytes: list[int | None] = field(default_factory=list)  # task-<t>.safetensors' size (rank 0's)
 
 
 class Trainer:
@@ -347,11 +348,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, model: nn.Module, history: _History, t: int) -> None:
         distributed.barrier()  # every rank has finished task t (its state is the same on every rank)
+        size = None
         if distributed.rank() == 0:
             tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            if self.prototypes is not None:
-                tensors.update(self.prototypes.state_tensors())
-            write_checkpoint(self.config.run_dir, t + 1, tensors, self.config, dataclasses.asdict(history))
+            if self.prototypes is not None:  # after the last task: the score's weights, not the statistics
+                tensors.update(self.prototypes.state_tensors(final=t + 1 == self.total_tasks))
+            size = write_checkpoint(self.config.run_dir, t + 1, tensors, self.config, dataclasses.asdict(history))
+        history.checkpoint_bytes.append(size)
         self.tasks_checkpointed = t + 1
         distributed.barrier()  # no rank goes on (or stops) before the checkpoint is complete
 
@@ -370,7 +373,9 @@ class Trainer:
         model.load_state_dict(tensors)
         for name, value in state["history"].items():
             setattr(history, name, value)
-        history.memory += [None] * (done - len(history.memory))  # a checkpoint made before growth was recorded
+        # a checkpoint made before growth / checkpoint sizes were recorded
+        history.memory += [None] * (done - len(history.memory))
+        history.checkpoint_bytes += [None] * (done - len(history.checkpoint_bytes))
         self.log(f"[{c.name}] resumed after task {done - 1} from {c.run_dir / 'checkpoint.json'}")
         return done
 

@@ -17,7 +17,6 @@ same shapes, in one run, written to JSON with the device name). One module per j
 * :mod:`.memory_profile` what ``duallora profile-memory`` runs, as result rows
 * :mod:`.results`        the JSON document: header, schema ``duallora-bench/2``, validation, writing
 * :mod:`.tables`         text and markdown tables, and the README's performance section
-* :mod:`.compile_table`  the README's table of the kernels' ahead-of-time compiles
 
 Import the module you need (``from duallora_kernels.harness import problems``); this package
 re-exports nothing.

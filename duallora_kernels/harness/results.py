@@ -8,13 +8,13 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .._source import git
 from .devices import device_info, triton_interpreting
 
 __all__ = ["SCHEMA", "READABLE_SCHEMAS", "DEFAULT_OUT_DIR", "run_metadata", "default_out_path", "write_json",
@@ -54,15 +54,6 @@ _ROW_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 
-def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def _version(module: str) -> str | None:
     try:
         mod = __import__(module)
@@ -73,9 +64,11 @@ def _version(module: str) -> str | None:
 
 def run_metadata(command: str, argv: Sequence[str], device: torch.device, settings: dict[str, Any]) -> dict[str, Any]:
     """The JSON header: what ran, where, with which versions and code."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    if commit is None:  # a copy of the tree without .git: the caller may say which commit it is
+    # Only the package's own checkout has a commit to record (never that of a repository an
+    # installed copy happens to sit in: _source.py).
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    if commit is None:  # installed, or a copy of the tree without .git: the caller may say which commit it is
         commit = os.environ.get("DUALLORA_GIT_COMMIT") or None
     from .. import __version__
 

@@ -63,6 +63,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _backend_for(backend: str, device: torch.device) -> str:
+    """:func:`resolve_backend`, except that meta tensors run the torch ops under any valid backend name:
+    they carry shapes and dtypes, no data, and torch's ops (the registered op's fake implementation for
+    the linear op) compute exactly those."""
+    if device.type == "meta":
+        check.choice("backend", backend, BACKENDS)
+        return "torch"
+    return resolve_backend(backend, device)
+
+
 def _check_basis(basis: Tensor, d: int, ref: Tensor, on_device: bool) -> Tensor | None:
     check.tensor("basis", basis, ndim=2)
     check.shape("basis", basis, (d, None), "(d, k): k orthonormal columns in the input space")
@@ -72,7 +82,7 @@ def _check_basis(basis: Tensor, d: int, ref: Tensor, on_device: bool) -> Tensor 
     if basis.shape[1] > d:
         raise ValueError(f"basis has {basis.shape[1]} columns but can span at most d={d} dimensions")
     if on_device:
-        check.orthonormal_async("basis", basis)
+        check.orthonormal_once("basis", basis)
     return basis
 
 
@@ -172,11 +182,16 @@ def dual_lora_linear(
             constant of the op: it gets no gradient (in every backend), even if it requires one.
         orth_scale: s_o. res_scale: s_r.
         backend: "auto" | "triton" | "torch" | "cuda" (see :func:`resolve_backend`).
-        check_basis: verify ``M^T M = I`` on every call, on the device (``torch._assert_async``:
-            no host synchronisation; on a GPU a failure is a device-side assert, on the CPU a
-            RuntimeError). Costs a few small device ops per call, so callers that validate the
-            basis where it is made pass False: :class:`duallora_kernels.nn.DualLoRALinear` checks
-            it in ``end_task`` and ``load_state_dict``.
+        check_basis: verify ``M^T M = I`` on the device (``torch._assert_async``: no host
+            synchronisation; on a GPU a failure is a device-side assert, on the CPU a RuntimeError)
+            once per version of the basis tensor: the first call that sees it pays the check's
+            eight small device ops, later calls with the same unchanged tensor pay nothing. A new
+            tensor, an in-place change (on it, a view or a ``.detach()`` of it) or a ``.data = ...``
+            swap is checked again; a write through ``basis.data`` bypasses the version counter
+            (as it does autograd's checks) and is not seen. Under torch.compile / FakeTensors the
+            check is part of every traced call. Callers that validate the basis where it is made
+            pass False: :class:`duallora_kernels.nn.DualLoRALinear` checks it in ``end_task`` and
+            ``load_state_dict``.
         design: which Triton design runs (backend "triton"): "auto" (a design measured faster on
             this GPU, else the one :mod:`.fused_linear_cost`'s estimate favours; the
             ``DUALLORA_DESIGN`` environment variable sets it for every call left at "auto"),
@@ -269,11 +284,10 @@ def _checked_op(x, weight, bias, orth_a, orth_b, res_a, res_b, frozen_a, frozen_
                 raise ValueError(
                     f"gate of shape {tuple(gate.shape)} does not broadcast to x's rows {tuple(x.shape[:-1])} + ({blocks},)"
                 ) from None
-    # Meta tensors run the registered op's fake implementation: shapes and dtypes, no data.
     from .fused_linear import DESIGNS
 
     check.choice("design", design, DESIGNS)
-    impl = _dual_lora_impl("torch" if x.device.type == "meta" else resolve_backend(backend, x.device), design)
+    impl = _dual_lora_impl(_backend_for(backend, x.device), design)
     return impl(
         x, weight, bias,
         orth_a=orth_a, orth_b=orth_b, res_a=res_a, res_b=res_b, frozen_a=frozen_a, frozen_b=frozen_b,
@@ -296,7 +310,7 @@ def gram(x: Tensor, *, backend: str = "auto") -> Tensor:
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., d)")
     with autocast_off(x.device):  # statistics for the memory bases stay in float32 under autocast
-        return _gram(x, resolve_backend(backend, x.device))
+        return _gram(x, _backend_for(backend, x.device))
 
 
 def _gram(x: Tensor, b: str) -> Tensor:
@@ -323,7 +337,7 @@ def task_scores(z: Tensor, task_bases: Tensor, *, backend: str = "auto") -> Tens
             f"task_bases must have shape (T, d, u) with d={z.shape[1]} matching z, got {tuple(task_bases.shape)}"
         )
     with autocast_off(z.device):  # the scores feed a softmax over tasks: float32 under autocast too
-        return _task_scores(z, task_bases, resolve_backend(backend, z.device))
+        return _task_scores(z, task_bases, _backend_for(backend, z.device))
 
 
 def _task_scores(z: Tensor, task_bases: Tensor, b: str) -> Tensor:

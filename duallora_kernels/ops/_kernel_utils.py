@@ -1,9 +1,11 @@
-"""Helpers shared by the Triton kernels and their launchers.
+"""Helpers shared by the Triton kernels' launchers, in plain Python and torch.
 
 Kept in one place so that every op agrees on things that are easy to get subtly different: how
 a strided input is addressed, how outputs are allocated (poisoned on request, so a test sees an
-element no program wrote), and how ``tl.dot`` is called (TF32 policy; the interpreter's
-bfloat16 gap).
+element no program wrote), which ``tl.dot`` mode a dtype takes (TF32 policy; the interpreter's
+bfloat16 gap), how launches are observed and which GPU arch configs are pruned for. Nothing here
+imports triton: the torch backend (launchers.py, registered.py) uses it where triton is not
+installed. The device functions the kernels call are :mod:`._triton_functions`.
 """
 from __future__ import annotations
 
@@ -12,8 +14,6 @@ import os
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 #: Set to "1" (the tests do) to fill every output buffer a kernel stores into with NaN before the
@@ -67,7 +67,7 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 def dot_mode(dtype: torch.dtype) -> str:
-    """The ``MODE`` of :func:`mma` for operands of ``dtype``.
+    """The ``MODE`` of :func:`._triton_functions.mma` for operands of ``dtype``.
 
     fp32 operands use TF32 only where torch's own matmuls may
     (``torch.set_float32_matmul_precision("high")``), so the kernels keep cuBLAS's contract.
@@ -81,24 +81,6 @@ def dot_mode(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
-
-
-@triton.jit
-def mma(a, b, acc, MODE: tl.constexpr):
-    """``acc + a @ b`` in float32; ``MODE`` from :func:`dot_mode`."""
-    if MODE == "upcast":
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc, input_precision=MODE)
-    return out
-
-
-@triton.jit
-def row_offsets(rows, rows_per_batch, stride_batch, stride_row):
-    """Element offsets of ``rows`` of a tensor addressed as :func:`rows_view` describes. int64:
-    m * d passes 2**31 for real batches of tokens."""
-    rows = rows.to(tl.int64)
-    return (rows // rows_per_batch) * stride_batch + (rows % rows_per_batch) * stride_row
 
 
 def pow2_at_least(value: int, floor: int = 16) -> int:
@@ -116,7 +98,7 @@ def size_bucket(value: int) -> int:
 
 class RowsView(NamedTuple):
     """A tensor (..., d) seen as m rows: ``t`` is what the kernel gets, ``addressing`` the four
-    ints :func:`row_offsets` and the column stride need (see :func:`rows_view`)."""
+    ints :func:`._triton_functions.row_offsets` and the column stride need (see :func:`rows_view`)."""
 
     t: Tensor
     m: int

@@ -52,7 +52,15 @@ from .reference import TINY_NORM, task_scores_reference
 __all__ = ["cuda_launchers", "gram_cuda", "task_scores_cuda", "load_extension", "extension_unavailable",
            "build_extension", "CSRC"]
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+def _csrc() -> Path:
+    """The CUDA sources: the copy a built package carries (setup.py copies the repository's csrc/ into
+    duallora_kernels/csrc/ when it builds a wheel), else a checkout's own csrc/ (editable installs, tests)."""
+    shipped = Path(__file__).resolve().parents[1] / "csrc"
+    return shipped if shipped.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
+
+
+CSRC = _csrc()
 SOURCES = ("bindings.cpp", "memory_ops.cu", "fused_forward.cu", "fused_backward.cu")
 #: What the fused kernels take; other calls run the torch launchers (cuBLAS), see the module doc.
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -69,15 +77,20 @@ _logger = logging.getLogger(__name__)
 _told_rank: list[int] = []  # the stacked rank the fallback notice named (said once per process)
 
 
+def _missing_sources() -> str | None:
+    missing = [s for s in SOURCES if not (CSRC / s).is_file()]
+    if not missing:
+        return None
+    return (f"backend='cuda': the CUDA sources {missing} are not in {CSRC}; reinstall the package from its wheel or "
+            "sdist, or with DUALLORA_BUILD_CUDA=1 so that the prebuilt extension duallora_kernels._C exists")
+
+
 def build_extension(verbose: bool = False):
     """Compile csrc/ (JIT) and return the module. Needs nvcc, not a GPU: it also serves as the
     compile check on machines without one (set TORCH_CUDA_ARCH_LIST, e.g. "9.0", there)."""
-    missing = [s for s in SOURCES if not (CSRC / s).is_file()]
+    missing = _missing_sources()
     if missing:
-        raise RuntimeError(
-            f"backend='cuda': the CUDA sources {missing} are not in {CSRC}; use a source checkout, or install "
-            "with DUALLORA_BUILD_CUDA=1 so that the prebuilt extension duallora_kernels._C exists"
-        )
+        raise RuntimeError(missing)
     from torch.utils.cpp_extension import CUDA_HOME, load
 
     return load(
@@ -112,12 +125,14 @@ def _prebuilt():
 
 def extension_unavailable() -> str | None:
     """Why the extension can be neither imported nor built here (None when it can): without the
-    prebuilt one, building needs nvcc. Said before anything is built."""
+    prebuilt one, building needs the sources and nvcc. Said before anything is built."""
     if _ext is not None or _prebuilt() is not None:
         return None
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return cuda_build.missing_toolchain_message(CSRC) if cuda_build.nvcc_path(CUDA_HOME) is None else None
+    if cuda_build.nvcc_path(CUDA_HOME) is None:
+        return cuda_build.missing_toolchain_message(CSRC)
+    return _missing_sources()
 
 
 def load_extension():

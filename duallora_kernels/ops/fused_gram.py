@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_utils import (autotune_limit, capturing, current_arch, dot_mode, first_configs, interpreting, launch, mma,
-                            new_output, row_offsets, rows_view, size_bucket, smem_limit)
+from ._kernel_utils import (autotune_limit, capturing, current_arch, dot_mode, first_configs, interpreting, launch,
+                            new_output, rows_view, size_bucket, smem_limit)
+from ._triton_functions import mma, row_offsets
 from .reference import gram_reference
 
 __all__ = ["gram_triton"]

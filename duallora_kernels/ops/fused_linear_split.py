@@ -37,7 +37,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import adapter_prep
-from ._kernel_utils import dot_mode, launch, mma, new_output, row_offsets, rows_view, size_bucket
+from ._kernel_utils import dot_mode, launch, new_output, rows_view, size_bucket
+from ._triton_functions import mma, row_offsets
 from .fused_linear_parts import gate_args, scales, tile_ids
 from .fused_linear_tiles import configs, pruner, rank_chunk
 from .launchers import GradPlan, Launchers, Layout

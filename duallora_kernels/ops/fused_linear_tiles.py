@@ -2,7 +2,7 @@
 per-arch, per-rank pruning.
 
 Kept apart from the kernels because the lists are data measured by compiling candidates ahead of
-time (``python -m duallora_kernels.ops.aot``; ``--sweep`` compiles every candidate of
+time (``python -m duallora_kernels.compiled.aot``; ``--sweep`` compiles every candidate of
 :data:`CANDIDATES`), not kernel logic: re-measure and edit them here.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _set(role: str, dtype_class: str, bucket: int | None, arch: str, shapes: lis
     TILES[(role, dtype_class, bucket, arch)] = shapes
 
 
-# The lists below were measured by ``python -m duallora_kernels.ops.aot --sweep`` (Triton 3.8, bf16,
+# The lists below were measured by ``python -m duallora_kernels.compiled.aot --sweep`` (Triton 3.8, bf16,
 # every candidate of CANDIDATES at R_PAD 32/64/128/256 on sm_90, sm_86 and sm_80; sm_89 compiles as
 # sm_86 does): each keeps up to three survivors in CANDIDATES' order of preference. What they
 # taught: the single design's second accumulator (BLOCK_M x R_PAD) costs registers like another
@@ -135,7 +135,7 @@ for _arch in ("sm90", "sm80", "sm86"):
         _set(_role, "fp32", None, _arch, [(32, 32, 4, 2)])
 
 
-#: Set to "1" (``python -m duallora_kernels.ops.aot --sweep`` does) to make every call of a role try
+#: Set to "1" (``python -m duallora_kernels.compiled.aot --sweep`` does) to make every call of a role try
 #: all of its :data:`CANDIDATES` on every arch and bucket: how the lists above are measured.
 SWEEP_ENV = "DUALLORA_TILE_SWEEP"
 #: The shapes a sweep compiles per role (every bucket, every arch): :data:`TILES` keeps, per

@@ -22,7 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import adapter_prep
-from ._kernel_utils import RowsView, current_arch, dot_mode, interpreting, launch, mma, size_bucket
+from ._kernel_utils import RowsView, current_arch, dot_mode, interpreting, launch, size_bucket
+from ._triton_functions import mma
 from .fused_linear_parts import tile_ids
 from .fused_linear_split import _gemm_backward, _gemm_forward, _split_backward_with, _split_forward_with, \
     backward_epilogue

@@ -1,5 +1,5 @@
 """The README's CUDA compile table: bench/results/cuda-compile-*.json (the tensor-core kernels of
-csrc/ compiled for each arch by ``python -m duallora_kernels.ops.cuda_aot``) as registers, shared
+csrc/ compiled for each arch by ``python -m duallora_kernels.compiled.cuda_aot``) as registers, shared
 memory, spills and instruction mix per kernel, padded rank and arch. Rendered by
 ``python -m duallora_kernels.readme`` (section ``cuda-compile-table``)."""
 from __future__ import annotations
@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..ops.cuda_aot import row_problems
+from .compile_table import rerun_command
+from .cuda_aot import row_problems
 
 __all__ = ["render_cuda_compile"]
 
@@ -28,7 +29,7 @@ def _table(path: Path, doc: dict[str, Any]) -> list[str]:
     kernels = sorted({r["kernel"] for r in rows})
     out = [
         f"The CUDA backend's tensor-core kernels (csrc/{', csrc/'.join(doc['sources'])}), compiled on a CPU by nvcc "
-        f"{doc['nvcc']} for {', '.join(f'sm_{a}' for a in doc['archs'])} (`{doc['command'].strip()}`, "
+        f"{doc['nvcc']} for {', '.join(f'sm_{a}' for a in doc['archs'])} (`{rerun_command(doc)}`, "
         f"{doc['date'][:10]}, commit {doc['git_commit'][:10]}{', uncommitted changes' if doc['git_dirty'] else ''}): "
         f"**{len(rows)} instantiations of {len(kernels)} kernels (bf16/fp16 x padded rank x arch), "
         f"{len(problems) or 'no'} problems**; device-code compile time per arch (nvcc on one shared core): "
@@ -63,6 +64,6 @@ def render_cuda_compile(results: Path) -> str:
     files = sorted(results.glob("cuda-compile-*.json"))
     lines = ["### CUDA backend: compiled tensor-core kernels", ""]
     if not files:
-        return "\n".join(lines + ["No cuda-compile-*.json yet: run `python -m duallora_kernels.ops.cuda_aot`."]) + "\n"
+        return "\n".join(lines + ["No cuda-compile-*.json yet: run `python -m duallora_kernels.compiled.cuda_aot`."]) + "\n"
     path = files[-1]
     return "\n".join(lines + _table(path, json.loads(path.read_text()))) + "\n"

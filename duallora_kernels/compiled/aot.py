@@ -19,10 +19,10 @@ explicit ``GPUTarget``; ptxas and cuobjdump ship inside the triton wheel. So thi
 4. compiles (a process pool with ``--jobs``) and reads registers, local memory and the instruction
    mix from the PTX and from ``cuobjdump`` on the cubin.
 
-    python -m duallora_kernels.ops.aot [--subset ci|full] [--archs 90,86] [--jobs N] [--out FILE]
+    python -m duallora_kernels.compiled.aot [--subset ci|full] [--archs 90,86] [--jobs N] [--out FILE]
 
-writes bench/results/compile-<triton version>.json (the full table; the README shows it, see
-bench/render_compile_table.py). tests/test_aot_compile.py runs the ci subset and applies
+writes bench/results/compile-<triton version>.json (the full table; the README shows it, rendered by
+:mod:`.compile_table`). tests/test_aot_compile.py runs the ci subset and applies
 :func:`.aot_table.row_problems` to it and to every committed table. Reading the cubins is
 :mod:`.cubin`; the table's schema and checks are :mod:`.aot_table`.
 """
@@ -44,7 +44,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ._kernel_utils import ARCHS, AUTOTUNE_ENV, kernel_name, observe_launches, smem_limit, target_arch
+from .._source import checkout_root, git
+from ..ops._kernel_utils import ARCHS, AUTOTUNE_ENV, kernel_name, observe_launches, smem_limit, target_arch
 from .aot_table import SCHEMA, row_problems, to_json
 from .cubin import inspect_cubin, ir_facts, ptx_counts
 
@@ -69,7 +70,7 @@ def capture(dtype_name: str, rank: int) -> list[tuple[str, Any, tuple, dict]]:
     """(phase, kernel, args, kwargs) of every launch of one training step of the linear op (forward and
     backward, every adapter kind, in each of :data:`DESIGNS`), gram and task_scores, on CPU tensors
     that nothing touches: only shapes, dtypes, strides and integer divisibility matter to the compiler."""
-    from . import dual_lora_linear, gram, task_scores
+    from ..ops import dual_lora_linear, gram, task_scores
 
     dt, s = getattr(torch, dtype_name), SHAPES
     launches: list[tuple[str, Any, tuple, dict]] = []
@@ -190,7 +191,7 @@ def fixed_configs() -> dict[str, dict]:
     child process (config lists are built when the op modules are imported; the fixed config
     depends on the dtype: float32 has its own)."""
     env = {**os.environ, AUTOTUNE_ENV: "0", "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, "-m", "duallora_kernels.ops.aot", "--print-fixed-configs"],
+    out = subprocess.run([sys.executable, "-m", "duallora_kernels.compiled.aot", "--print-fixed-configs"],
                          env=env, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"capturing the DUALLORA_AUTOTUNE=0 configs failed:\n{out.stderr[-3000:]}")
@@ -323,17 +324,18 @@ def run_jobs(jobs: list[dict], n_jobs: int = 1) -> Iterator[dict]:
 
 
 def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
+    """``git args`` in the package's own checkout ("" when installed: :mod:`.._source`)."""
+    return git(*args) or ""
 
 
 def _kernels_changed() -> bool:
     """Whether the package differs from the commit recorded (``git diff``, which unlike ``git
     status`` never writes the index that other processes may be using)."""
+    root = checkout_root()
+    if root is None:
+        return False
     try:
-        return subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "duallora_kernels"], cwd=ROOT).returncode == 1
+        return subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "duallora_kernels"], cwd=root).returncode == 1
     except OSError:
         return False
 
@@ -345,7 +347,7 @@ def default_output() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m duallora_kernels.ops.aot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m duallora_kernels.compiled.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--subset", choices=("ci", "full"), default="full",
                    help="ci: a few (arch, dtype, rank) with the fixed config; full: every case, kept configs")
     p.add_argument("--archs", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 90,86")
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.pop(AUTOTUNE_ENV, None)  # pruning keeps every config that fits, not the first N
     if args.sweep:
-        from .fused_linear_tiles import SWEEP_ENV
+        from ..ops.fused_linear_tiles import SWEEP_ENV
 
         os.environ[SWEEP_ENV] = "1"  # before the kernel modules are imported (their config lists)
     with tempfile.TemporaryDirectory(prefix="duallora-aot-cache-") as cache:
@@ -397,7 +399,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "schema": SCHEMA, "kind": "aot-compile", "triton": triton.__version__, "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git("rev-parse", "HEAD"), "git_dirty": _kernels_changed(),
-        "command": "python -m duallora_kernels.ops.aot " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m duallora_kernels.compiled.aot " + " ".join(argv if argv is not None else sys.argv[1:]),
         "subset": args.subset, "archs": list(archs), "cases": [list(c) for c in CASES], "shapes": SHAPES,
         "smem_limits": {str(a): smem_limit(a) for a in archs}, "seconds": round(time.time() - start, 1),
         "pruning": pruning, "rows": rows,

@@ -11,10 +11,10 @@ Shared memory per block = the static shared memory cuobjdump reports + the dynam
 code launches with (csrc/fused_tiles.h's ``forward_smem`` / ``backward_smem``, printed by a tiny
 host program compiled against that header), checked against each arch's opt-in limit.
 
-    python -m duallora_kernels.ops.cuda_aot [--archs 80,86,89,90] [--out FILE]
+    python -m duallora_kernels.compiled.cuda_aot [--archs 80,86,89,90] [--out FILE]
 
 writes bench/results/cuda-compile-<nvcc version>.json (the README's CUDA compile table, rendered
-by :mod:`duallora_kernels.harness.cuda_compile_table`); tests/test_cuda_compile.py compiles one
+by :mod:`.cuda_compile_table`); tests/test_cuda_compile.py compiles one
 arch with :func:`compile_arch` and applies :func:`row_problems` to it and to the committed table.
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._kernel_utils import ARCHS, smem_limit
+from ..ops._kernel_utils import ARCHS, smem_limit
 from .aot import _git
 from .cubin import _RESOURCES, _SASS_LINE, SASS_OPS, tool
-from .cuda import CSRC
-from .cuda_build import nvcc_path
+from ..ops.cuda import CSRC
+from ..ops.cuda_build import nvcc_path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = 1
@@ -173,14 +173,14 @@ def build_table(archs: list[int]) -> dict[str, Any]:
         "schema": SCHEMA, "kind": "cuda-compile", "nvcc": nvcc_version(nvcc),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--", "csrc", "duallora_kernels/ops/cuda_aot.py")),
-        "command": "python -m duallora_kernels.ops.cuda_aot " + " ".join(sys.argv[1:]),
+        "git_dirty": bool(_git("status", "--porcelain", "--", "csrc", "duallora_kernels/compiled/cuda_aot.py")),
+        "command": "python -m duallora_kernels.compiled.cuda_aot " + " ".join(sys.argv[1:]),
         "archs": archs, "sources": list(SOURCES), "compiles": compiles, "rows": rows,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m duallora_kernels.ops.cuda_aot", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m duallora_kernels.compiled.cuda_aot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default=",".join(str(a) for a in sorted(ARCHS)), help="comma-separated, e.g. 80,86")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/cuda-compile-<nvcc>.json")

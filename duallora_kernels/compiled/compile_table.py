@@ -1,5 +1,5 @@
 """The README's compile table: bench/results/compile-*.json (the ahead-of-time compiles of every
-Triton kernel by ``python -m duallora_kernels.ops.aot``) as registers, shared memory, spills and
+Triton kernel by ``python -m duallora_kernels.compiled.aot``) as registers, shared memory, spills and
 instruction mix per kernel, dtype, rank and arch. Rendered by ``python -m duallora_kernels.readme``."""
 from __future__ import annotations
 
@@ -8,13 +8,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..ops import aot_table
+from . import aot_table
 from ..ops._kernel_utils import smem_limit
 
-__all__ = ["render", "render_compile"]
+__all__ = ["render", "render_compile", "rerun_command"]
 
 DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 PER_KERNEL = 3  # problems listed in the README per kernel; the JSON has them all
+
+
+#: Where the compile commands lived before they had a package of their own (issue 24): a table written
+#: then records the old module, which no longer runs.
+_MOVED = {"duallora_kernels.ops.aot": "duallora_kernels.compiled.aot",
+          "duallora_kernels.ops.cuda_aot": "duallora_kernels.compiled.cuda_aot"}
+
+
+def rerun_command(doc: dict[str, Any]) -> str:
+    """The command a table records, under the module name that runs it today."""
+    return " ".join(_MOVED.get(word, word) for word in doc["command"].split())
 
 
 def _span(values: list[int]) -> str:
@@ -94,7 +105,7 @@ def render(path: Path, doc: dict[str, Any]) -> str:
         "",
         f"Every Triton kernel, compiled ahead of time on a CPU by Triton {doc['triton']} for "
         + ", ".join(f"sm_{a}" for a in doc["archs"])
-        + f" (`{doc['command'].strip()}`, {doc['date'][:10]}, commit {doc['git_commit'][:10]}{dirty}), at ViT-B/16 "
+        + f" (`{rerun_command(doc)}`, {doc['date'][:10]}, commit {doc['git_commit'][:10]}{dirty}), at ViT-B/16 "
         f"batch-64 shapes (x {s['batch']}x{s['tokens']}x{s['d']}, the fc1 layer {s['d']}→{s['n']}; r = the rank of "
         f"each adapter block: orthogonal, training residual and {s['frozen_blocks']} frozen ones, so the stacked rank "
         f"is {s['frozen_blocks'] + 2}r: r 8, 16, 32, 64 are the tile buckets R_PAD 32, 64, 128, 256), every Triton design "
@@ -144,4 +155,4 @@ def render_compile(results: Path) -> str:
         if doc["subset"] == "full":
             blocks.append(render(path, doc))
     return "\n".join(blocks) or ("No compile table committed yet: run "
-                                  "`TRITON_INTERPRET=0 python -m duallora_kernels.ops.aot`.\n")
+                                  "`TRITON_INTERPRET=0 python -m duallora_kernels.compiled.aot`.\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ._kernel_utils import smem_limit
+from ..ops._kernel_utils import smem_limit
 from .cubin import PTX_OPS, SASS_OPS
 
 __all__ = ["SCHEMA", "LOWP", "GEMM_CLASS_KERNELS", "GEMM_CLASS_TILE", "row_problems", "table_problems", "DOC_KEYS",
