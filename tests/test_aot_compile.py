@@ -151,3 +151,16 @@ def test_fenced_atomics_are_told_from_relaxed_ones(tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.splitlines() == ["acq_rel ['acq_rel'] 1 1", "relaxed ['relaxed'] 1 0"], run.stdout
+
+
+def test_the_readme_renders_the_newest_table_in_full_and_older_ones_in_a_line(tmp_path):
+    from duallora_kernels.compiled.compile_table import render_compile
+
+    base = json.loads(_committed()[0].read_text())
+    older, newer = {**base, "triton": "3.6.0"}, {**base, "triton": "3.10.0"}
+    for doc in (older, newer):  # 3.10 after 3.6: numeric, not string, order
+        (tmp_path / f"compile-{doc['triton']}.json").write_text(json.dumps(doc))
+    text = render_compile(tmp_path)
+    assert text.count("### Compiled kernels") == 1
+    assert "by Triton 3.10.0 for" in text and "The same compiles by Triton 3.6.0 (" in text
+    assert f"**{len(older['rows'])} compiles of" in text.split("The same compiles")[1]

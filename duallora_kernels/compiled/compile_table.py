@@ -143,9 +143,29 @@ def render(path: Path, doc: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _version(doc: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(int(p) for p in doc["triton"].split("+")[0].split(".") if p.isdigit())
+
+
+def summarise(path: Path, doc: dict[str, Any]) -> str:
+    """One paragraph for a full table of another Triton version than the one rendered in full."""
+    rows = doc["rows"]
+    problems = [msg for r in rows for msg in aot_table.row_problems(r)] + aot_table.table_problems(doc)
+    dirty = ", uncommitted kernel changes" if doc.get("git_dirty") else ""
+    from .._versions import TESTED
+
+    oldest = ": the oldest Triton we admit, the GPU machine's" if _version(doc)[:2] == tuple(
+        int(p) for p in TESTED["triton"][0].split(".")) else ""
+    return (f"The same compiles by Triton {doc['triton']} (with torch {doc['torch']}{oldest}; "
+            f"`{rerun_command(doc)}` in that environment, {doc['date'][:10]}, commit "
+            f"{doc['git_commit'][:10]}{dirty}): **{len(rows)} compiles of {len({r['kernel'] for r in rows})} kernels, "
+            f"{len(problems) or 'no'} problems**. Source: [{path.name}](bench/results/{path.name}).\n")
+
+
 def render_compile(results: Path) -> str:
-    """The README section for the full compile tables among ``results``/compile-*.json."""
-    blocks = []
+    """The README section for the full compile tables among ``results``/compile-*.json: the newest
+    Triton's in full, each older one as a paragraph (its own JSON keeps every row)."""
+    tables = []
     for path in sorted(results.glob("compile-*.json")):
         doc = json.loads(path.read_text())
         errors = aot_table.validate(doc)
@@ -153,6 +173,9 @@ def render_compile(results: Path) -> str:
             print(f"render_compile_table: skipping {path}: {errors[0]}", file=sys.stderr)
             continue
         if doc["subset"] == "full":
-            blocks.append(render(path, doc))
-    return "\n".join(blocks) or ("No compile table committed yet: run "
-                                  "`TRITON_INTERPRET=0 python -m duallora_kernels.compiled.aot`.\n")
+            tables.append((path, doc))
+    if not tables:
+        return "No compile table committed yet: run `TRITON_INTERPRET=0 python -m duallora_kernels.compiled.aot`.\n"
+    tables.sort(key=lambda t: _version(t[1]), reverse=True)
+    newest, *older = tables
+    return render(*newest) + "".join("\n" + summarise(*t) for t in older)
