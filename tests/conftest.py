@@ -70,6 +70,12 @@ def pytest_report_header(config):
     return [f"duallora test seed: DUALLORA_TEST_SEED={BASE_SEED}", mode]
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # -q (the README's command) hides the header: a failing run still names the seed that replays it
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_line(f"replay with DUALLORA_TEST_SEED={BASE_SEED}")
+
+
 def pytest_collection_modifyitems(config, items):
     if _MODE != "cuda":
         return

@@ -289,9 +289,10 @@ def test_ops_table_marks_the_budgets():
 
 def test_committed_results_of_schema_1_are_still_read_and_rendered():
     # compile-*.json and cuda-compile-*.json are the compile tables (tests/test_aot_compile.py,
-    # tests/test_cuda_compile.py), plan-*.json the memory planner's (tests/test_memory_plan.py)
+    # tests/test_cuda_compile.py), plan-*.json the memory planner's (tests/test_memory_plan.py),
+    # tasks-*.json the cost growth with the tasks' (tests/test_task_growth.py)
     files = sorted(f for f in (ROOT / "bench" / "results").glob("*.json")
-                   if not f.name.startswith(("compile-", "cuda-compile-", "plan-")))
+                   if not f.name.startswith(("compile-", "cuda-compile-", "plan-", "tasks-")))
     docs = [json.loads(f.read_text()) for f in files]
     assert {"duallora-bench/1", "duallora-bench/2"} <= set(READABLE_SCHEMAS) and SCHEMA == "duallora-bench/3"
     assert [validate_doc(d) for d in docs] == [[] for _ in docs]

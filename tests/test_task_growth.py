@@ -5,6 +5,7 @@ README section renders from the JSON the command writes. Times are produced, nev
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -110,3 +111,18 @@ def test_task_settings_refuse_bad_input():
                       (["--tasks", "1", "--basis-per-task", "0"], "--basis-per-task")):
         with pytest.raises(ValueError, match=msg):
             bench_cmd.task_settings(parser.parse_args(argv))
+
+
+COMMITTED = sorted((pathlib.Path(__file__).resolve().parents[1] / "bench" / "results").glob("tasks-*.json"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_task_growth_holds_its_schema_and_a_constant_op_count(path):
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == task_growth.TASKS_SCHEMA and doc["complete"]
+    for scope in ("layer", "vit"):
+        rows = sorted((r for r in doc["results"] if r["scope"] == scope), key=lambda r: r["tasks"])
+        assert len(rows) >= 2, scope
+        assert len({(r["train_ops"], r["train_frozen_ops"]) for r in rows}) == 1, scope  # constant in the tasks
+        assert [r["param_bytes"] for r in rows] == sorted(r["param_bytes"] for r in rows), scope
+    assert path.with_suffix(".png").exists()
