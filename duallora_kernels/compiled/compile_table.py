@@ -152,10 +152,10 @@ def summarise(path: Path, doc: dict[str, Any]) -> str:
     rows = doc["rows"]
     problems = [msg for r in rows for msg in aot_table.row_problems(r)] + aot_table.table_problems(doc)
     dirty = ", uncommitted kernel changes" if doc.get("git_dirty") else ""
-    from .._versions import TESTED
+    from .._versions import TESTED, _minor
 
-    oldest = ": the oldest Triton we admit, the GPU machine's" if _version(doc)[:2] == tuple(
-        int(p) for p in TESTED["triton"][0].split(".")) else ""
+    oldest = ": the oldest Triton we admit, the GPU machine's" if _minor(doc["triton"]) == _minor(
+        TESTED["triton"][0]) else ""
     return (f"The same compiles by Triton {doc['triton']} (with torch {doc['torch']}{oldest}; "
             f"`{rerun_command(doc)}` in that environment, {doc['date'][:10]}, commit "
             f"{doc['git_commit'][:10]}{dirty}): **{len(rows)} compiles of {len({r['kernel'] for r in rows})} kernels, "
