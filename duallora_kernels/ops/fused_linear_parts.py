@@ -1,6 +1,6 @@
 """Pieces every Triton design of the fused DualLoRA linear shares (:mod:`.fused_linear`): the
-grouped tile order, the per-row, per-rank scale S read through the gate's strides, and the gate's
-launch arguments."""
+grouped tile order, the masked tile loads of the main loops, the per-row, per-rank scale S read
+through the gate's strides, and the gate's launch arguments."""
 from __future__ import annotations
 
 import triton
@@ -10,7 +10,7 @@ from torch import Tensor
 from ._kernel_utils import rows_view
 from .launchers import Layout
 
-__all__ = ["tile_ids", "scales", "gate_args"]
+__all__ = ["tile_ids", "load_rows", "load_w0", "scales", "gate_args"]
 
 
 @triton.jit
@@ -23,6 +23,21 @@ def tile_ids(pid, m, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     group_rows = tl.minimum(tl.cdiv(m, BLOCK_M) - first_m, GROUP_M)
     in_group = pid % per_group
     return first_m + in_group % group_rows, in_group // group_rows
+
+
+@triton.jit
+def load_rows(row_ptrs, cols, stride_col, row_ok, col_ok):
+    # A (rows x cols) tile of x or dY, whose rows are addressed one pointer each (row_offsets: a
+    # strided 3-D input is read in place, never copied); zero outside the masks.
+    return tl.load(row_ptrs[:, None] + cols[None, :] * stride_col, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def load_w0(w_ptr, n_idx, d_idx, stride_wn, stride_wk, n_ok, d_ok):
+    # A tile of W0 (n, d) at broadcast indices: W0^T (BLOCK_K x BLOCK_N) in forward, n_idx along
+    # the columns; W0 (BLOCK_K x BLOCK_D) in backward, n_idx along the rows. The n term comes
+    # first either way: that order of the address sum compiles to fewer registers in forward.
+    return tl.load(w_ptr + n_idx * stride_wn + d_idx * stride_wk, mask=n_ok & d_ok, other=0.0)
 
 
 @triton.jit

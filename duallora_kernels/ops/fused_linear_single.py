@@ -121,7 +121,7 @@ from torch import Tensor
 from . import adapter_prep
 from ._kernel_utils import dot_mode, launch, new_output, rows_view, size_bucket
 from ._triton_functions import mma, row_offsets
-from .fused_linear_parts import gate_args, scales, tile_ids
+from .fused_linear_parts import gate_args, load_rows, load_w0, scales, tile_ids
 from .fused_linear_tiles import configs, pruner
 from .launchers import GradPlan, Launchers, Layout
 
@@ -156,9 +156,8 @@ def _fused_forward_kernel(
     for k0 in range(0, d, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < d
-        x = tl.load(x_rows[:, None] + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                      mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        x = load_rows(x_rows, ks, stride_xk, row_ok, k_ok)
+        w_t = load_w0(w_ptr, cols[None, :], ks[:, None], stride_wn, stride_wk, col_ok[None, :], k_ok[:, None])
         acc = mma(x, w_t, acc, DOT_MODE)
         if HAS_LORA:
             # The same X tile feeds the low-rank path: this is what saves a second pass over X
@@ -221,10 +220,9 @@ def _fused_backward_kernel(
     for n0 in range(0, n, BLOCK_K):
         ns = n0 + tl.arange(0, BLOCK_K)
         n_ok = ns < n
-        dy = tl.load(dy_rows[:, None] + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        dy = load_rows(dy_rows, ns, stride_dyn, row_ok, n_ok)
         if NEED_DX:
-            w = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
-                        mask=n_ok[:, None] & col_ok[None, :], other=0.0)
+            w = load_w0(w_ptr, ns[:, None], cols[None, :], stride_wn, stride_wk, n_ok[:, None], col_ok[None, :])
             acc = mma(dy, w, acc, DOT_MODE)
         if HAS_LORA:
             b = tl.load(bt_ptr + ranks[None, :] * n + ns[:, None], mask=rank_ok[None, :] & n_ok[:, None], other=0.0)
@@ -239,7 +237,7 @@ def _fused_backward_kernel(
             # The X tile at this program's (rows, cols) gives U^T X for these d-columns: dA comes
             # out of the backward pass without a pass of its own over dY.
             x_rows = x_ptr + row_offsets(rows, x_rows_per_batch, stride_xb, stride_xm)
-            x = tl.load(x_rows[:, None] + cols[None, :] * stride_xk, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            x = load_rows(x_rows, cols, stride_xk, row_ok, col_ok)
             da = mma(tl.trans(u.to(x.dtype)), x, tl.zeros((R_PAD, BLOCK_D), tl.float32), DOT_MODE)
             da_ranks = (ranks < da_orth_end) | ((ranks >= da_res_start) & rank_ok)
             tl.atomic_add(da_ptr + ranks[:, None] * d + cols[None, :], da, mask=da_ranks[:, None] & col_ok[None, :],
@@ -263,8 +261,7 @@ def _fused_backward_kernel(
         for n0 in range(pid_d * BLOCK_K, n, tiles_d * BLOCK_K):
             ns = n0 + tl.arange(0, BLOCK_K)
             n_ok = ns < n
-            dy = tl.load(dy_rows[:, None] + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :],
-                         other=0.0)
+            dy = load_rows(dy_rows, ns, stride_dyn, row_ok, n_ok)
             if NEED_DB:
                 dbt = mma(tl.trans(ts), dy, tl.zeros((R_PAD, BLOCK_K), tl.float32), DOT_MODE)
                 tl.atomic_add(dbt_ptr + ranks[:, None] * n + ns[None, :], dbt, mask=db_ranks[:, None] & n_ok[None, :],

@@ -39,7 +39,7 @@ from torch import Tensor
 from . import adapter_prep
 from ._kernel_utils import dot_mode, launch, new_output, rows_view, size_bucket
 from ._triton_functions import mma, row_offsets
-from .fused_linear_parts import gate_args, scales, tile_ids
+from .fused_linear_parts import gate_args, load_rows, load_w0, scales, tile_ids
 from .fused_linear_tiles import configs, pruner, rank_chunk
 from .launchers import GradPlan, Launchers, Layout
 
@@ -66,7 +66,7 @@ def _lowrank_forward_kernel(
     for k0 in range(0, d, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < d
-        x = tl.load(x_rows[:, None] + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = load_rows(x_rows, ks, stride_xk, row_ok, k_ok)
         a_t = tl.load(a_ptr + ranks[None, :] * d + ks[:, None], mask=rank_ok[None, :] & k_ok[:, None], other=0.0)
         t = mma(x, a_t, t, DOT_MODE)
     s = t * scales(gate_ptr, g_rows_per_batch, stride_gb, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk,
@@ -95,9 +95,8 @@ def _gemm_forward_kernel(
     for k0 in range(0, d, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < d
-        x = tl.load(x_rows[:, None] + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                      mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        x = load_rows(x_rows, ks, stride_xk, row_ok, k_ok)
+        w_t = load_w0(w_ptr, cols[None, :], ks[:, None], stride_wn, stride_wk, col_ok[None, :], k_ok[:, None])
         acc = mma(x, w_t, acc, DOT_MODE)
     if HAS_LORA:
         s_rows = s_ptr + rows.to(tl.int64) * r
@@ -142,7 +141,7 @@ def _lowrank_backward_kernel(
     for n0 in range(0, n, BLOCK_K):
         ns = n0 + tl.arange(0, BLOCK_K)
         n_ok = ns < n
-        dy = tl.load(dy_rows[:, None] + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        dy = load_rows(dy_rows, ns, stride_dyn, row_ok, n_ok)
         b = tl.load(bt_ptr + ranks[None, :] * n + ns[:, None], mask=rank_ok[None, :] & n_ok[:, None], other=0.0)
         u = mma(dy, b, u, DOT_MODE)
     u = u * scales(gate_ptr, g_rows_per_batch, stride_gb, stride_gm, stride_gg, rows, ranks, m, r, r_orth, r_blk,
@@ -176,7 +175,7 @@ def backward_epilogue(
     rows64 = rows.to(tl.int64)
     if NEED_DA:
         x_rows = x_ptr + row_offsets(rows, x_rows_per_batch, stride_xb, stride_xm)
-        x = tl.load(x_rows[:, None] + cols[None, :] * stride_xk, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        x = load_rows(x_rows, cols, stride_xk, row_ok, col_ok)
         for c0 in range(0, R_PAD, RANK_CHUNK):
             cr = c0 + tl.arange(0, RANK_CHUNK)
             u = tl.load(u_ptr + rows64[:, None] * r + cr[None, :], mask=row_ok[:, None] & (cr < r)[None, :],
@@ -197,8 +196,7 @@ def backward_epilogue(
             for n0 in range(pid_d * BLOCK_K, n, tiles_d * BLOCK_K):
                 ns = n0 + tl.arange(0, BLOCK_K)
                 n_ok = ns < n
-                dy = tl.load(dy_rows[:, None] + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :],
-                             other=0.0)
+                dy = load_rows(dy_rows, ns, stride_dyn, row_ok, n_ok)
                 if NEED_DB:
                     dbt = mma(tl.trans(s), dy, tl.zeros((RANK_CHUNK, BLOCK_K), tl.float32), DOT_MODE)
                     tl.atomic_add(dbt_ptr + cr[:, None] * n + ns[None, :], dbt, mask=keep[:, None] & n_ok[None, :],
@@ -233,9 +231,8 @@ def _gemm_backward_kernel(
         for n0 in range(0, n, BLOCK_K):
             ns = n0 + tl.arange(0, BLOCK_K)
             n_ok = ns < n
-            dy = tl.load(dy_rows[:, None] + ns[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
-                        mask=n_ok[:, None] & col_ok[None, :], other=0.0)
+            dy = load_rows(dy_rows, ns, stride_dyn, row_ok, n_ok)
+            w = load_w0(w_ptr, ns[:, None], cols[None, :], stride_wn, stride_wk, n_ok[:, None], col_ok[None, :])
             acc = mma(dy, w, acc, DOT_MODE)
         if HAS_LORA:
             u_rows = u_ptr + rows.to(tl.int64) * r
